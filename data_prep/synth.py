@@ -1,0 +1,547 @@
+"""Synthesize a voice-assistant speech corpus with espeak-ng and write JSONL manifests.
+
+Usage::
+
+    python -m data_prep.synth --out data/va --hours 3.0 --seed 0 [--jobs N] [--force]
+    mpirun -np 4 python -m data_prep.synth --out data/va --hours 3.0   # split across ranks
+
+Layout under OUT::
+
+    wav/<split>/<id>.wav        16 kHz, mono, 16-bit PCM
+    train.jsonl dev.jsonl test.jsonl
+    corpus.json                 summary (hours/utterances/speakers per split, vocabulary, args)
+
+Manifest lines are JSON objects ``{"id", "audio", "duration", "text", "speaker"}``.
+``audio`` is a path **relative to the directory holding the manifest** (e.g.
+``wav/train/train_000001.wav``), so a corpus can be moved or copied as one folder.
+``duration`` is in seconds, ``text`` uses only ``[a-z' ]`` and ``speaker`` is
+``"<accent>+<variant>"`` (an espeak-ng voice plus a voice variant).
+
+Held-out splits: dev and test use speakers (accent+variant pairs) never seen in training and
+sentences never seen in training.  Whole accents or variants are never held out, only
+combinations, so a test speaker is a new mix of an accent and a variant that each appear in
+training (see `split_speakers`).
+
+Speed matters because this is the first stage of ``make demo``: espeak-ng processes run in a
+thread pool (``--jobs``, default: CPU cores per local MPI rank), and under ``mpirun`` rank r
+synthesizes utterances i with i % size == r; rank 0 gathers the results and writes the
+manifests.  Everything (texts, voices, speed, pitch, silence, noise) is derived from
+``--seed`` alone, so the corpus does not depend on the number of ranks or jobs.
+
+Re-running with the same arguments is a no-op ("corpus up to date"); ``--force`` regenerates.
+Exit status: 0 on success, 2 on a usage/environment error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import grammar
+
+FORMAT_VERSION = 1
+SAMPLE_RATE = 16000
+SPLITS = ("train", "dev", "test")
+
+# English espeak-ng voices (accents).  MBROLA voices (en-uk, us-mbrola-*) are left out: they
+# need extra packages and ignore variants.  Missing ones are dropped at run time.
+ACCENTS = ("en-us", "en-us-nyc", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
+           "en-gb-x-gbcwmd", "en-029")
+# Voice variants that stay intelligible: the classic male/female sets, the Klatt synthesizer
+# family, and a few community variants with moderate formant changes.  Whisper, croak and
+# the robot/novelty variants are left out.
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+            "klatt", "klatt2", "klatt3", "Annie", "linda", "john", "michel")
+SPEED_RANGE = (130, 200)      # words per minute (espeak-ng -s)
+PITCH_RANGE = (25, 75)        # espeak-ng -p, 0..99
+LEAD_SILENCE = (0.05, 0.40)   # seconds of padding before / after speech
+TRAIL_SILENCE = (0.05, 0.50)
+PEAK_RANGE = (0.25, 0.90)     # output peak level, so loudness varies between utterances
+NOISE_PROB = 0.6              # share of utterances that get white noise ...
+SNR_RANGE_DB = (25.0, 45.0)   # ... at this signal-to-noise ratio
+HELDOUT_FRAC = 0.10           # share of accent+variant pairs for dev, and again for test
+# Seconds of speech per (character / wpm); calibrated on this grammar with espeak-ng 1.51.
+SECONDS_PER_CHAR_WPM = 9.2
+ESPEAK_TIMEOUT_S = 60
+
+
+class CliError(Exception):
+    """An error reported as one line on stderr with exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# MPI
+# ---------------------------------------------------------------------------------------
+
+def mpi_rank_size(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, ranks on this node) from Open MPI or PMI (MPICH/Hydra, Slurm).
+
+    Read from the environment so a plain run never imports mpi4py.
+    """
+    env = os.environ if env is None else env
+    for rank_key, size_key, local_key in (
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")):
+        if rank_key in env and size_key in env:
+            size = int(env[size_key])
+            return int(env[rank_key]), size, int(env.get(local_key, size))
+    return 0, 1, 1
+
+
+class Comm:
+    """The few collectives this script needs; a no-op stand-in when running alone."""
+
+    def __init__(self, size: int):
+        self.comm = None
+        if size > 1:
+            from mpi4py import MPI  # lazy: plain runs must not need an MPI library
+            self.comm = MPI.COMM_WORLD
+
+    def bcast(self, obj):
+        return obj if self.comm is None else self.comm.bcast(obj, root=0)
+
+    def gather(self, obj):
+        return [obj] if self.comm is None else self.comm.gather(obj, root=0)
+
+    def abort(self, code: int) -> None:
+        if self.comm is not None:
+            self.comm.Abort(code)
+
+
+# ---------------------------------------------------------------------------------------
+# Voices and splits
+# ---------------------------------------------------------------------------------------
+
+def _espeak_list(kind: str) -> str:
+    res = subprocess.run(["espeak-ng", f"--voices={kind}"], capture_output=True, text=True,
+                         timeout=ESPEAK_TIMEOUT_S)
+    if res.returncode != 0:
+        raise CliError(f"espeak-ng --voices={kind} failed: {res.stderr.strip()}")
+    return res.stdout
+
+
+def available_voices() -> tuple[list[str], list[str]]:
+    """ACCENTS and VARIANTS that this espeak-ng installation actually has."""
+    accent_rows = [line.split() for line in _espeak_list("en").splitlines()[1:]]
+    langs = {row[1] for row in accent_rows if len(row) > 4 and not row[4].startswith("mb/")}
+    files = {row[-1].split("/")[-1].lower() for row in
+             (line.split() for line in _espeak_list("variant").splitlines()[1:]) if row}
+    accents = [a for a in ACCENTS if a in langs]
+    variants = [v for v in VARIANTS if v.lower() in files]
+    if not accents or not variants:
+        raise CliError("espeak-ng has no usable English voices or variants")
+    return accents, variants
+
+
+def split_speakers(accents: list[str], variants: list[str], seed: int,
+                   frac: float = HELDOUT_FRAC) -> dict[str, list[str]]:
+    """Assign each accent+variant pair to train, dev or test.
+
+    Pairs are visited in a seeded order and held out only while training keeps at least
+    half (and at least one) of the pairs of that accent and of that variant, so dev/test
+    voices are new combinations of familiar parts.  Returns speaker ids per split.
+    """
+    pairs = [(a, v) for a in accents for v in variants]
+    random.Random(f"speakers-{seed}").shuffle(pairs)
+    n_held = max(1, round(frac * len(pairs)))
+    left_a = {a: len(variants) for a in accents}     # train pairs per accent
+    left_v = {v: len(accents) for v in variants}     # train pairs per variant
+    min_a = max(1, math.ceil(len(variants) / 2))
+    min_v = max(1, math.ceil(len(accents) / 2))
+    held: dict[str, list[str]] = {"dev": [], "test": []}
+    train: list[str] = []
+    for a, v in pairs:
+        split = next((s for s in ("dev", "test") if len(held[s]) < n_held), None)
+        if split and left_a[a] > min_a and left_v[v] > min_v:
+            held[split].append(f"{a}+{v}")
+            left_a[a] -= 1
+            left_v[v] -= 1
+        else:
+            train.append(f"{a}+{v}")
+    if not held["dev"] or not held["test"]:
+        raise CliError(f"too few voices to hold out speakers: {len(pairs)} pairs")
+    return {"train": sorted(train), "dev": sorted(held["dev"]), "test": sorted(held["test"])}
+
+
+# ---------------------------------------------------------------------------------------
+# Planning: every rank builds the identical list from the seed
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Utt:
+    """Everything needed to render one utterance, fixed before any audio is made."""
+    index: int
+    id: str
+    split: str
+    text: str
+    speaker: str
+    speed: int
+    pitch: int
+    lead: float
+    trail: float
+    peak: float
+    snr_db: float | None
+
+
+def estimate_seconds(text: str, speed: int, lead: float = 0.0, trail: float = 0.0) -> float:
+    """Rough audio length, used only to pick how many training sentences reach --hours."""
+    return SECONDS_PER_CHAR_WPM * len(text) / speed + lead + trail
+
+
+def _make_utt(index: int, split: str, n: int, text: str, speaker: str,
+              rng: random.Random) -> Utt:
+    return Utt(index=index, id=f"{split}_{n:06d}", split=split, text=text, speaker=speaker,
+               speed=rng.randint(*SPEED_RANGE), pitch=rng.randint(*PITCH_RANGE),
+               lead=round(rng.uniform(*LEAD_SILENCE), 3),
+               trail=round(rng.uniform(*TRAIL_SILENCE), 3),
+               peak=round(rng.uniform(*PEAK_RANGE), 3),
+               snr_db=round(rng.uniform(*SNR_RANGE_DB), 1) if rng.random() < NOISE_PROB
+               else None)
+
+
+def _speaker_cycle(speakers: list[str], rng: random.Random):
+    """Round-robin over speakers in fresh shuffles, so every speaker gets a fair share."""
+    while True:
+        order = list(speakers)
+        rng.shuffle(order)
+        yield from order
+
+
+def plan_corpus(speakers: dict[str, list[str]], hours: float, dev_utts: int, test_utts: int,
+                seed: int) -> list[Utt]:
+    """Texts and voice settings for all utterances; dev/test texts never occur in train."""
+    text_rng = random.Random(f"text-{seed}")
+    voice_rng = random.Random(f"voice-{seed}")
+    stream = grammar.sentence_stream(text_rng)
+    utts: list[Utt] = []
+    heldout_texts: set[str] = set()
+    for split, count in (("dev", dev_utts), ("test", test_utts)):
+        cycle = _speaker_cycle(speakers[split], voice_rng)
+        for n in range(1, count + 1):
+            text = next(stream)
+            heldout_texts.add(text)
+            utts.append(_make_utt(len(utts), split, n, text, next(cycle), voice_rng))
+    cycle = _speaker_cycle(speakers["train"], voice_rng)
+    budget, n = hours * 3600.0, 0
+    while budget > 0:
+        text = next(stream)
+        if text in heldout_texts:   # only possible if the grammar ran out of new sentences
+            continue
+        n += 1
+        utt = _make_utt(len(utts), "train", n, text, next(cycle), voice_rng)
+        utts.append(utt)
+        budget -= estimate_seconds(text, utt.speed, utt.lead, utt.trail)
+    return utts
+
+
+# ---------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------
+
+def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode 16-bit PCM WAV bytes as written by ``espeak-ng --stdout``.
+
+    espeak-ng streams, so its RIFF/data sizes are placeholders (0x7fffffff); the data chunk
+    is taken to run to the end of the bytes instead of trusting its size.
+    """
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a WAV stream")
+    pos, rate, bits, channels = 12, None, None, None
+    while pos + 8 <= len(data):
+        tag, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if tag == b"fmt ":
+            channels = int.from_bytes(data[body + 2:body + 4], "little")
+            rate = int.from_bytes(data[body + 4:body + 8], "little")
+            bits = int.from_bytes(data[body + 14:body + 16], "little")
+        elif tag == b"data":
+            if rate is None or bits != 16:
+                raise ValueError(f"unsupported WAV format (bits={bits})")
+            pcm = data[body:]
+            pcm = pcm[:len(pcm) - len(pcm) % (2 * channels)]
+            x = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+            return x.reshape(-1, channels).mean(axis=1), rate
+        pos = body + size + (size & 1)
+    raise ValueError("WAV stream has no data chunk")
+
+
+def _next_smooth(n: int) -> int:
+    """Smallest m >= n with only factors 2, 3, 5, so the FFTs below stay fast."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited FFT resampling (no scipy needed).
+
+    The input is zero-padded to a whole number of sr_in/gcd blocks so the rate change is
+    exact; the top 10% of the kept band gets a raised-cosine taper instead of a brick wall
+    to limit ringing.  espeak-ng output starts and ends near silence, so the FFT's circular
+    wrap-around is harmless.
+    """
+    if sr_in == sr_out or len(x) == 0:
+        return x.astype(np.float32)
+    g = math.gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g
+    blocks = _next_smooth(-(-len(x) // down))
+    n_in, n_out = blocks * down, blocks * up
+    spec = np.fft.rfft(x, n_in)
+    keep = min(len(spec), n_out // 2 + 1)
+    out_spec = np.zeros(n_out // 2 + 1, dtype=np.complex128)
+    out_spec[:keep] = spec[:keep]
+    taper_start = int(0.9 * keep)
+    ramp = 0.5 * (1 + np.cos(np.linspace(0, np.pi, keep - taper_start)))
+    out_spec[taper_start:keep] *= ramp
+    y = np.fft.irfft(out_spec, n_out) * (n_out / n_in)
+    return y[:round(len(x) * up / down)].astype(np.float32)
+
+
+def postprocess(x: np.ndarray, utt: Utt, seed: int) -> np.ndarray:
+    """Pad with silence, set the peak level and maybe add noise, deterministically per utt."""
+    peak = float(np.max(np.abs(x)))
+    x = x * (utt.peak / peak)
+    lead, trail = int(utt.lead * SAMPLE_RATE), int(utt.trail * SAMPLE_RATE)
+    x = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(trail, np.float32)])
+    if utt.snr_db is not None:
+        rng = np.random.default_rng([seed, utt.index])
+        speech_rms = float(np.sqrt(np.mean(x[lead:len(x) - trail] ** 2)))
+        noise_rms = speech_rms / (10 ** (utt.snr_db / 20))
+        x = x + rng.standard_normal(len(x)).astype(np.float32) * noise_rms
+    return np.clip(x, -1.0, 1.0)
+
+
+def write_wav(path: Path, x: np.ndarray) -> None:
+    """16 kHz mono 16-bit PCM via the standard library."""
+    pcm = np.round(x * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
+def espeak_command(utt: Utt) -> list[str]:
+    accent, variant = utt.speaker.split("+", 1)
+    return ["espeak-ng", "-v", f"{accent}+{variant}", "-s", str(utt.speed),
+            "-p", str(utt.pitch), "--stdout", utt.text]
+
+
+def synthesize(utt: Utt, out: Path, seed: int) -> dict:
+    """Render one utterance; returns a manifest row or {"id", "error"} instead of raising."""
+    try:
+        res = subprocess.run(espeak_command(utt), capture_output=True,
+                             timeout=ESPEAK_TIMEOUT_S)
+        if res.returncode != 0:
+            raise RuntimeError(f"espeak-ng exit {res.returncode}: "
+                               f"{res.stderr.decode(errors='replace').strip()[:200]}")
+        x, rate = parse_wav(res.stdout)
+        x = resample(x, rate, SAMPLE_RATE)
+        if len(x) < SAMPLE_RATE // 20 or float(np.max(np.abs(x), initial=0.0)) < 1e-4:
+            raise RuntimeError("empty audio")
+        x = postprocess(x, utt, seed)
+        rel = Path("wav") / utt.split / f"{utt.id}.wav"
+        write_wav(out / rel, x)
+    except Exception as exc:  # noqa: BLE001 - one bad utterance must not stop the run
+        return {"id": utt.id, "split": utt.split, "error": f"{type(exc).__name__}: {exc}"}
+    return {"id": utt.id, "split": utt.split, "audio": rel.as_posix(),
+            "duration": round(len(x) / SAMPLE_RATE, 4), "text": utt.text,
+            "speaker": utt.speaker}
+
+
+class Progress:
+    """Prints a line to stderr at every ~10% of this rank's work (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool, note: str = ""):
+        self.total, self.enabled, self.note = total, enabled, note
+        self.done, self.seconds, self.next_mark = 0, 0.0, 0.1
+        self.start = time.monotonic()
+
+    def update(self, row: dict) -> None:
+        self.done += 1
+        self.seconds += row.get("duration", 0.0)
+        if self.enabled and (self.done >= self.next_mark * self.total or
+                             self.done == self.total):
+            while self.next_mark * self.total <= self.done:
+                self.next_mark += 0.1
+            print(f"[synth] {self.done}/{self.total} utterances{self.note}, "
+                  f"{self.seconds / 3600:.2f} h audio, "
+                  f"{time.monotonic() - self.start:.1f} s", file=sys.stderr, flush=True)
+
+
+def synthesize_all(utts: list[Utt], out: Path, seed: int, jobs: int,
+                   progress: Progress) -> list[dict]:
+    """Run espeak-ng for `utts` on a thread pool (the work is in the subprocesses)."""
+    rows = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for row in pool.map(lambda u: synthesize(u, out, seed), utts):
+            rows.append(row)
+            progress.update(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_manifests(out: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """One JSONL per split, in id order; returns the rows grouped by split."""
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        by_split[row["split"]].append(
+            {k: row[k] for k in ("id", "audio", "duration", "text", "speaker")})
+    for split, split_rows in by_split.items():
+        _write_atomic(out / f"{split}.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in split_rows))
+    return by_split
+
+
+def corpus_summary(by_split: dict[str, list[dict]], failed: list[dict], key: dict,
+                   voices: dict, elapsed: float) -> dict:
+    texts = [r["text"] for rows in by_split.values() for r in rows]
+    return {
+        "args": key,
+        "seed": key["seed"],
+        "splits": {s: {"utterances": len(rows),
+                       "hours": round(sum(r["duration"] for r in rows) / 3600, 4),
+                       "speakers": len({r["speaker"] for r in rows}),
+                       "vocabulary": len(grammar.vocabulary([r["text"] for r in rows]))}
+                   for s, rows in by_split.items()},
+        "vocabulary_size": len(grammar.vocabulary(texts)),
+        "voices": voices,
+        "failed": [{"id": f["id"], "error": f["error"]} for f in failed],
+        "manifest_audio_paths": "relative to the manifest's directory",
+        "sample_rate": SAMPLE_RATE,
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def is_up_to_date(out: Path, key: dict) -> bool:
+    """True if OUT holds a finished corpus made with the same arguments."""
+    try:
+        summary = json.loads((out / "corpus.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("args") == key and all((out / f"{s}.jsonl").is_file() for s in SPLITS)
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier run left (only files this script writes)."""
+    for name in ["corpus.json"] + [f"{s}.jsonl" for s in SPLITS]:
+        (out / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        shutil.rmtree(out / "wav" / split, ignore_errors=True)
+        (out / "wav" / split).mkdir(parents=True)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data_prep.synth", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--hours", type=float, default=3.0, help="training audio to make (approx.)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dev-utts", type=int, default=200)
+    p.add_argument("--test-utts", type=int, default=200)
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel espeak-ng processes per rank (default: cores / local ranks)")
+    p.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    args = p.parse_args(argv)
+    if args.hours < 0 or args.dev_utts < 0 or args.test_utts < 0:
+        p.error("--hours, --dev-utts and --test-utts must be >= 0")
+    if args.jobs is not None and args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: Comm) -> int:
+    start = time.monotonic()
+    out: Path = args.out.resolve()
+    key = {"hours": args.hours, "seed": args.seed, "dev_utts": args.dev_utts,
+           "test_utts": args.test_utts, "format_version": FORMAT_VERSION}
+    if not args.force and is_up_to_date(out, key):
+        if rank == 0:
+            print("corpus up to date", file=sys.stderr)
+        return 0
+    if shutil.which("espeak-ng") is None:
+        raise CliError("espeak-ng not found on PATH (apt-get install espeak-ng)")
+    accents, variants = available_voices()
+    speakers = split_speakers(accents, variants, args.seed)
+    utts = plan_corpus(speakers, args.hours, args.dev_utts, args.test_utts, args.seed)
+    problem = None
+    if rank == 0:
+        try:
+            clear_outputs(out)
+        except OSError as exc:
+            problem = f"cannot write to {out}: {exc}"
+    problem = comm.bcast(problem)   # doubles as the barrier before anyone writes audio
+    if problem:
+        raise CliError(problem)
+
+    mine = utts[rank::size]
+    jobs = args.jobs or max(1, (os.cpu_count() or 1) // max(1, local_size))
+    note = f" (rank 0 of {size})" if size > 1 else ""
+    rows = synthesize_all(mine, out, args.seed, jobs, Progress(len(mine), rank == 0, note))
+    gathered = comm.gather(rows)
+    if rank != 0:
+        return 0
+
+    rows = [r for part in gathered for r in part]
+    failed = [r for r in rows if "error" in r]
+    for f in failed:
+        print(f"[synth] skipped {f['id']}: {f['error']}", file=sys.stderr)
+    by_split = write_manifests(out, [r for r in rows if "error" not in r])
+    voices = {"accents": accents, "variants": variants, "speakers": speakers}
+    summary = corpus_summary(by_split, failed, key, voices, time.monotonic() - start)
+    _write_atomic(out / "corpus.json", json.dumps(summary, indent=2) + "\n")
+    parts = ", ".join(f"{s} {v['utterances']} utts {v['hours']:.2f} h"
+                      for s, v in summary["splits"].items())
+    print(f"[synth] wrote {out}: {parts}; vocabulary {summary['vocabulary_size']}; "
+          f"{len(failed)} skipped; {summary['elapsed_s']} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, size, local_size = mpi_rank_size()
+    comm = Comm(size)
+    try:
+        return run(args, rank, size, local_size, comm)
+    except CliError as exc:
+        if rank == 0:
+            print(f"synth: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        comm.abort(1)   # do not leave other ranks waiting in a collective
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Idempotent set-up for one node: Debian packages, .venv, Python deps, and a Horovod build with
+# the C++17 patch. A second run only checks stamps and returns in seconds.
+#
+#   env/setup-local.sh            # CPU node (torch CPU wheel, Horovod with MPI + Gloo)
+#   env/setup-local.sh --gpu      # GPU node (CUDA torch, Horovod with NCCL; needs CUDA headers)
+#
+# Overrides (environment): TORCH_VERSION, HOROVOD_VERSION, VENV, HPC_ASR_CACHE, PYTHON.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+GPU=0
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) GPU=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup-local: unknown argument '$arg' (expected --gpu)" >&2; exit 2 ;;
+  esac
+done
+
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
+VENV=${VENV:-$ROOT/.venv}
+CACHE=${HPC_ASR_CACHE:-$HOME/.cache/hpc_asr}
+PYTHON=${PYTHON:-python3}
+say() { printf '[setup] %s\n' "$*"; }
+
+# ---- 1. Debian packages (only the missing ones) -------------------------------------------
+APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# ---- 2. virtual environment + Python packages ----------------------------------------------
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PY="$VENV/bin/python"
+PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info.major}{sys.version_info.minor}")')
+FLAVOUR=$([ "$GPU" = 1 ] && echo cuda || echo cpu)
+
+REQ_HASH=$(cat "$ROOT/env/requirements.txt" "$ROOT/setup.py" | sha1sum | cut -c1-12)
+STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH"
+if [ ! -f "$STAMP" ]; then
+  say "installing Python packages (torch $TORCH_VERSION, $FLAVOUR)"
+  "$PY" -m pip install -q --upgrade pip setuptools wheel
+  if [ "$GPU" = 1 ]; then
+    # The CUDA wheel comes from the default index; on CPU nodes the pinned version is the CPU wheel.
+    "$PY" -m pip install -q "torch==$TORCH_VERSION"
+  else
+    "$PY" -m pip install -q "torch==$TORCH_VERSION" \
+      || "$PY" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+  "$PY" -m pip install -q -r "$ROOT/env/requirements.txt" "torch==$TORCH_VERSION"
+  "$PY" -m pip install -q --no-deps -e "$ROOT"
+  rm -f "$VENV"/.hpc_asr-deps-*
+  touch "$STAMP"
+fi
+
+# ---- 3. Horovod, built once per (horovod, torch, python, flavour) and cached outside the repo -
+TORCH_FULL=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')
+WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_FULL-py$PYVER-$FLAVOUR"
+if ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
+  if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+    say "building Horovod $HOROVOD_VERSION against torch $TORCH_FULL ($FLAVOUR); takes ~3-5 min"
+    BUILD=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
+    tar -xzf "$BUILD"/horovod-"$HOROVOD_VERSION".tar.gz -C "$BUILD"
+    SRC="$BUILD/horovod-$HOROVOD_VERSION"
+    # torch >= 2.1 headers need C++17; Horovod 0.28.1 (last release) still asks for C++14.
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+      "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
+    grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt" \
+      || { echo "setup-local: C++17 patch did not apply to $SRC" >&2; exit 1; }
+    "$PY" -m pip install -q psutil pyyaml cloudpickle packaging cffi
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+    export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    export MAKEFLAGS="-j$(nproc)"
+    if [ "$GPU" = 1 ]; then
+      export HOROVOD_GPU_OPERATIONS=NCCL
+    else
+      export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI}
+    fi
+    mkdir -p "$WHEEL_DIR"
+    "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$BUILD/dist" "$SRC" \
+      > "$BUILD/build.log" 2>&1 || { tail -40 "$BUILD/build.log" >&2; exit 1; }
+    mv "$BUILD"/dist/horovod-*.whl "$WHEEL_DIR/"
+    rm -rf "$BUILD"
+  fi
+  say "installing cached Horovod wheel from $WHEEL_DIR"
+  "$PY" -m pip install -q "$WHEEL_DIR"/horovod-*.whl
+fi
+
+CHECK="$VENV/.hpc_asr-horovod-checked-$FLAVOUR"
+if [ ! -f "$CHECK" ]; then
+  out=$("$VENV/bin/horovodrun" --check-build)
+  for fw in PyTorch MPI Gloo; do
+    echo "$out" | grep -qE "\[X\] $fw" || { echo "$out" >&2; echo "setup-local: Horovod lacks $fw" >&2; exit 1; }
+  done
+  touch "$CHECK"
+fi
+say "ready: $VENV (torch $TORCH_FULL, horovod $HOROVOD_VERSION, $FLAVOUR)"

@@ -1,0 +1,268 @@
+"""One typed config for every hpc_asr CLI.
+
+A config is YAML with one mapping per section (``features``, ``data``, ``specaug``, ``model``,
+``train``, ``dist``, ``export``), overridden from the command line as ``--section.key value`` or
+``--section.key=value``. Unknown sections or keys fail with the offending name, because a typo
+that silently falls back to a default wastes a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "FeatureConfig",
+    "DataConfig",
+    "SpecAugConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "DistConfig",
+    "ExportConfig",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_cli",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or carries a bad value."""
+
+
+@dataclass
+class FeatureConfig:
+    """Kaldi-compatible log-mel filterbank settings; stored in every HDF5 shard."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    dither: float = 0.0  # 0 keeps features deterministic (reproducible shards, exact parity tests)
+    low_freq: float = 20.0
+    high_freq: float = 0.0  # <= 0 means Nyquist + high_freq, as in Kaldi
+
+    def __post_init__(self) -> None:
+        if self.num_mel_bins <= 0 or self.frame_shift_ms <= 0 or self.frame_length_ms <= 0:
+            raise ConfigError(f"features: bins/frame sizes must be > 0, got {self}")
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared features live and how batches are formed."""
+
+    train: str = "data/va/fbank/train"  # a directory holding index.json + shard HDF5 files
+    dev: str = "data/va/fbank/dev"
+    test: str = "data/va/fbank/test"
+    max_frames: int = 12000  # per batch per rank, input frames incl. padding
+    max_utts: int = 64  # per batch per rank
+    bucket_size: int = 400  # utterances sorted by length within buckets of this size
+
+
+@dataclass
+class SpecAugConfig:
+    """SpecAugment on the training features (off for dev/test)."""
+
+    enabled: bool = True
+    freq_masks: int = 2
+    freq_width: int = 10
+    time_masks: int = 2
+    time_width: float = 0.05  # fraction of the utterance length
+
+
+@dataclass
+class ModelConfig:
+    """Conformer-CTC encoder; vocab_size comes from the tokenizer at train time."""
+
+    d_model: int = 144
+    n_heads: int = 4
+    n_layers: int = 6
+    ff_mult: int = 4
+    conv_kernel: int = 15
+    subsample_channels: int = 64
+    dropout: float = 0.1
+    vocab_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+        if self.conv_kernel % 2 == 0:
+            raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be odd")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping."""
+
+    out_dir: str = "runs/demo"
+    epochs: int = 10
+    lr: float = 2e-3  # peak LR for the global batch; not rescaled by world size
+    warmup_steps: int = 300
+    weight_decay: float = 1e-3
+    grad_clip: float = 5.0
+    accum_steps: int = 1  # gradient accumulation: optimizer step every N batches
+    amp: bool = False  # fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU
+    seed: int = 0
+    log_every: int = 20
+    threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
+    max_steps: int = 0  # stop after N optimizer steps (0 = run all epochs); for smoke tests
+    resume: bool = True  # continue from out_dir/last.pt when it exists
+
+
+@dataclass
+class DistConfig:
+    """Distributed engine; rank detection lives in hpc_asr.dist."""
+
+    engine: str = "horovod"  # horovod | torch | none
+    compression: str = "fp16"  # fp16 | none: gradient compression on the wire
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("horovod", "torch", "none"):
+            raise ConfigError(f"dist.engine must be horovod|torch|none, got {self.engine!r}")
+        if self.compression not in ("fp16", "none"):
+            raise ConfigError(f"dist.compression must be fp16|none, got {self.compression!r}")
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export and parity tolerance."""
+
+    opset: int = 17
+    atol: float = 1e-3  # max abs log-prob difference accepted between PyTorch and ONNX Runtime
+
+
+@dataclass
+class Config:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, where: str = "config") -> Config:
+        raw = dict(raw or {})
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; expected {sorted(sections)}")
+        built = {}
+        for name, f in sections.items():
+            section_cls = f.default_factory  # type: ignore[misc]
+            built[name] = _build_section(section_cls, raw.get(name) or {}, f"{where}: {name}")
+        return cls(**built)
+
+
+def _build_section(section_cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(section_cls)
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected one of {sorted(names)}")
+    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    try:
+        return section_cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert YAML/CLI values to the declared field type (bool/int/float/str)."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        return str(value)
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or defaults when ``path`` is None) and apply ``--section.key value`` overrides."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        where = str(p)
+    for key, value in _pairs(overrides or []):
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"override --{key}: expected --section.key")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+    return Config.from_dict(raw, where)
+
+
+def _pairs(args: list[str]) -> list[tuple[str, str]]:
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.key value")
+        key = a[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            value = args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {a} has no value")
+        out.append((key, value))
+    return out
+
+
+def parse_cli(argv: list[str] | None, description: str, extra=None) -> tuple[Config, Any]:
+    """Shared CLI: ``--config FILE`` plus ``--section.key value`` overrides.
+
+    ``extra(parser)`` may add command-specific flags (plain names without a dot).
+    Returns the config and the argparse namespace.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (sections: features, data, model, ...)")
+    if extra is not None:
+        extra(parser)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg, args

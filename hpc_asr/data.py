@@ -1,0 +1,162 @@
+"""Reading prepared features: dataset over HDF5 shards, length-bucketed distributed batches,
+padding collate and SpecAugment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpc_asr.config import FeatureConfig, SpecAugConfig
+from hpc_asr.shards import open_h5, read_index
+from hpc_asr.tokenizer import CharTokenizer
+
+__all__ = ["FeatureSet", "BucketBatchSampler", "Batch", "collate", "spec_augment"]
+
+
+class FeatureSet:
+    """Utterances of a prepared directory. Only metadata is loaded up front; frames are read per
+    item, and HDF5 handles open lazily so DataLoader workers each get their own."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.index = read_index(self.dir)
+        self.features = FeatureConfig(**self.index["features"])
+        self.cmvn_mean = np.asarray(self.index["cmvn"]["mean"], np.float32)
+        self.cmvn_std = np.asarray(self.index["cmvn"]["std"], np.float32)
+        shard_of, offsets, frames, self.ids, self.texts = [], [], [], [], []
+        for s, shard in enumerate(self.index["shards"]):
+            with open_h5(self.dir / shard["file"]) as h5:
+                n = len(h5["num_frames"])
+                shard_of.append(np.full(n, s, np.int32))
+                offsets.append(h5["offsets"][:])
+                frames.append(h5["num_frames"][:])
+                self.ids += [x.decode() for x in h5["ids"][:]]
+                self.texts += [x.decode() for x in h5["texts"][:]]
+        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        self.num_frames = np.concatenate(frames) if frames else np.zeros(0, np.int32)
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def feats(self, i: int) -> np.ndarray:
+        s = int(self.shard_of[i])
+        if s not in self._files:
+            self._files[s] = open_h5(self.dir / self.index["shards"][s]["file"])
+        off = int(self.offsets[i])
+        return self._files[s]["feats"][off : off + int(self.num_frames[i])]
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+        return i, self.feats(i)
+
+    def __getstate__(self):  # open h5py handles can't be pickled into worker processes
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def describe(self) -> str:
+        return json.dumps({k: self.index[k] for k in ("utterances", "hours", "ranks")})
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar-length utterances, capped by padded frames and count, dealt to ranks.
+
+    Every rank gets the same number of batches (the list is padded by repeating batches),
+    because a rank that runs out early would leave the others blocked in allreduce.
+    """
+
+    def __init__(self, num_frames, max_frames: int, max_utts: int, rank: int = 0, size: int = 1,
+                 shuffle: bool = True, seed: int = 0, bucket_size: int = 400):
+        self.num_frames = np.asarray(num_frames)
+        self.max_frames, self.max_utts = max_frames, max_utts
+        self.rank, self.size, self.shuffle, self.seed = rank, size, shuffle, seed
+        self.bucket_size = bucket_size
+        self.epoch = 0
+        too_long = int((self.num_frames > max_frames).sum())
+        if too_long:
+            raise ValueError(f"{too_long} utterances exceed data.max_frames={max_frames} "
+                             f"(longest {int(self.num_frames.max())} frames); raise max_frames")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.num_frames)) if self.shuffle else np.arange(len(self.num_frames))
+        batches = []
+        for start in range(0, len(order), self.bucket_size):
+            bucket = order[start : start + self.bucket_size]
+            bucket = bucket[np.argsort(self.num_frames[bucket], kind="stable")]
+            batch, longest = [], 0
+            for i in bucket:
+                longest_if = max(longest, int(self.num_frames[i]))
+                if batch and (longest_if * (len(batch) + 1) > self.max_frames or len(batch) >= self.max_utts):
+                    batches.append(batch)
+                    batch, longest_if = [], int(self.num_frames[i])
+                batch.append(int(i))
+                longest = longest_if
+            if batch:
+                batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        pad = (-len(batches)) % self.size
+        batches += batches[:pad]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches()[self.rank :: self.size])
+
+    def __len__(self) -> int:
+        return len(self._batches()) // self.size
+
+
+class Batch:
+    def __init__(self, feats, feat_lens, targets, target_lens, indices):
+        self.feats, self.feat_lens = feats, feat_lens  # (B, T, F) float, (B,) int
+        self.targets, self.target_lens = targets, target_lens  # (B, S) int, (B,) int
+        self.indices = indices  # dataset indices, for transcripts and ids
+
+    def to(self, device) -> Batch:
+        return Batch(self.feats.to(device), self.feat_lens.to(device), self.targets.to(device),
+                     self.target_lens.to(device), self.indices)
+
+
+def collate(items, texts: list[str], tokenizer: CharTokenizer) -> Batch:
+    idx = [i for i, _ in items]
+    lens = torch.tensor([f.shape[0] for _, f in items])
+    feats = torch.zeros(len(items), int(lens.max()), items[0][1].shape[1])
+    for b, (_, f) in enumerate(items):
+        feats[b, : f.shape[0]] = torch.from_numpy(np.asarray(f))
+    tok = [tokenizer.encode(texts[i]) for i in idx]
+    tlens = torch.tensor([len(t) for t in tok])
+    targets = torch.zeros(len(items), max(int(tlens.max()), 1), dtype=torch.long)
+    for b, t in enumerate(tok):
+        targets[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return Batch(feats, lens, targets, tlens, idx)
+
+
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """Frequency and time masking (Park et al., 2019), filled with each utterance's mean so the
+    masked region looks like neutral input after CMVN. Returns a new tensor."""
+    if not cfg.enabled:
+        return feats
+    out = feats.clone()
+    b, t, f = out.shape
+    for i in range(b):
+        n = int(lengths[i])
+        fill = out[i, :n].mean()
+        for _ in range(cfg.freq_masks):
+            w = int(torch.randint(0, cfg.freq_width + 1, (1,), generator=gen))
+            f0 = int(torch.randint(0, max(f - w, 1), (1,), generator=gen))
+            out[i, :n, f0 : f0 + w] = fill
+        max_w = max(int(cfg.time_width * n), 1)
+        for _ in range(cfg.time_masks):
+            w = int(torch.randint(0, max_w + 1, (1,), generator=gen))
+            t0 = int(torch.randint(0, max(n - w, 1), (1,), generator=gen))
+            out[i, t0 : t0 + w] = fill
+    return out

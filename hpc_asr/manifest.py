@@ -1,0 +1,70 @@
+"""JSONL manifests: one utterance per line with ``id``, ``audio``, ``duration``, ``text``, ``speaker``.
+
+``audio`` may be absolute or relative to the manifest's directory. Every corpus reader in
+``data_prep/`` writes this format, so the feature pipeline has a single input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["Utterance", "ManifestError", "read_manifest", "write_manifest"]
+
+REQUIRED = ("id", "audio", "text")
+
+
+class ManifestError(ValueError):
+    """A manifest line is malformed; the message names the file and line."""
+
+
+@dataclass
+class Utterance:
+    id: str
+    audio: str
+    text: str
+    duration: float = 0.0
+    speaker: str = ""
+
+
+def read_manifest(path: str | Path) -> list[Utterance]:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    base = path.resolve().parent
+    utts, seen = [], set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ManifestError(f"{path}:{lineno}: not JSON ({e})") from None
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise ManifestError(f"{path}:{lineno}: missing field(s) {missing}")
+        if row["id"] in seen:
+            raise ManifestError(f"{path}:{lineno}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        audio = Path(row["audio"])
+        utts.append(
+            Utterance(
+                id=str(row["id"]),
+                audio=str(audio if audio.is_absolute() else base / audio),
+                text=str(row["text"]),
+                duration=float(row.get("duration", 0.0)),
+                speaker=str(row.get("speaker", "")),
+            )
+        )
+    return utts
+
+
+def write_manifest(path: str | Path, utts: list[Utterance]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for u in utts:
+            f.write(json.dumps(asdict(u), ensure_ascii=False) + "\n")
+    tmp.replace(path)

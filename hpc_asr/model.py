@@ -1,0 +1,178 @@
+"""Conformer-CTC, top to bottom: CMVN → subsampling → feed-forward → attention → convolution →
+Conformer layer → encoder → CTC head.
+
+Every forward takes ``(x, lengths)`` and returns ``(y, lengths)``; shapes use B (batch),
+T (frames), F (mel bins), D (model width), V (vocabulary). Forwards avoid data-dependent Python
+control flow so TorchScript and ONNX export trace them with dynamic B and T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpc_asr.config import ModelConfig
+
+__all__ = ["ConformerCTC", "make_pad_mask", "subsampled_lengths"]
+
+
+def make_pad_mask(lengths: Tensor, max_len: int | Tensor) -> Tensor:
+    """(B,) lengths → (B, T) bool, True on valid frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def subsampled_lengths(lengths: Tensor) -> Tensor:
+    """Frames left after two stride-2, kernel-3 convolutions (no padding)."""
+    return torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
+
+
+class _GlobalCMVN(nn.Module):
+    """Corpus mean/std from prep, stored in the model so checkpoints and exports take raw FBANK."""
+
+    def __init__(self, num_bins: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_bins))
+        self.register_buffer("istd", torch.ones(num_bins))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, F)
+        return (x - self.mean) * self.istd
+
+
+class _Subsampling(nn.Module):
+    """Two 3x3 stride-2 convolutions: (B, T, F) → (B, T', D), T' = ((T-1)//2 - 1)//2 (4x fewer)."""
+
+    def __init__(self, num_bins: int, channels: int, d_model: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU()
+        )
+        freq = ((num_bins - 1) // 2 - 1) // 2
+        self.out = nn.Linear(channels * freq, d_model)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        b, c, t, f = x.shape
+        x = self.out(x.transpose(1, 2).reshape(b, t, c * f))
+        return x, subsampled_lengths(lengths)
+
+
+def _sinusoids(t: int | Tensor, d_model: int, device: torch.device) -> Tensor:
+    """(T, D) absolute sinusoidal positions, built for the actual length (no max-length cap)."""
+    pos = torch.arange(t, device=device, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    ang = pos * inv[None, :]
+    return torch.stack([ang.sin(), ang.cos()], dim=-1).reshape(-1, d_model)
+
+
+class _FeedForward(nn.Module):
+    """Pre-norm position-wise FFN with Swish; used twice per layer at half weight (macaron)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(cfg.d_model),
+            nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model),
+            nn.SiLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over valid frames (scaled_dot_product_attention)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x (B, T, D), mask (B, T)
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, D/H)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+
+
+class _Convolution(nn.Module):
+    """Pointwise → GLU → depthwise conv → LayerNorm → Swish → pointwise. Padded frames are zeroed
+    before the depthwise conv so they never leak into valid ones."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm = nn.LayerNorm(d)
+        self.pw1 = nn.Linear(d, 2 * d)
+        self.dw = nn.Conv1d(d, d, cfg.conv_kernel, padding=cfg.conv_kernel // 2, groups=d)
+        self.dw_norm = nn.LayerNorm(d)
+        self.pw2 = nn.Linear(d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (B, T, D)
+        y = F.glu(self.pw1(self.norm(x)), dim=-1) * mask[..., None]
+        y = self.dw(y.transpose(1, 2)).transpose(1, 2)
+        return self.drop(self.pw2(F.silu(self.dw_norm(y))))
+
+
+class _ConformerLayer(nn.Module):
+    """x + ½FFN → + MHSA → + Conv → + ½FFN → LayerNorm (Gulati et al., 2020)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ff1 = _FeedForward(cfg)
+        self.attn = _SelfAttention(cfg)
+        self.conv = _Convolution(cfg)
+        self.ff2 = _FeedForward(cfg)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + 0.5 * self.ff1(x)
+        x = x + self.attn(x, mask)
+        x = x + self.conv(x, mask)
+        x = x + 0.5 * self.ff2(x)
+        return self.norm(x)
+
+
+class ConformerCTC(nn.Module):
+    """Conformer encoder with a CTC head. Index 0 of the vocabulary is the CTC blank.
+
+    forward(feats (B, T, F) raw FBANK, lengths (B,)) → (log_probs (B, T', V), out_lengths (B,))
+    """
+
+    def __init__(self, cfg: ModelConfig, num_bins: int = 80):
+        super().__init__()
+        if cfg.vocab_size < 2:
+            raise ValueError(f"model.vocab_size must be >= 2 (blank + symbols), got {cfg.vocab_size}")
+        self.cfg = cfg
+        self.cmvn = _GlobalCMVN(num_bins)
+        self.subsample = _Subsampling(num_bins, cfg.subsample_channels, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(_ConformerLayer(cfg) for _ in range(cfg.n_layers))
+        self.ctc = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def set_cmvn(self, mean, std) -> None:
+        self.cmvn.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.cmvn.istd.copy_(1.0 / torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x, lengths = self.subsample(self.cmvn(feats), lengths)  # (B, T', D)
+        mask = make_pad_mask(lengths, x.shape[1])
+        x = self.drop(x * math.sqrt(self.cfg.d_model) + _sinusoids(x.shape[1], self.cfg.d_model, x.device))
+        for layer in self.layers:
+            x = layer(x, mask)
+        return F.log_softmax(self.ctc(x), dim=-1), lengths
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

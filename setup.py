@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hpc_asr",
+    version="0.1.0",
+    description="Conformer-CTC speech recognition trained the HPC way (MPI, Horovod, HDF5)",
+    packages=find_packages(include=["hpc_asr", "hpc_asr.*", "data_prep", "data_prep.*"]),
+    package_data={"hpc_asr": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.26",
+        "h5py>=3.10",
+        "mpi4py>=3.1",
+        "jiwer>=3.0",
+        "soundfile>=0.12",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "kaldi-native-fbank>=1.20",
+        "pyyaml>=6.0",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"horovod": ["horovod==0.28.1"], "test": ["pytest>=8", "lhotse>=1.20", "ruff"]},
+)
