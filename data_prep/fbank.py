@@ -73,9 +73,9 @@ def run(manifest: Path, out: Path, features, world: World, comm, force: bool = F
             continue
         writer.add(u.id, feats, u.text, u.speaker, u.duration)
         cmvn.add(feats)
-        if n / max(len(mine), 1) >= next_report:
+        if n / len(mine) >= next_report:
             log0(world, f"[fbank] rank 0: {n}/{len(mine)} utterances, {time.time() - t0:.1f}s")
-            next_report += 0.1
+            next_report = (int(n / len(mine) * 10) + 1) / 10
     shard = writer.close()
 
     gathered = [(shard, skipped, cmvn)] if comm is None else comm.gather((shard, skipped, cmvn), root=0)

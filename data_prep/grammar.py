@@ -23,6 +23,17 @@ import random
 import re
 from collections.abc import Callable, Iterator
 
+
+def _words(s: str) -> list[str]:
+    """Space-separated single words; keeps the long vocabulary lists easy to edit."""
+    return s.split()
+
+
+def _phrases(s: str) -> list[str]:
+    """Comma-separated phrases that may contain spaces ("living room")."""
+    return s.split(", ")
+
+
 MIN_WORDS = 2
 MAX_WORDS = 14
 
@@ -44,9 +55,9 @@ def normalize_text(s: str) -> str:
 # Numbers, times, dates
 # ---------------------------------------------------------------------------------------
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = _words("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+               "fourteen fifteen sixteen seventeen eighteen nineteen")
+_TENS = _words("_ _ twenty thirty forty fifty sixty seventy eighty ninety")
 _ORD_IRREGULAR = {
     "one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
     "nine": "ninth", "twelve": "twelfth",
@@ -118,9 +129,9 @@ def _clock_time(rng: random.Random) -> str:
     return f"{base} {suffix}".strip()
 
 
-MONTHS = ("january february march april may june july august september october november "
-          "december").split()
-WEEKDAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+MONTHS = _words("january february march april may june july august september october november "
+                "december")
+WEEKDAYS = _words("monday tuesday wednesday thursday friday saturday sunday")
 
 
 def _date(rng: random.Random) -> str:
@@ -180,162 +191,171 @@ def _phone_number(rng: random.Random) -> str:
 # Vocabulary lists
 # ---------------------------------------------------------------------------------------
 
-ROOMS = ("kitchen, living room, bedroom, bathroom, office, garage, hallway, dining room, "
-         "basement, nursery, guest room, attic, laundry room, study, den, master bedroom, "
-         "kids room, playroom, family room, porch, patio, sunroom").split(", ")
-APPLIANCES = ("fan, heater, air conditioner, television, coffee maker, dishwasher, "
-              "washing machine, dryer, robot vacuum, humidifier, air purifier, oven, "
-              "fireplace, sprinklers, kettle, ceiling fan, radio, dehumidifier, "
-              "hot tub, space heater, electric blanket, projector").split(", ")
-LIGHTS = ("lights, lamp, ceiling light, floor lamp, desk lamp, night light, reading light, "
-          "string lights, porch light, overhead lights").split(", ")
+ROOMS = _phrases("kitchen, living room, bedroom, bathroom, office, garage, hallway, "
+                 "dining room, basement, nursery, guest room, attic, laundry room, study, "
+                 "den, master bedroom, kids room, playroom, family room, porch, patio, "
+                 "sunroom")
+APPLIANCES = _phrases("fan, heater, air conditioner, television, coffee maker, dishwasher, "
+                      "washing machine, dryer, robot vacuum, humidifier, air purifier, oven, "
+                      "fireplace, sprinklers, kettle, ceiling fan, radio, dehumidifier, "
+                      "hot tub, space heater, electric blanket, projector")
+LIGHTS = _phrases("lights, lamp, ceiling light, floor lamp, desk lamp, night light, "
+                  "reading light, string lights, porch light, overhead lights")
 COLORS = ["red", "blue", "green", "purple", "orange", "yellow", "pink", "white", "teal",
           "warm white", "cool white", "soft blue", "lavender", "gold", "turquoise",
           "magenta", "amber", "daylight"]
-DOORS = ("front door, back door, side door, garage door, patio door, basement door, "
-         "gate, shed").split(", ")
-COVERINGS = "blinds curtains shades shutters".split()
-SCENES = ("movie night, good night, good morning, away, reading, dinner, party, relax, "
-          "focus, bedtime, vacation, romantic").split(", ")
-NAMES = ("sarah michael emily david jessica james olivia daniel sophia matthew emma "
-         "andrew chloe ryan hannah kevin laura brian rachel steven megan jason natalie "
-         "thomas rebecca peter amanda george lucy oliver grace henry alice jack isabella "
-         "samuel victoria william charlotte benjamin zoe nathan claire robert julia "
-         "patrick katie marcus nina oscar ruby simon tara vincent wendy linda carlos "
-         "maria fatima ahmed priya raj mei kenji anna ivan sofia luca").split()
-RELATIONS = ("mom, dad, grandma, grandpa, my wife, my husband, my sister, my brother, "
-             "my boss, the dentist, the office, the doctor, my aunt, my uncle, "
-             "my neighbor, the babysitter, the plumber, my daughter, my son").split(", ")
-CITIES = ("london, paris, tokyo, new york, chicago, boston, seattle, denver, dallas, "
-          "houston, miami, atlanta, phoenix, san francisco, los angeles, san diego, "
-          "portland, austin, detroit, toronto, vancouver, montreal, sydney, melbourne, "
-          "dublin, edinburgh, glasgow, manchester, liverpool, berlin, madrid, rome, "
-          "lisbon, amsterdam, vienna, prague, oslo, stockholm, helsinki, copenhagen, "
-          "athens, cairo, nairobi, mumbai, delhi, singapore, bangkok, seoul, "
-          "mexico city, lima, buenos aires, cape town, honolulu, nashville, "
-          "philadelphia, pittsburgh, minneapolis, las vegas, orlando, new orleans").split(", ")
-COUNTRIES = ("france, germany, japan, canada, brazil, australia, india, china, italy, "
-             "spain, mexico, egypt, kenya, norway, sweden, finland, iceland, ireland, "
-             "scotland, portugal, greece, turkey, peru, chile, argentina, thailand, "
-             "vietnam, indonesia, new zealand, south africa, morocco, poland, russia, "
-             "switzerland, austria, belgium, denmark, nigeria, colombia, cuba").split(", ")
-LANGUAGES = ("spanish french german italian japanese chinese portuguese russian arabic "
-             "hindi korean dutch greek swedish polish turkish").split()
-PHRASES = ("thank you, good morning, where is the bathroom, how much does this cost, "
-           "nice to meet you, good night, excuse me, i'm sorry, happy birthday, "
-           "where is the train station, i would like a coffee, see you tomorrow, "
-           "i don't understand, the check please, how are you").split(", ")
-GENRES = ("jazz, rock, pop, classical, hip hop, country, blues, reggae, folk, metal, "
-          "soul, funk, disco, techno, electronic, ambient, indie, punk, gospel, opera, "
-          "salsa, lo fi, bluegrass, swing, piano, acoustic").split(", ")
-ARTISTS = ("the beatles, taylor swift, queen, miles davis, mozart, beethoven, bach, "
-           "adele, coldplay, elvis presley, madonna, prince, bob marley, frank sinatra, "
-           "ed sheeran, the rolling stones, nirvana, abba, dolly parton, johnny cash, "
-           "billie holiday, ella fitzgerald, louis armstrong, chopin, vivaldi, "
-           "stevie wonder, whitney houston, bruce springsteen, fleetwood mac, "
-           "pink floyd, david bowie, aretha franklin, norah jones").split(", ")
-MOODS = ("relaxing, upbeat, calm, happy, sad, romantic, energetic, peaceful, dreamy, "
-         "cheerful, quiet, soothing, party, workout, study, sleep").split(", ")
-PLAYLISTS = ("my favorites, morning mix, road trip, chill vibes, workout, dinner party, "
-             "sunday morning, throwback hits, rainy day, summer songs, focus, bedtime, "
-             "cooking, running, kids songs").split(", ")
-SPORTS = "football basketball baseball hockey soccer tennis golf cricket rugby".split()
-SHOP_ITEMS = ("milk, eggs, bread, butter, cheese, apples, bananas, oranges, grapes, "
-              "strawberries, blueberries, lemons, avocados, tomatoes, potatoes, onions, "
-              "garlic, carrots, broccoli, spinach, lettuce, cucumbers, peppers, mushrooms, "
-              "rice, pasta, flour, sugar, salt, pepper, olive oil, coffee, tea, orange juice, "
-              "yogurt, cereal, oatmeal, peanut butter, jam, honey, chicken, beef, salmon, "
-              "tuna, bacon, sausages, tofu, beans, chickpeas, lentils, soup, crackers, "
-              "chips, cookies, chocolate, ice cream, frozen peas, paper towels, "
-              "toilet paper, dish soap, laundry detergent, shampoo, toothpaste, "
-              "trash bags, batteries, light bulbs, sponges, napkins, aluminum foil, "
-              "dog food, cat food, diapers, tissues, sparkling water, almonds, walnuts, "
-              "cinnamon, vanilla, baking soda, ketchup, mustard, mayonnaise").split(", ")
-QUANTITIES = ("a dozen, two, three, four, six, a bag of, a box of, a bottle of, a jar of, "
-              "a carton of, a pound of, two pounds of, a loaf of, a pack of, some").split(", ")
-TASKS = ("call the dentist, take out the trash, water the plants, pick up the kids, "
-         "buy milk, pay the electric bill, feed the cat, walk the dog, book a table, "
-         "send the report, take my medicine, charge my phone, pack my lunch, "
-         "check the mail, renew my passport, return the library books, "
-         "lock the back door, stretch, drink some water, call my mother, "
-         "pick up the dry cleaning, buy a birthday present, email my manager, "
-         "move the car, clean the fridge, change the air filter, order flowers, "
-         "make a doctor's appointment, cancel my subscription, practice piano, "
-         "do my homework, start the laundry, defrost the chicken, bring an umbrella, "
-         "fill up the gas tank, back up my laptop, update my resume, "
-         "wish dad a happy birthday, check the oven, go to the gym").split(", ")
-EVENTS = ("dentist appointment, team meeting, yoga class, soccer practice, birthday party, "
-          "doctor's appointment, parent teacher conference, haircut, job interview, "
-          "book club, dinner reservation, flight, piano lesson, staff meeting, "
-          "car service, date night, coffee with a friend").split(", ")
-MESSAGES = ("i'm running late, i'm on my way, happy birthday, call me when you can, "
-            "dinner is ready, don't forget the milk, thanks for everything, "
-            "can you pick me up, good luck today, i love you, i'll call you later, "
-            "the meeting is cancelled, i just landed, are you free tonight, "
-            "i left my keys at home, see you soon, what time is the party, "
-            "i'll be there in five minutes, please call me back, "
-            "let's have pizza tonight, the kids are asleep, congratulations").split(", ")
-PLACES = ("gas station, pharmacy, grocery store, coffee shop, post office, hospital, bank, "
-          "library, airport, train station, park, gym, hardware store, bakery, museum, "
-          "zoo, movie theater, parking garage, hotel, pizza place, bookstore, car wash, "
-          "vet, hair salon, beach, mall, farmers market, bus stop, school, "
-          "swimming pool, police station, dentist").split(", ")
-CUISINES = ("italian mexican chinese thai indian japanese greek french korean vietnamese "
-            "spanish lebanese ethiopian vegetarian vegan seafood barbecue sushi").split()
-STREETS = ("main oak maple elm pine cedar park lake hill washington lincoln church market "
-           "river sunset highland broad spring walnut chestnut jefferson madison").split()
-STREET_TYPES = "street avenue road drive lane boulevard court place way".split()
-ANIMALS = ("dog cat horse elephant lion tiger giraffe dolphin whale penguin owl eagle "
-           "octopus shark bear wolf fox rabbit kangaroo koala zebra cheetah gorilla "
-           "turtle frog bee butterfly parrot camel hippo squirrel flamingo").split()
-ANIMALS_PLURAL = ("dogs cats horses elephants lions tigers giraffes dolphins whales "
-                  "penguins owls eagles sharks bears wolves rabbits turtles parrots "
-                  "hamsters goldfish").split()
-DISHES = ("pancakes, lasagna, chocolate chip cookies, banana bread, chicken soup, "
-          "guacamole, fried rice, mashed potatoes, apple pie, french toast, "
-          "spaghetti carbonara, chili, beef stew, pad thai, hummus, scrambled eggs, "
-          "lemonade, pizza dough, tomato sauce, potato salad, brownies, omelette, "
-          "curry, risotto, meatballs, muffins, cheesecake, tacos").split(", ")
-FOODS = ("an apple, a banana, an egg, a slice of pizza, a cup of rice, a glass of milk, "
-         "an avocado, a bagel, a cup of coffee, a donut, a hamburger, a chicken breast, "
-         "a bowl of oatmeal, a can of soda, a handful of almonds").split(", ")
-WORDS = ("necessary, rhythm, accommodate, serendipity, ubiquitous, ephemeral, "
-         "conscientious, mischievous, onomatopoeia, entrepreneur, pneumonia, "
-         "quarantine, embarrass, definitely, restaurant, beautiful, separate, "
-         "colonel, yacht, queue, algorithm, photosynthesis, democracy, nostalgia, "
-         "resilience, empathy, paradigm, gregarious").split(", ")
-LANDMARKS = ("the eiffel tower, mount everest, the statue of liberty, big ben, "
-             "the empire state building, the great wall of china, the golden gate bridge, "
-             "the grand canyon, niagara falls, the colosseum, stonehenge, "
-             "the leaning tower of pisa, mount kilimanjaro, the space needle").split(", ")
-SCIENCE = ("the speed of light, the distance to the moon, the boiling point of water, "
-           "the tallest building in the world, the largest ocean, the longest river, "
-           "the smallest planet, the biggest desert, the deepest lake, "
-           "the closest star, the hottest planet, the fastest animal").split(", ")
-PEOPLE = ("albert einstein, isaac newton, marie curie, william shakespeare, "
-          "abraham lincoln, leonardo da vinci, charles darwin, nelson mandela, "
-          "cleopatra, napoleon, galileo, jane austen, martin luther king, "
-          "george washington, amelia earhart, mark twain").split(", ")
-BOOKS = ("pride and prejudice, moby dick, the great gatsby, hamlet, romeo and juliet, "
-         "war and peace, the hobbit, little women, treasure island, frankenstein, "
-         "dracula, the odyssey, jane eyre, the raven").split(", ")
-HOLIDAYS = ("christmas, thanksgiving, halloween, easter, new year's eve, valentine's day, "
-            "mother's day, father's day, independence day, labor day, memorial day, "
-            "hanukkah, saint patrick's day, my birthday, the summer holidays").split(", ")
-COMPANIES = "apple google amazon microsoft tesla netflix nike disney boeing intel".split()
-LIST_NAMES = ("packing, camping, party, christmas, chores, birthday, gift ideas, "
-              "hardware, homework, holiday, moving, books to read, movies to watch").split(", ")
-LENGTH_UNITS = "inches feet yards miles centimeters meters kilometers millimeters".split()
-WEIGHT_UNITS = "ounces pounds grams kilograms stones tons".split()
+DOORS = _phrases("front door, back door, side door, garage door, patio door, basement door, "
+                 "gate, shed")
+COVERINGS = _words("blinds curtains shades shutters")
+SCENES = _phrases("movie night, good night, good morning, away, reading, dinner, party, "
+                  "relax, focus, bedtime, vacation, romantic")
+NAMES = _words("sarah michael emily david jessica james olivia daniel sophia matthew emma "
+               "andrew chloe ryan hannah kevin laura brian rachel steven megan jason natalie "
+               "thomas rebecca peter amanda george lucy oliver grace henry alice jack "
+               "isabella samuel victoria william charlotte benjamin zoe nathan claire robert "
+               "julia patrick katie marcus nina oscar ruby simon tara vincent wendy linda "
+               "carlos maria fatima ahmed priya raj mei kenji anna ivan sofia luca")
+RELATIONS = _phrases("mom, dad, grandma, grandpa, my wife, my husband, my sister, my brother, "
+                     "my boss, the dentist, the office, the doctor, my aunt, my uncle, "
+                     "my neighbor, the babysitter, the plumber, my daughter, my son")
+CITIES = _phrases("london, paris, tokyo, new york, chicago, boston, seattle, denver, dallas, "
+                  "houston, miami, atlanta, phoenix, san francisco, los angeles, san diego, "
+                  "portland, austin, detroit, toronto, vancouver, montreal, sydney, "
+                  "melbourne, dublin, edinburgh, glasgow, manchester, liverpool, berlin, "
+                  "madrid, rome, lisbon, amsterdam, vienna, prague, oslo, stockholm, "
+                  "helsinki, copenhagen, athens, cairo, nairobi, mumbai, delhi, singapore, "
+                  "bangkok, seoul, mexico city, lima, buenos aires, cape town, honolulu, "
+                  "nashville, philadelphia, pittsburgh, minneapolis, las vegas, orlando, "
+                  "new orleans")
+COUNTRIES = _phrases("france, germany, japan, canada, brazil, australia, india, china, italy, "
+                     "spain, mexico, egypt, kenya, norway, sweden, finland, iceland, ireland, "
+                     "scotland, portugal, greece, turkey, peru, chile, argentina, thailand, "
+                     "vietnam, indonesia, new zealand, south africa, morocco, poland, russia, "
+                     "switzerland, austria, belgium, denmark, nigeria, colombia, cuba")
+LANGUAGES = _words("spanish french german italian japanese chinese portuguese russian arabic "
+                   "hindi korean dutch greek swedish polish turkish")
+PHRASES = _phrases("thank you, good morning, where is the bathroom, how much does this cost, "
+                   "nice to meet you, good night, excuse me, i'm sorry, happy birthday, "
+                   "where is the train station, i would like a coffee, see you tomorrow, "
+                   "i don't understand, the check please, how are you")
+GENRES = _phrases("jazz, rock, pop, classical, hip hop, country, blues, reggae, folk, metal, "
+                  "soul, funk, disco, techno, electronic, ambient, indie, punk, gospel, "
+                  "opera, salsa, lo fi, bluegrass, swing, piano, acoustic")
+ARTISTS = _phrases("the beatles, taylor swift, queen, miles davis, mozart, beethoven, bach, "
+                   "adele, coldplay, elvis presley, madonna, prince, bob marley, "
+                   "frank sinatra, ed sheeran, the rolling stones, nirvana, abba, "
+                   "dolly parton, johnny cash, billie holiday, ella fitzgerald, "
+                   "louis armstrong, chopin, vivaldi, stevie wonder, whitney houston, "
+                   "bruce springsteen, fleetwood mac, pink floyd, david bowie, "
+                   "aretha franklin, norah jones")
+MOODS = _phrases("relaxing, upbeat, calm, happy, sad, romantic, energetic, peaceful, dreamy, "
+                 "cheerful, quiet, soothing, party, workout, study, sleep")
+PLAYLISTS = _phrases("my favorites, morning mix, road trip, chill vibes, workout, "
+                     "dinner party, sunday morning, throwback hits, rainy day, summer songs, "
+                     "focus, bedtime, cooking, running, kids songs")
+SPORTS = _words("football basketball baseball hockey soccer tennis golf cricket rugby")
+SHOP_ITEMS = _phrases("milk, eggs, bread, butter, cheese, apples, bananas, oranges, grapes, "
+                      "strawberries, blueberries, lemons, avocados, tomatoes, potatoes, "
+                      "onions, garlic, carrots, broccoli, spinach, lettuce, cucumbers, "
+                      "peppers, mushrooms, rice, pasta, flour, sugar, salt, pepper, "
+                      "olive oil, coffee, tea, orange juice, yogurt, cereal, oatmeal, "
+                      "peanut butter, jam, honey, chicken, beef, salmon, tuna, bacon, "
+                      "sausages, tofu, beans, chickpeas, lentils, soup, crackers, chips, "
+                      "cookies, chocolate, ice cream, frozen peas, paper towels, "
+                      "toilet paper, dish soap, laundry detergent, shampoo, toothpaste, "
+                      "trash bags, batteries, light bulbs, sponges, napkins, aluminum foil, "
+                      "dog food, cat food, diapers, tissues, sparkling water, almonds, "
+                      "walnuts, cinnamon, vanilla, baking soda, ketchup, mustard, mayonnaise")
+QUANTITIES = _phrases("a dozen, two, three, four, six, a bag of, a box of, a bottle of, "
+                      "a jar of, a carton of, a pound of, two pounds of, a loaf of, "
+                      "a pack of, some")
+TASKS = _phrases("call the dentist, take out the trash, water the plants, pick up the kids, "
+                 "buy milk, pay the electric bill, feed the cat, walk the dog, book a table, "
+                 "send the report, take my medicine, charge my phone, pack my lunch, "
+                 "check the mail, renew my passport, return the library books, "
+                 "lock the back door, stretch, drink some water, call my mother, "
+                 "pick up the dry cleaning, buy a birthday present, email my manager, "
+                 "move the car, clean the fridge, change the air filter, order flowers, "
+                 "make a doctor's appointment, cancel my subscription, practice piano, "
+                 "do my homework, start the laundry, defrost the chicken, bring an umbrella, "
+                 "fill up the gas tank, back up my laptop, update my resume, "
+                 "wish dad a happy birthday, check the oven, go to the gym")
+EVENTS = _phrases("dentist appointment, team meeting, yoga class, soccer practice, "
+                  "birthday party, doctor's appointment, parent teacher conference, haircut, "
+                  "job interview, book club, dinner reservation, flight, piano lesson, "
+                  "staff meeting, car service, date night, coffee with a friend")
+MESSAGES = _phrases("i'm running late, i'm on my way, happy birthday, call me when you can, "
+                    "dinner is ready, don't forget the milk, thanks for everything, "
+                    "can you pick me up, good luck today, i love you, i'll call you later, "
+                    "the meeting is cancelled, i just landed, are you free tonight, "
+                    "i left my keys at home, see you soon, what time is the party, "
+                    "i'll be there in five minutes, please call me back, "
+                    "let's have pizza tonight, the kids are asleep, congratulations")
+PLACES = _phrases("gas station, pharmacy, grocery store, coffee shop, post office, hospital, "
+                  "bank, library, airport, train station, park, gym, hardware store, bakery, "
+                  "museum, zoo, movie theater, parking garage, hotel, pizza place, bookstore, "
+                  "car wash, vet, hair salon, beach, mall, farmers market, bus stop, school, "
+                  "swimming pool, police station, dentist")
+CUISINES = _words("italian mexican chinese thai indian japanese greek french korean "
+                  "vietnamese spanish lebanese ethiopian vegetarian vegan seafood barbecue "
+                  "sushi")
+STREETS = _words("main oak maple elm pine cedar park lake hill washington lincoln church "
+                 "market river sunset highland broad spring walnut chestnut jefferson madison")
+STREET_TYPES = _words("street avenue road drive lane boulevard court place way")
+ANIMALS = _words("dog cat horse elephant lion tiger giraffe dolphin whale penguin owl eagle "
+                 "octopus shark bear wolf fox rabbit kangaroo koala zebra cheetah gorilla "
+                 "turtle frog bee butterfly parrot camel hippo squirrel flamingo")
+ANIMALS_PLURAL = _words("dogs cats horses elephants lions tigers giraffes dolphins whales "
+                        "penguins owls eagles sharks bears wolves rabbits turtles parrots "
+                        "hamsters goldfish")
+DISHES = _phrases("pancakes, lasagna, chocolate chip cookies, banana bread, chicken soup, "
+                  "guacamole, fried rice, mashed potatoes, apple pie, french toast, "
+                  "spaghetti carbonara, chili, beef stew, pad thai, hummus, scrambled eggs, "
+                  "lemonade, pizza dough, tomato sauce, potato salad, brownies, omelette, "
+                  "curry, risotto, meatballs, muffins, cheesecake, tacos")
+FOODS = _phrases("an apple, a banana, an egg, a slice of pizza, a cup of rice, "
+                 "a glass of milk, an avocado, a bagel, a cup of coffee, a donut, "
+                 "a hamburger, a chicken breast, a bowl of oatmeal, a can of soda, "
+                 "a handful of almonds")
+WORDS = _phrases("necessary, rhythm, accommodate, serendipity, ubiquitous, ephemeral, "
+                 "conscientious, mischievous, onomatopoeia, entrepreneur, pneumonia, "
+                 "quarantine, embarrass, definitely, restaurant, beautiful, separate, "
+                 "colonel, yacht, queue, algorithm, photosynthesis, democracy, nostalgia, "
+                 "resilience, empathy, paradigm, gregarious")
+LANDMARKS = _phrases("the eiffel tower, mount everest, the statue of liberty, big ben, "
+                     "the empire state building, the great wall of china, "
+                     "the golden gate bridge, the grand canyon, niagara falls, the colosseum, "
+                     "stonehenge, the leaning tower of pisa, mount kilimanjaro, "
+                     "the space needle")
+SCIENCE = _phrases("the speed of light, the distance to the moon, the boiling point of water, "
+                   "the tallest building in the world, the largest ocean, the longest river, "
+                   "the smallest planet, the biggest desert, the deepest lake, "
+                   "the closest star, the hottest planet, the fastest animal")
+PEOPLE = _phrases("albert einstein, isaac newton, marie curie, william shakespeare, "
+                  "abraham lincoln, leonardo da vinci, charles darwin, nelson mandela, "
+                  "cleopatra, napoleon, galileo, jane austen, martin luther king, "
+                  "george washington, amelia earhart, mark twain")
+BOOKS = _phrases("pride and prejudice, moby dick, the great gatsby, hamlet, romeo and juliet, "
+                 "war and peace, the hobbit, little women, treasure island, frankenstein, "
+                 "dracula, the odyssey, jane eyre, the raven")
+HOLIDAYS = _phrases("christmas, thanksgiving, halloween, easter, new year's eve, "
+                    "valentine's day, mother's day, father's day, independence day, "
+                    "labor day, memorial day, hanukkah, saint patrick's day, my birthday, "
+                    "the summer holidays")
+COMPANIES = _words("apple google amazon microsoft tesla netflix nike disney boeing intel")
+LIST_NAMES = _phrases("packing, camping, party, christmas, chores, birthday, gift ideas, "
+                      "hardware, homework, holiday, moving, books to read, movies to watch")
+LENGTH_UNITS = _words("inches feet yards miles centimeters meters kilometers millimeters")
+WEIGHT_UNITS = _words("ounces pounds grams kilograms stones tons")
 VOLUME_UNITS = ["cups", "teaspoons", "tablespoons", "liters", "milliliters", "gallons",
                 "quarts", "pints", "fluid ounces"]
 TEMP_UNITS = ["degrees fahrenheit", "degrees celsius"]
-CURRENCIES = ("dollars euros pounds yen pesos rupees francs").split()
-TIMER_LABELS = ("pasta, egg, pizza, laundry, tea, rice, cookie, workout, nap, homework, "
-                "bread, steak, oven, meditation, study, break").split(", ")
-PODCAST_TOPICS = ("history, science, true crime, comedy, business, technology, sports, "
-                  "cooking, health, politics, travel, gardening").split(", ")
-WAKE = ("hey computer, computer, okay computer, hey assistant, assistant").split(", ")
+CURRENCIES = _words("dollars euros pounds yen pesos rupees francs")
+TIMER_LABELS = _phrases("pasta, egg, pizza, laundry, tea, rice, cookie, workout, nap, "
+                        "homework, bread, steak, oven, meditation, study, break")
+PODCAST_TOPICS = _phrases("history, science, true crime, comedy, business, technology, "
+                          "sports, cooking, health, politics, travel, gardening")
+WAKE = _phrases("hey computer, computer, okay computer, hey assistant, assistant")
 
 
 def _pick(options: list[str]) -> Callable[[random.Random], str]:
@@ -397,10 +417,11 @@ SLOTS: dict[str, Callable[[random.Random], str]] = {
     "temp": lambda rng: number_words(rng.randint(60, 78)),
     "celsius": lambda rng: number_words(rng.randint(16, 26)),
     "oven": lambda rng: number_words(rng.choice(range(300, 476, 25)), rng.random() < 0.4),
-    "year": lambda rng: rng.choice(["nineteen", "twenty"]) + " " + number_words(rng.randint(10, 99)),
+    "year": lambda rng: f"{rng.choice(['nineteen', 'twenty'])} {_num(rng, 10, 99)}",
 }
 
-# (kind, template).  kind "cmd" may take a politeness prefix/suffix; "q" takes a wake word only.
+# (kind, template).  kind "cmd" may take a politeness prefix/suffix; "q" (questions and
+# phrases where "please"/"can you" would sound wrong) takes a wake word only.
 TEMPLATES: list[tuple[str, str]] = [
     # timers
     ("cmd", "set a timer for {duration}"),
@@ -424,7 +445,7 @@ TEMPLATES: list[tuple[str, str]] = [
     # reminders and calendar
     ("cmd", "remind me to {task} {when}"),
     ("cmd", "remind me {when} to {task}"),
-    ("cmd", "don't let me forget to {task}"),
+    ("q", "don't let me forget to {task}"),
     ("q", "what's on my calendar {day}"),
     ("cmd", "schedule a meeting with {contact} {day} at {time}"),
     ("cmd", "add a {event} to my calendar on {date}"),
@@ -487,7 +508,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("cmd", "add this song to my {playlist} playlist"),
     ("cmd", "play a {topic} podcast"),
     ("cmd", "set the volume to {percent} percent"),
-    ("cmd", "volume {small}"),
+    ("q", "volume {small}"),
     ("cmd", "turn the volume {updown}"),
     ("cmd", "turn it {updown} a little"),
     ("cmd", "skip this song"),

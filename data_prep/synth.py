@@ -74,7 +74,8 @@ NOISE_PROB = 0.6              # share of utterances that get white noise ...
 SNR_RANGE_DB = (25.0, 45.0)   # ... at this signal-to-noise ratio
 HELDOUT_FRAC = 0.10           # share of accent+variant pairs for dev, and again for test
 # Seconds of speech per (character / wpm); calibrated on this grammar with espeak-ng 1.51.
-SECONDS_PER_CHAR_WPM = 9.2
+SECONDS_PER_CHAR_WPM = 8.9
+ESPEAK_OVERHEAD_S = 0.45     # silence espeak-ng adds around the speech itself
 ESPEAK_TIMEOUT_S = 60
 
 
@@ -127,7 +128,7 @@ class Comm:
 
 def _espeak_list(kind: str) -> str:
     res = subprocess.run(["espeak-ng", f"--voices={kind}"], capture_output=True, text=True,
-                         timeout=ESPEAK_TIMEOUT_S)
+                         check=False, timeout=ESPEAK_TIMEOUT_S)
     if res.returncode != 0:
         raise CliError(f"espeak-ng --voices={kind} failed: {res.stderr.strip()}")
     return res.stdout
@@ -198,7 +199,7 @@ class Utt:
 
 def estimate_seconds(text: str, speed: int, lead: float = 0.0, trail: float = 0.0) -> float:
     """Rough audio length, used only to pick how many training sentences reach --hours."""
-    return SECONDS_PER_CHAR_WPM * len(text) / speed + lead + trail
+    return SECONDS_PER_CHAR_WPM * len(text) / speed + ESPEAK_OVERHEAD_S + lead + trail
 
 
 def _make_utt(index: int, split: str, n: int, text: str, speaker: str,
@@ -349,8 +350,8 @@ def espeak_command(utt: Utt) -> list[str]:
 def synthesize(utt: Utt, out: Path, seed: int) -> dict:
     """Render one utterance; returns a manifest row or {"id", "error"} instead of raising."""
     try:
-        res = subprocess.run(espeak_command(utt), capture_output=True,
-                             timeout=ESPEAK_TIMEOUT_S)
+        res = subprocess.run(espeak_command(utt), capture_output=True, check=False,
+                             stdin=subprocess.DEVNULL, timeout=ESPEAK_TIMEOUT_S)
         if res.returncode != 0:
             raise RuntimeError(f"espeak-ng exit {res.returncode}: "
                                f"{res.stderr.decode(errors='replace').strip()[:200]}")
@@ -463,8 +464,15 @@ def clear_outputs(out: Path) -> None:
 # CLI
 # ---------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (exit status 2 as usual)."""
+
+    def error(self, message: str):
+        self.exit(2, f"synth: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data_prep.synth", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m data_prep.synth", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--hours", type=float, default=3.0, help="training audio to make (approx.)")
     p.add_argument("--seed", type=int, default=0)
@@ -531,7 +539,11 @@ def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: C
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, size, local_size = mpi_rank_size()
-    comm = Comm(size)
+    try:
+        comm = Comm(size)
+    except ImportError as exc:
+        print(f"synth: error: {size} MPI ranks need mpi4py ({exc})", file=sys.stderr)
+        return 2
     try:
         return run(args, rank, size, local_size, comm)
     except CliError as exc:

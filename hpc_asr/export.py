@@ -1,0 +1,146 @@
+"""Export a checkpoint to ONNX and TorchScript, proving parity before the files are final.
+
+    python -m hpc_asr.export --checkpoint runs/demo/last.pt --data data/va/fbank/test \
+        --out-dir runs/demo/export
+
+Steps: trace with dynamic batch and time axes → ``onnx.checker`` → run ONNX Runtime and the
+TorchScript module on real utterances (one at a time and as one padded batch, which exercises
+the masks) → compare log-probs (max abs diff) and greedy transcripts with PyTorch. Files are
+written under temporary names and renamed only when parity holds; otherwise exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpc_asr import checkpoint
+from hpc_asr.data import FeatureSet
+from hpc_asr.decode import greedy_batch
+from hpc_asr.model import ConformerCTC
+
+__all__ = ["export_onnx", "export_torchscript", "check_parity"]
+
+INPUTS, OUTPUTS = ["feats", "feat_lens"], ["log_probs", "out_lens"]
+
+
+def _example(num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Two different lengths so the tracer sees a real padding mask, not a constant.
+    return torch.randn(2, 240, num_bins), torch.tensor([240, 180])
+
+
+def export_onnx(model: ConformerCTC, path: Path, opset: int) -> None:
+    """TorchScript-based exporter (dynamo=False): it needs no onnxscript and handles the
+    data-independent forward with dynamic B and T."""
+    feats, lens = _example(model.cmvn.mean.numel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (feats, lens), str(path), dynamo=False, opset_version=opset,
+            input_names=INPUTS, output_names=OUTPUTS,
+            dynamic_axes={"feats": {0: "B", 1: "T"}, "feat_lens": {0: "B"},
+                          "log_probs": {0: "B", 1: "T_out"}, "out_lens": {0: "B"}},
+        )
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def export_torchscript(model: ConformerCTC, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, _example(model.cmvn.mean.numel()))
+    traced.save(str(path))
+
+
+def _pad(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lens = np.array([f.shape[0] for f in feats], np.int64)
+    out = np.zeros((len(feats), lens.max(), feats[0].shape[1]), np.float32)
+    for i, f in enumerate(feats):
+        out[i, : len(f)] = f
+    return out, lens
+
+
+def check_parity(model: ConformerCTC, tok, onnx_path: Path, ts_path: Path, data: FeatureSet,
+                 max_utts: int, batch: int = 8) -> dict:
+    """Compare PyTorch, ONNX Runtime and TorchScript on ``max_utts`` utterances of ``data``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ts = torch.jit.load(str(ts_path))
+    n = min(max_utts, len(data))
+    diffs = {"onnx": 0.0, "torchscript": 0.0}
+    mismatches = {"onnx": [], "torchscript": []}
+    for start in range(0, n, batch):
+        idx = list(range(start, min(start + batch, n)))
+        x, lens = _pad([data.feats(i) for i in idx])
+        with torch.no_grad():
+            ref_lp, ref_len = model(torch.from_numpy(x), torch.from_numpy(lens))
+            ts_lp, ts_len = ts(torch.from_numpy(x), torch.from_numpy(lens))
+        onnx_lp, onnx_len = sess.run(OUTPUTS, {"feats": x, "feat_lens": lens})
+        ref_txt = greedy_batch(ref_lp, ref_len, tok)
+        for name, lp, ln in (("onnx", torch.from_numpy(onnx_lp), torch.from_numpy(onnx_len)),
+                             ("torchscript", ts_lp, ts_len)):
+            if not torch.equal(ln.long(), ref_len.long()):
+                raise RuntimeError(f"{name}: output lengths {ln.tolist()} != PyTorch {ref_len.tolist()}")
+            for b, length in enumerate(ref_len.tolist()):  # compare valid frames only
+                diffs[name] = max(diffs[name], float((lp[b, :length] - ref_lp[b, :length]).abs().max()))
+            for i, a, h in zip(idx, ref_txt, greedy_batch(lp, ln, tok)):
+                if a != h:
+                    mismatches[name].append(data.ids[i])
+    return {"utterances": n, "onnx_max_abs_diff": diffs["onnx"], "torchscript_max_abs_diff": diffs["torchscript"],
+            "onnx_transcripts_match": not mismatches["onnx"],
+            "torchscript_transcripts_match": not mismatches["torchscript"],
+            "onnx_mismatched_ids": mismatches["onnx"][:20], "torchscript_mismatched_ids": mismatches["torchscript"][:20]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="prepared features used for the parity check")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--max-utts", type=int, default=1000, help="utterances compared (default: all up to 1000)")
+    args = p.parse_args(argv)
+    try:
+        model, tok, cfg = checkpoint.load_model(args.checkpoint)
+        data = FeatureSet(args.data)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(os.cpu_count() or 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_tmp, ts_tmp = args.out_dir / "model.onnx.tmp", args.out_dir / "model.ts.tmp"
+    t0 = time.time()
+    export_onnx(model, onnx_tmp, cfg.export.opset)
+    export_torchscript(model, ts_tmp)
+    res = check_parity(model, tok, onnx_tmp, ts_tmp, data, args.max_utts)
+    res.update(opset=cfg.export.opset, atol=cfg.export.atol, wall_s=round(time.time() - t0, 2),
+               onnx_bytes=onnx_tmp.stat().st_size, checkpoint=str(args.checkpoint))
+    ok = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
+          and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
+    res["parity_ok"] = ok
+    (args.out_dir / "export.json").write_text(json.dumps(res, indent=1) + "\n")
+    if not ok:
+        print(f"error: parity failed (atol {cfg.export.atol}): {json.dumps(res)}", file=sys.stderr)
+        return 1
+    os.replace(onnx_tmp, args.out_dir / "model.onnx")
+    os.replace(ts_tmp, args.out_dir / "model.ts")
+    (args.out_dir / "model.json").write_text(json.dumps(
+        {"tokenizer": tok.state_dict(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
+         "outputs": OUTPUTS, "blank": tok.blank}, indent=1) + "\n")
+    print(f"[export] {args.out_dir}/model.onnx + model.ts: {res['utterances']} utts, max |Δ| onnx "
+          f"{res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts identical",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

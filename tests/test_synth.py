@@ -1,0 +1,203 @@
+"""Tests for the espeak-ng corpus synthesizer and its text grammar.
+
+One tiny corpus is synthesized through the real CLI (a few seconds); split logic and the
+grammar are tested directly so they can use realistic sizes without making audio.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_prep import grammar, synth
+
+ROOT = Path(__file__).resolve().parents[1]
+CHARSET = re.compile(r"^[a-z']+( [a-z']+)*$")
+TINY_ARGS = ["--hours", "0.01", "--dev-utts", "4", "--test-utts", "4", "--seed", "3",
+             "--jobs", "2"]
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed")
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_prep.synth", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+def read_manifest(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("va")
+    res = run_cli("--out", str(out), *TINY_ARGS)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+# ---- the synthesized corpus -------------------------------------------------------------
+
+@needs_espeak
+def test_manifests_and_audio(corpus: Path):
+    for split, expected in (("train", None), ("dev", 4), ("test", 4)):
+        rows = read_manifest(corpus / f"{split}.jsonl")
+        assert rows and (expected is None or len(rows) == expected)
+        for row in rows:
+            assert set(row) == {"id", "audio", "duration", "text", "speaker"}
+            info = sf.info(corpus / row["audio"])   # audio is relative to the manifest dir
+            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+            assert abs(info.frames / 16000 - row["duration"]) < 1e-3
+            assert 0.5 < row["duration"] < 15
+            assert CHARSET.match(row["text"]), row["text"]
+
+
+@needs_espeak
+def test_heldout_speakers_and_texts_are_unseen(corpus: Path):
+    train = read_manifest(corpus / "train.jsonl")
+    train_speakers = {r["speaker"] for r in train}
+    train_texts = {r["text"] for r in train}
+    for split in ("dev", "test"):
+        rows = read_manifest(corpus / f"{split}.jsonl")
+        assert not train_speakers & {r["speaker"] for r in rows}
+        assert not train_texts & {r["text"] for r in rows}
+
+
+@needs_espeak
+def test_summary_and_idempotence(corpus: Path):
+    summary = json.loads((corpus / "corpus.json").read_text())
+    for split in synth.SPLITS:
+        rows = read_manifest(corpus / f"{split}.jsonl")
+        assert summary["splits"][split]["utterances"] == len(rows)
+        assert summary["splits"][split]["hours"] == pytest.approx(
+            sum(r["duration"] for r in rows) / 3600, abs=1e-3)
+    assert summary["seed"] == 3 and summary["failed"] == []
+    before = (corpus / "train.jsonl").stat().st_mtime_ns
+    res = run_cli("--out", str(corpus), *TINY_ARGS)
+    assert res.returncode == 0 and "corpus up to date" in res.stderr
+    assert (corpus / "train.jsonl").stat().st_mtime_ns == before
+
+
+def test_missing_espeak_is_one_line_exit_2(tmp_path: Path):
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    res = run_cli("--out", str(tmp_path / "va"), *TINY_ARGS, env={"PATH": str(empty_bin)})
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "espeak-ng" in res.stderr
+
+
+# ---- speaker splits and planning (no audio) -----------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_speakers_holds_out_combinations_only(seed: int):
+    accents, variants = list(synth.ACCENTS), list(synth.VARIANTS)
+    split = synth.split_speakers(accents, variants, seed)
+    train = set(split["train"])
+    assert len(train) + len(split["dev"]) + len(split["test"]) == len(accents) * len(variants)
+    n_held = round(synth.HELDOUT_FRAC * len(accents) * len(variants))
+    for name in ("dev", "test"):
+        held = set(split[name])
+        assert len(held) == n_held and not held & train
+        for speaker in held:
+            accent, variant = speaker.split("+")
+            assert any(s.startswith(accent + "+") for s in train)
+            assert any(s.endswith("+" + variant) for s in train)
+    assert not set(split["dev"]) & set(split["test"])
+    assert {s.split("+")[0] for s in train} == set(accents)
+    assert {s.split("+")[1] for s in train} == set(variants)
+    assert split == synth.split_speakers(accents, variants, seed)   # deterministic
+
+
+def test_split_speakers_tiny_grid():
+    split = synth.split_speakers(["a1", "a2"], ["v1", "v2"], 0)
+    assert len(split["dev"]) == len(split["test"]) == 1
+    assert {s.split("+")[0] for s in split["train"]} == {"a1", "a2"}
+    assert {s.split("+")[1] for s in split["train"]} == {"v1", "v2"}
+
+
+def test_plan_corpus_splits_are_disjoint_and_deterministic():
+    speakers = synth.split_speakers(list(synth.ACCENTS), list(synth.VARIANTS), 0)
+    plan = synth.plan_corpus(speakers, 1.0, 200, 200, 0)
+    by_split = {s: [u for u in plan if u.split == s] for s in synth.SPLITS}
+    assert len(by_split["dev"]) == len(by_split["test"]) == 200
+    train_texts = {u.text for u in by_split["train"]}
+    for split in synth.SPLITS:
+        assert {u.speaker for u in by_split[split]} <= set(speakers[split])
+        if split != "train":
+            assert not train_texts & {u.text for u in by_split[split]}
+    estimated = sum(synth.estimate_seconds(u.text, u.speed, u.lead, u.trail)
+                    for u in by_split["train"])
+    assert 3600 <= estimated < 3600 + 20
+    assert len({u.id for u in plan}) == len(plan)
+    assert [u.index for u in plan] == list(range(len(plan)))
+    assert plan == synth.plan_corpus(speakers, 1.0, 200, 200, 0)
+
+
+def test_mpi_rank_size_from_environment():
+    assert synth.mpi_rank_size({}) == (0, 1, 1)
+    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert synth.mpi_rank_size(ompi) == (1, 4, 2)
+    assert synth.mpi_rank_size({"PMI_RANK": "2", "PMI_SIZE": "3"}) == (2, 3, 3)
+
+
+# ---- audio helpers ---------------------------------------------------------------------
+
+def test_resample_keeps_a_tone():
+    t = np.arange(22050) / 22050
+    y = synth.resample(np.sin(2 * np.pi * 1000 * t).astype(np.float32), 22050, 16000)
+    assert len(y) == 16000
+    ref = np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)
+    assert np.max(np.abs(y[500:-500] - ref[500:-500])) < 1e-3
+
+
+def test_parse_wav_ignores_streaming_sizes():
+    pcm = (np.arange(100, dtype="<i2") * 50).tobytes()
+    header = (b"RIFF" + (0x7FFFFFFF).to_bytes(4, "little") + b"WAVE" + b"fmt " +
+              (16).to_bytes(4, "little") + (1).to_bytes(2, "little") +
+              (1).to_bytes(2, "little") + (22050).to_bytes(4, "little") +
+              (44100).to_bytes(4, "little") + (2).to_bytes(2, "little") +
+              (16).to_bytes(2, "little") + b"data" + (0x7FFFFFFF).to_bytes(4, "little"))
+    x, rate = synth.parse_wav(header + pcm)
+    assert rate == 22050 and len(x) == 100 and x[2] == pytest.approx(100 / 32768)
+
+
+@needs_espeak
+def test_failed_synthesis_is_reported_not_raised(tmp_path: Path):
+    utt = synth.Utt(index=0, id="train_000001", split="train", text="", speaker="en-us+m1",
+                    speed=160, pitch=50, lead=0.1, trail=0.1, peak=0.5, snr_db=None)
+    (tmp_path / "wav" / "train").mkdir(parents=True)
+    row = synth.synthesize(utt, tmp_path, seed=0)
+    assert row["id"] == "train_000001" and "error" in row
+
+
+# ---- grammar ---------------------------------------------------------------------------
+
+def test_grammar_vocabulary_charset_and_lengths():
+    texts = grammar.sentences(20000, random.Random(0))
+    assert len(grammar.vocabulary(texts)) >= 400
+    assert len(set(texts)) == len(texts)
+    assert len(grammar.TEMPLATES) >= 60
+    for text in texts:
+        assert CHARSET.match(text), text
+        assert grammar.MIN_WORDS <= len(text.split()) <= grammar.MAX_WORDS
+    assert texts[:50] == grammar.sentences(50, 0)   # a seed reproduces the same sentences
+
+
+def test_normalize_text_and_number_words():
+    assert grammar.normalize_text("  Set a Timer: 25-minutes!  It's OK ") == \
+        "set a timer minutes it's ok"
+    assert grammar.number_words(25) == "twenty five"
+    assert grammar.number_words(350, use_and=True) == "three hundred and fifty"
+    assert grammar.number_words(2024) == "two thousand twenty four"
+    assert [grammar.ordinal_words(n) for n in (1, 3, 12, 21, 30)] == \
+        ["first", "third", "twelfth", "twenty first", "thirtieth"]
