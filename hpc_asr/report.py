@@ -1,0 +1,117 @@
+"""Collect a run's stage outputs into ``report.json``, a loss-curve PNG and a short summary.
+
+    python -m hpc_asr.report --run runs/demo [--bar-wer 0.15]
+
+Reads ``train_summary.json`` (train), ``eval.json`` (evaluate), ``export/export.json`` (export)
+and ``latency.json`` (latency) from the run directory. With ``--bar-wer`` the exit code is 1 when
+test WER is above the bar or ONNX transcripts differ, so ``make demo`` fails loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["build_report", "plot_curves"]
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (did the stage that writes it run?)")
+    return json.loads(path.read_text())
+
+
+def build_report(run: Path) -> dict:
+    train = _read(run / "train_summary.json")
+    ev = _read(run / "eval.json")
+    ex = _read(run / "export" / "export.json")
+    lat = _read(run / "latency.json")
+    return {
+        "wer": round(ev["wer"], 4),
+        "cer": round(ev["cer"], 4),
+        "test_utterances": ev["utterances"],
+        "train_hours": train["train_hours"],
+        "train_wall_s": train["train_wall_s"],
+        "train_steps": train["steps"],
+        "params": train["params"],
+        "ranks": train["ranks"],
+        "engine": train["engine"],
+        "compression": train["compression"],
+        "onnx_max_abs_diff": ex["onnx_max_abs_diff"],
+        "onnx_transcripts_match": ex["onnx_transcripts_match"],
+        "torchscript_max_abs_diff": ex["torchscript_max_abs_diff"],
+        "parity_utterances": ex["utterances"],
+        "latency_ms_p50": lat["latency_ms_p50"],
+        "latency_ms_p95": lat["latency_ms_p95"],
+        "rtf": lat["rtf"],
+        "latency_threads": lat["threads"],
+        "dev_curve": [{k: d[k] for k in ("epoch", "step", "loss", "wer", "cer")} for d in train["dev"]],
+    }
+
+
+def plot_curves(train_summary: dict, path: Path) -> None:
+    """Training loss per logged step and dev WER per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist, dev = train_summary["history"], train_summary["dev"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="train")
+    a.plot([d["step"] for d in dev], [d["loss"] for d in dev], "o-", label="dev")
+    a.set_xlabel("optimizer step")
+    a.set_ylabel("CTC loss per utterance")
+    a.set_yscale("log")
+    a.legend()
+    a.grid(alpha=0.3)
+    b.plot([d["step"] for d in dev], [100 * d["wer"] for d in dev], "o-", label="dev WER")
+    b.plot([d["step"] for d in dev], [100 * d["cer"] for d in dev], "s--", label="dev CER")
+    b.set_xlabel("optimizer step")
+    b.set_ylabel("%")
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.suptitle(f"{train_summary['engine']} x{train_summary['ranks']} ranks, "
+                 f"{train_summary['train_hours']:.2f} h, {train_summary['train_wall_s']:.0f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--bar-wer", type=float, help="fail (exit 1) when test WER is above this fraction")
+    args = p.parse_args(argv)
+    try:
+        report = build_report(args.run)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    (args.run / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_curves(_read(args.run / "train_summary.json"), args.run / "loss_curve.png")
+    r = report
+    print(f"""
+hpc_asr demo — {args.run}/report.json
+  trained   {r['train_hours']:.2f} h of audio, {r['params'] / 1e6:.2f}M params, {r['train_steps']} steps,
+            {r['train_wall_s']:.0f} s on {r['ranks']} ranks ({r['engine']}, {r['compression']} allreduce)
+  test      {r['test_utterances']} utterances, held-out voices and sentences:
+            WER {r['wer']:.2%}   CER {r['cer']:.2%}
+  export    ONNX max |Δlog-prob| {r['onnx_max_abs_diff']:.1e}, transcripts identical: {r['onnx_transcripts_match']}
+  latency   p50 {r['latency_ms_p50']} ms, p95 {r['latency_ms_p95']} ms, RTF {r['rtf']} ({r['latency_threads']} CPU thread)
+  plot      {args.run}/loss_curve.png
+""")
+    failures = []
+    if args.bar_wer is not None and r["wer"] > args.bar_wer:
+        failures.append(f"test WER {r['wer']:.2%} is above the bar {args.bar_wer:.0%}")
+    if not r["onnx_transcripts_match"]:
+        failures.append("ONNX transcripts differ from PyTorch")
+    for f in failures:
+        print(f"error: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
