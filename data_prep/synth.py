@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import grammar
+from hpc_asr.dist import detect_world
 
 FORMAT_VERSION = 1
 SAMPLE_RATE = 16000
@@ -88,18 +89,9 @@ class CliError(Exception):
 # ---------------------------------------------------------------------------------------
 
 def mpi_rank_size(env: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, world size, ranks on this node) from Open MPI or PMI (MPICH/Hydra, Slurm).
-
-    Read from the environment so a plain run never imports mpi4py.
-    """
-    env = os.environ if env is None else env
-    for rank_key, size_key, local_key in (
-            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")):
-        if rank_key in env and size_key in env:
-            size = int(env[size_key])
-            return int(env[rank_key]), size, int(env.get(local_key, size))
-    return 0, 1, 1
+    """(rank, world size, ranks on this node); the launcher table lives in hpc_asr.dist."""
+    w = detect_world(env)
+    return w.rank, w.size, w.local_size
 
 
 class Comm:

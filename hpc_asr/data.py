@@ -104,7 +104,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if self.shuffle:
             rng.shuffle(batches)
         pad = (-len(batches)) % self.size
-        batches += batches[:pad]
+        batches += [batches[i % len(batches)] for i in range(pad)]  # cyclic: pad may exceed len
         return batches
 
     def __iter__(self):

@@ -12,8 +12,10 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: prep tools use detect_world() without it
+    import torch
 
 __all__ = ["World", "detect_world", "mpi_comm", "Engine", "make_engine", "log0"]
 
@@ -79,6 +81,8 @@ class Engine:
         self.device = self._pick_device()
 
     def _pick_device(self) -> torch.device:
+        import torch
+
         if torch.cuda.is_available():
             torch.cuda.set_device(self.world.local_rank % torch.cuda.device_count())  # pin one GPU per rank
             return torch.device("cuda", torch.cuda.current_device())
@@ -110,6 +114,10 @@ class Engine:
 
     def broadcast_object(self, obj):
         return obj
+
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj`` in rank order (on every rank; results are small)."""
+        return [obj]
 
     def barrier(self) -> None:
         pass
@@ -156,6 +164,9 @@ class HorovodEngine(Engine):
     def broadcast_object(self, obj):
         return self.hvd.broadcast_object(obj, root_rank=0)
 
+    def gather_object(self, obj):
+        return self.hvd.allgather_object(obj)
+
     def barrier(self):
         self.hvd.barrier()
 
@@ -180,6 +191,7 @@ class TorchEngine(Engine):
         self.td = td
 
     def wrap_model(self, model):
+        import torch  # noqa: F401  (DDP needs the package initialised)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -208,6 +220,11 @@ class TorchEngine(Engine):
         box = [obj]
         self.td.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather_object(self, obj):
+        out = [None] * self.world.size
+        self.td.all_gather_object(out, obj)
+        return out
 
     def barrier(self):
         self.td.barrier()

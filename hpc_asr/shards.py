@@ -80,7 +80,9 @@ class ShardWriter:
         strings = h5py.string_dtype("utf-8")
         with open_h5(tmp, "w") as h5:
             feats = np.concatenate(self._feats) if self._feats else np.zeros((0, bins), np.float32)
-            h5.create_dataset("feats", data=feats, chunks=(min(max(len(feats), 1), 4096), bins))
+            # h5py rejects a chunk larger than a zero-length dataset: an empty shard is contiguous.
+            chunks = (min(len(feats), 4096), bins) if len(feats) else None
+            h5.create_dataset("feats", data=feats, chunks=chunks)
             h5.create_dataset("offsets", data=offsets)
             h5.create_dataset("num_frames", data=lengths)
             h5.create_dataset("ids", data=[r[0] for r in self._rows], dtype=strings)

@@ -24,9 +24,8 @@ from torch import nn
 from hpc_asr import checkpoint
 from hpc_asr.config import Config, parse_cli
 from hpc_asr.data import BucketBatchSampler, FeatureSet, collate, spec_augment
-from hpc_asr.decode import greedy_batch
-from hpc_asr.dist import Engine, log0, make_engine
-from hpc_asr.metrics import error_counts, rates
+from hpc_asr.dist import log0, make_engine
+from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC
 from hpc_asr.tokenizer import CharTokenizer
 
@@ -42,32 +41,6 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 def _autocast(device: torch.device, enabled: bool):
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-@torch.no_grad()
-def evaluate(model: ConformerCTC, data: FeatureSet, tok: CharTokenizer, engine: Engine, cfg: Config):
-    """Loss, WER and CER on a split; each rank scores every size-th utterance, counts are summed."""
-    model.eval()
-    world = engine.world
-    mine = list(range(world.rank, len(data), world.size))
-    sampler = BucketBatchSampler(data.num_frames[mine], cfg.data.max_frames, cfg.data.max_utts, shuffle=False)
-    ctc = nn.CTCLoss(blank=tok.blank, reduction="sum", zero_infinity=True)
-    loss_sum, refs, hyps = 0.0, [], []
-    for local in sampler:
-        batch = collate([data[mine[i]] for i in local], data.texts, tok).to(engine.device)
-        with _autocast(engine.device, cfg.train.amp):
-            lp, lens = model(batch.feats, batch.feat_lens)
-        loss_sum += float(ctc(lp.float().transpose(0, 1), batch.targets, lens, batch.target_lens))
-        hyps += greedy_batch(lp.float(), lens, tok)
-        refs += [" ".join(tok.decode(tok.encode(data.texts[i])).split()) for i in batch.indices]
-    c = error_counts(refs, hyps)
-    vec = torch.tensor([loss_sum, len(refs), c["word_errors"], c["words"], c["char_errors"], c["chars"]],
-                       dtype=torch.float64)
-    vec = engine.allreduce_sum(vec)  # dist: metrics reduced before logging
-    total = dict(zip(["loss", "n", "word_errors", "words", "char_errors", "chars"], vec.tolist()))
-    wer, cer = rates(total)
-    model.train()
-    return {"loss": total["loss"] / max(total["n"], 1), "wer": wer, "cer": cer, "utterances": int(total["n"])}
 
 
 def train(cfg: Config) -> dict:

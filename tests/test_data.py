@@ -1,0 +1,182 @@
+"""Batching and input pipeline: rank-sharded buckets, padding collate, SpecAugment, shard reading."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from helpers import TEXTS, make_feature_dir, tiny_features  # noqa: F401  (pytest fixture)
+
+from hpc_asr.config import SpecAugConfig
+from hpc_asr.data import BucketBatchSampler, FeatureSet, collate, spec_augment
+from hpc_asr.tokenizer import CharTokenizer
+
+
+def lengths(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(40, 400, n)
+
+
+def rank_batches(num_frames, size, epoch=0, **kw) -> list[list[list[int]]]:
+    out = []
+    for rank in range(size):
+        s = BucketBatchSampler(num_frames, rank=rank, size=size, **{"max_frames": 1000, "max_utts": 8, **kw})
+        s.set_epoch(epoch)
+        out.append(list(s))
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_each_utterance_once_per_epoch_when_no_padding_needed(size):
+    # 24 equal lengths, 4 per batch by frames: 6 batches, which both 2 and 3 ranks divide.
+    frames = np.full(24, 250)
+    for epoch in range(3):
+        per_rank = rank_batches(frames, size, epoch, bucket_size=8)
+        assert len({len(b) for b in per_rank}) == 1
+        seen = Counter(i for batches in per_rank for batch in batches for i in batch)
+        assert seen == Counter(range(24)), f"epoch {epoch}"
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("n", [1, 5, 37, 101])
+def test_equal_batch_counts_and_full_coverage(size, n):
+    frames = lengths(n, seed=n)
+    per_rank = rank_batches(frames, size, epoch=1, bucket_size=16)
+    counts = [len(b) for b in per_rank]
+    assert len(set(counts)) == 1 and counts[0] >= 1  # a rank that runs out first would hang allreduce
+    sampler = BucketBatchSampler(frames, 1000, 8, rank=size - 1, size=size, bucket_size=16)
+    sampler.set_epoch(1)
+    assert len(sampler) == counts[0]
+    seen = Counter(i for batches in per_rank for batch in batches for i in batch)
+    assert set(seen) == set(range(n))  # padding repeats batches but never drops one
+    # Padding adds at most size-1 batches, so at most that many repeats.
+    assert sum(seen.values()) - n <= (size - 1) * 8
+
+
+@pytest.mark.parametrize("max_frames, max_utts", [(1000, 8), (600, 64), (400, 2)])
+def test_batch_caps(max_frames, max_utts):
+    frames = lengths(200, seed=3)
+    frames = frames[frames <= max_frames]
+    s = BucketBatchSampler(frames, max_frames, max_utts, shuffle=True, seed=4, bucket_size=50)
+    batches = list(s)
+    for batch in batches:
+        assert int(frames[batch].max()) * len(batch) <= max_frames  # padded frames, not the sum
+        assert len(batch) <= max_utts
+    assert sorted(i for b in batches for i in b) == list(range(len(frames)))
+
+
+def test_buckets_group_similar_lengths():
+    frames = lengths(400, seed=5)
+    sorted_waste = sum(int(frames[b].max()) * len(b) - int(frames[b].sum())
+                       for b in BucketBatchSampler(frames, 2000, 64, bucket_size=400))
+    random_waste = 0
+    order = np.random.default_rng(0).permutation(400)
+    for start in range(0, 400, 8):
+        b = order[start : start + 8]
+        random_waste += int(frames[b].max()) * len(b) - int(frames[b].sum())
+    assert sorted_waste < random_waste / 4
+
+
+def test_shuffle_depends_on_epoch_and_seed_only():
+    frames = lengths(120, seed=6)
+    a = rank_batches(frames, 2, epoch=0)
+    assert a == rank_batches(frames, 2, epoch=0)  # every rank derives the same global order
+    assert a != rank_batches(frames, 2, epoch=1)
+    assert a != rank_batches(frames, 2, epoch=0, seed=1)
+    s = BucketBatchSampler(frames, 1000, 8, shuffle=True)
+    s.set_epoch(3)
+    assert list(s) == list(s)  # iterating twice in one epoch replays the epoch
+
+
+def test_no_shuffle_is_sorted_and_epoch_independent():
+    frames = lengths(50, seed=7)
+    s = BucketBatchSampler(frames, 10_000, 4, shuffle=False, bucket_size=1000)
+    first = list(s)
+    s.set_epoch(5)
+    assert list(s) == first
+    flat = [i for b in first for i in b]
+    assert list(frames[flat]) == sorted(frames)
+
+
+def test_too_long_utterance_raises():
+    with pytest.raises(ValueError, match=r"max_frames=500") as e:
+        BucketBatchSampler(np.array([100, 900, 200]), 500, 8)
+    assert "900" in str(e.value)
+
+
+# ---- collate, SpecAugment -----------------------------------------------------------------
+
+def test_collate_pads_features_and_targets():
+    tok = CharTokenizer()
+    texts = ["Go home!", "yes", ""]
+    items = [(0, np.ones((5, 3), np.float32)), (1, 2 * np.ones((9, 3), np.float32)),
+             (2, 3 * np.ones((2, 3), np.float32))]
+    b = collate(items, texts, tok)
+    assert b.feats.shape == (3, 9, 3) and b.feat_lens.tolist() == [5, 9, 2]
+    assert torch.all(b.feats[0, :5] == 1) and torch.all(b.feats[0, 5:] == 0)
+    assert torch.all(b.feats[2, :2] == 3) and torch.all(b.feats[2, 2:] == 0)
+    assert b.target_lens.tolist() == [7, 3, 0]
+    assert b.targets.shape == (3, 7) and b.targets.dtype == torch.long
+    assert tok.decode(b.targets[0].tolist()) == "go home"  # normalised: case and punctuation
+    assert b.targets[1, :3].tolist() == tok.encode("yes") and b.targets[1, 3:].eq(0).all()
+    assert b.targets[2].eq(0).all() and b.indices == [0, 1, 2]
+
+
+def _padded_batch():
+    torch.manual_seed(0)
+    lens = torch.tensor([100, 60, 30])
+    feats = torch.randn(3, 100, 80)
+    feats[1, 60:] = 0
+    feats[2, 30:] = 0
+    return feats, lens
+
+
+def test_spec_augment_masks_only_valid_frames():
+    feats, lens = _padded_batch()
+    cfg = SpecAugConfig(enabled=True, freq_masks=2, freq_width=15, time_masks=2, time_width=0.2)
+    out = spec_augment(feats, lens, cfg, gen=torch.Generator().manual_seed(1))
+    assert out is not feats and torch.equal(feats, _padded_batch()[0])  # input left intact
+    for i, n in enumerate(lens.tolist()):
+        assert torch.equal(out[i, n:], feats[i, n:]), f"utterance {i}: padding touched"
+        changed = out[i, :n] != feats[i, :n]
+        assert changed.any(), f"utterance {i}: nothing masked"
+        fill = feats[i, :n].mean()
+        assert torch.allclose(out[i, :n][changed], fill.expand(int(changed.sum())))
+
+
+def test_spec_augment_reproducible_with_generator():
+    feats, lens = _padded_batch()
+    cfg = SpecAugConfig(freq_width=15, time_width=0.2)
+    a = spec_augment(feats, lens, cfg, gen=torch.Generator().manual_seed(7))
+    b = spec_augment(feats, lens, cfg, gen=torch.Generator().manual_seed(7))
+    c = spec_augment(feats, lens, cfg, gen=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_spec_augment_disabled_is_a_no_op():
+    feats, lens = _padded_batch()
+    out = spec_augment(feats, lens, SpecAugConfig(enabled=False))
+    assert torch.equal(out, feats)
+
+
+# ---- reading the shards -------------------------------------------------------------------
+
+def test_feature_set_reads_what_was_written(tiny_features):
+    data = FeatureSet(tiny_features["train"])
+    assert len(data) == 8 and len(data.index["shards"]) == 2
+    assert sorted(data.texts) == sorted(TEXTS[i % len(TEXTS)] for i in range(8))
+    assert data.num_frames.sum() == data.index["frames"]
+    for i in range(len(data)):
+        j, f = data[i]
+        assert j == i and f.shape == (data.num_frames[i], 80) and f.dtype == np.float32
+    all_frames = np.concatenate([data.feats(i) for i in range(len(data))])
+    np.testing.assert_allclose(data.cmvn_mean, all_frames.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(data.cmvn_std, all_frames.std(0), rtol=1e-3, atol=1e-3)
+
+
+def test_feature_set_rejects_missing_shard(tmp_path):
+    d = make_feature_dir(tmp_path / "x", 3, shards=2)
+    (d / "shard-00001.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00001.h5"):
+        FeatureSet(d)

@@ -1,0 +1,150 @@
+"""FBANK framing and parity with an independent Kaldi-compatible implementation (lhotse), audio
+loading errors, and CMVN statistics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from hpc_asr.config import FeatureConfig
+from hpc_asr.features import AudioError, CmvnStats, fbank, load_audio, num_frames
+
+CFG = FeatureConfig()
+SR = CFG.sample_rate
+INT16_LOG_POWER = 2 * math.log(32768.0)  # log-mel offset between int16-scaled and [-1, 1] input
+
+
+@pytest.fixture(scope="module")
+def speech(librispeech_dir) -> np.ndarray:
+    return load_audio(str(librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac"), SR)
+
+
+def chirp(seconds: float = 1.5) -> np.ndarray:
+    """100 Hz -> 7 kHz sweep plus seeded noise at -60 dB: every mel bin carries energy, as in a
+    recording, instead of the float32 rounding noise a pure tone leaves in far-away bins."""
+    t = np.arange(int(seconds * SR)) / SR
+    f0, f1 = 100.0, 7000.0
+    x = 0.5 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1])))
+    return (x + 1e-3 * np.random.default_rng(0).standard_normal(len(t))).astype(np.float32)
+
+
+def lhotse_fbank(samples: np.ndarray) -> np.ndarray:
+    """Kaldi's defaults as lhotse spells them. lhotse feeds its input to the FFT unscaled (its audio
+    loaders return [-1, 1]), and its default high_freq=-400 is not Kaldi's: high_freq <= 0 means
+    Nyquist + high_freq in both, so Kaldi's default 0 must be passed explicitly."""
+    torch = pytest.importorskip("torch")
+    try:
+        from lhotse.features.kaldi.layers import Wav2LogFilterBank
+    except ImportError as e:  # lhotse>=1.30 imports urllib3 without declaring it
+        pytest.fail(f"lhotse is needed for the FBANK parity test and failed to import: {e}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lhotse warns that snip_edges=True is unusual for lhotse
+        layer = Wav2LogFilterBank(
+            sampling_rate=SR, frame_length=CFG.frame_length_ms / 1000, frame_shift=CFG.frame_shift_ms / 1000,
+            round_to_power_of_two=True, remove_dc_offset=True, preemph_coeff=0.97, window_type="povey",
+            dither=0.0, snip_edges=True, low_freq=CFG.low_freq, high_freq=0.0, num_filters=CFG.num_mel_bins,
+            use_energy=False,
+        ).eval()
+    with torch.no_grad():
+        return layer(torch.from_numpy(np.asarray(samples, np.float32))[None])[0].numpy()
+
+
+@pytest.mark.parametrize(("samples", "frames"), [(400, 1), (559, 1), (560, 2), (16000, 98), (16079, 98), (16080, 99)])
+def test_frame_count_snip_edges(samples, frames):
+    x = np.random.default_rng(samples).uniform(-0.5, 0.5, samples).astype(np.float32)
+    assert num_frames(samples, CFG) == frames
+    feats = fbank(x, CFG)
+    assert feats.shape == (frames, 80) and feats.dtype == np.float32
+    assert np.isfinite(feats).all()
+
+
+def test_shorter_than_one_window_is_an_error():
+    assert num_frames(399, CFG) == 0
+    with pytest.raises(AudioError, match="399 samples"):
+        fbank(np.zeros(399, np.float32), CFG)
+
+
+@pytest.mark.parametrize("signal", ["speech", "chirp"])
+def test_matches_lhotse_kaldi_fbank(signal, speech):
+    x = speech if signal == "speech" else chirp()
+    ours = fbank(x, CFG)
+    ref = lhotse_fbank(x * 32768.0)  # like with like: ours scales [-1, 1] to int16 as Kaldi reads WAV
+    assert ref.shape == ours.shape
+    diff = np.abs(ours.astype(np.float64) - ref)
+    # Both run in float32, so a bin ~15 nats (65 dB) below its frame's peak is at the FFT's rounding
+    # noise and may differ by a lot; above that, measured max ~2.5e-4 (mean ~3e-5), so 1e-3 still
+    # catches any change of window, pre-emphasis, mel edges or scale, all of which shift bins by >1e-2.
+    strong = ours > ours.max(axis=1, keepdims=True) - 15.0
+    assert strong.mean() > 0.3, "test signal too sparse to compare"
+    assert diff[strong].max() < 1e-3, f"max abs diff {diff[strong].max():.2e} on strong bins"
+    # All bins, weak ones included: measured mean 6e-6 (speech) and 2.4e-4 (chirp).
+    assert diff.mean() < 1e-3, f"mean abs diff {diff.mean():.2e}"
+    # lhotse's own [-1, 1] convention: power scales by 32768**2, i.e. a constant log offset, except
+    # where lhotse clamps mel energy at float32 eps (log -15.9), which quiet speech bins reach at
+    # that scale; int16 scaling keeps ours well clear of any floor.
+    unscaled = lhotse_fbank(x)
+    unfloored = strong & (unscaled > math.log(np.finfo(np.float32).eps) + 1.0)
+    np.testing.assert_allclose(unscaled[unfloored] + INT16_LOG_POWER, ours[unfloored], atol=1e-3)
+
+
+def test_load_audio_reads_channel0_as_float(tmp_path, librispeech_dir, speech):
+    flac = librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac"
+    pcm, sr = sf.read(str(flac), dtype="int16")
+    assert sr == SR and speech.dtype == np.float32
+    np.testing.assert_array_equal(speech, pcm.astype(np.float32) / 32768.0)
+    stereo = tmp_path / "stereo.wav"
+    sf.write(str(stereo), np.stack([pcm, -pcm], axis=1), SR, subtype="PCM_16")
+    np.testing.assert_array_equal(load_audio(str(stereo), SR), speech)
+
+
+def test_load_audio_wrong_rate_names_file(tmp_path):
+    path = tmp_path / "eight_k.wav"
+    sf.write(str(path), np.zeros(8000, np.int16), 8000)
+    with pytest.raises(AudioError, match=r"eight_k\.wav: sample rate 8000 Hz, expected 16000 Hz"):
+        load_audio(str(path), SR)
+
+
+@pytest.mark.parametrize("content", [b"", b"fLaC" + bytes(range(256)) * 4, b"RIFF\x00\x00"])
+def test_load_audio_corrupt_file(tmp_path, content):
+    path = tmp_path / "broken.flac"
+    path.write_bytes(content)
+    with pytest.raises(AudioError, match=r"broken\.flac: cannot decode audio"):
+        load_audio(str(path), SR)
+
+
+def test_load_audio_missing_and_empty(tmp_path):
+    with pytest.raises(AudioError, match=r"nope\.flac"):
+        load_audio(str(tmp_path / "nope.flac"), SR)
+    empty = tmp_path / "empty.wav"
+    sf.write(str(empty), np.zeros(0, np.int16), SR)
+    with pytest.raises(AudioError, match=r"empty\.wav: no samples"):
+        load_audio(str(empty), SR)
+
+
+def test_cmvn_halves_merge_to_whole(speech):
+    feats = fbank(speech, CFG)
+    whole, a, b = CmvnStats.zeros(80), CmvnStats.zeros(80), CmvnStats.zeros(80)
+    whole.add(feats)
+    a.add(feats[:100])
+    b.add(feats[100:])
+    assert a.count + b.count == whole.count == len(feats)
+    np.testing.assert_allclose(a.sum + b.sum, whole.sum, rtol=1e-12)
+    np.testing.assert_allclose(a.sumsq + b.sumsq, whole.sumsq, rtol=1e-12)
+    merged = CmvnStats(a.sum + b.sum, a.sumsq + b.sumsq, a.count + b.count)
+    mean, std = merged.mean_std()
+    np.testing.assert_allclose(mean, feats.astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, feats.astype(np.float64).std(0), rtol=1e-4)
+
+
+def test_cmvn_floors_variance_and_rejects_empty():
+    stats = CmvnStats.zeros(3)
+    with pytest.raises(ValueError, match="zero frames"):
+        stats.mean_std()
+    stats.add(np.ones((5, 3), np.float32))
+    mean, std = stats.mean_std(floor=1e-4)
+    np.testing.assert_allclose(mean, 1.0)
+    np.testing.assert_allclose(std, 1e-2, rtol=1e-5)  # constant input: std is sqrt(floor), never 0
