@@ -87,6 +87,11 @@ def run(manifest: Path, out: Path, features, world: World, comm, force: bool = F
         total.sum += c.sum
         total.sumsq += c.sumsq
         total.count += c.count
+    if total.count == 0:
+        print(f"error: {manifest}: no utterance could be featurized; see the skipped lines above", file=sys.stderr)
+        if comm is not None:
+            comm.Abort(1)
+        raise SystemExit(1)
     mean, std = total.mean_std()
     shards = [g[0] for g in gathered]
     index = {

@@ -84,13 +84,16 @@ class ModelConfig:
     n_layers: int = 6
     ff_mult: int = 4
     conv_kernel: int = 15
-    subsample_channels: int = 64
+    subsampling: str = "conv2d"  # conv2d (classic) | conv1d (time-only, far cheaper on CPU)
+    subsample_channels: int = 64  # conv2d only
     dropout: float = 0.1
     vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+        if self.subsampling not in ("conv2d", "conv1d"):
+            raise ConfigError(f"model.subsampling must be conv2d|conv1d, got {self.subsampling!r}")
         if self.conv_kernel % 2 == 0:
             raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be odd")
 

@@ -7,6 +7,7 @@ scaled to the int16 range first, as Kaldi reads WAV files, so values match Kaldi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ def load_audio(path: str, sample_rate: int) -> np.ndarray:
     """
     import soundfile as sf
 
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: audio file not found")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import TEXTS, make_feature_dir, tiny_features  # noqa: F401  (pytest fixture)
+from helpers import TEXTS, make_feature_dir
 
 from hpc_asr.config import SpecAugConfig
 from hpc_asr.data import BucketBatchSampler, FeatureSet, collate, spec_augment
 from hpc_asr.tokenizer import CharTokenizer
+
+tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
 
 
 def lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -178,5 +181,5 @@ def test_feature_set_reads_what_was_written(tiny_features):
 def test_feature_set_rejects_missing_shard(tmp_path):
     d = make_feature_dir(tmp_path / "x", 3, shards=2)
     (d / "shard-00001.h5").unlink()
-    with pytest.raises(FileNotFoundError, match="shard-00001.h5"):
+    with pytest.raises(FileNotFoundError, match=r"shard-00001\.h5"):
         FeatureSet(d)

@@ -1,0 +1,162 @@
+"""Export: the CLI proves parity before files are final, the ONNX graph keeps dynamic batch and
+time axes, and the deployable Recognizer decodes raw audio. Plus checkpoint loading errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pytest
+import torch
+from conftest import run
+
+from hpc_asr import checkpoint
+from hpc_asr.config import Config, load_config
+from hpc_asr.data import FeatureSet
+from hpc_asr.latency import Recognizer, measure
+from hpc_asr.model import ConformerCTC
+from hpc_asr.tokenizer import CharTokenizer
+
+tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
+
+
+def save_random_checkpoint(path: Path, data_dir: Path, *overrides: str) -> Config:
+    """What train.py stores, minus the optimizer: enough for checkpoint.load_model."""
+    cfg = load_config(None, ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_layers", "1",
+                             "--model.ff_mult", "2", "--model.conv_kernel", "5",
+                             "--model.subsample_channels", "8", *overrides])
+    tok = CharTokenizer()
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+    data = FeatureSet(data_dir)
+    model.set_cmvn(data.cmvn_mean, data.cmvn_std)
+    checkpoint.save(path, {"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": tok.state_dict()})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_features, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "tiny.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"])
+    out = root / "export"
+    proc = run([sys.executable, "-m", "hpc_asr.export",
+                "--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir", str(out)],
+               timeout=240)
+    return {"ckpt": ckpt, "out": out, "proc": proc, "data": tiny_features["dev"]}
+
+
+def test_export_cli_writes_files_after_parity(exported):
+    out = exported["out"]
+    assert exported["proc"].returncode == 0
+    res = json.loads((out / "export.json").read_text())
+    assert res["parity_ok"] is True and res["utterances"] == 4
+    assert res["onnx_max_abs_diff"] < 1e-3 and res["torchscript_max_abs_diff"] < 1e-3
+    assert res["onnx_transcripts_match"] and res["torchscript_transcripts_match"]
+    assert (out / "model.onnx").stat().st_size > 0 and (out / "model.ts").stat().st_size > 0
+    assert not list(out.glob("*.tmp*"))
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["tokenizer"] == CharTokenizer().state_dict() and meta["blank"] == 0
+    assert meta["features"]["num_mel_bins"] == 80
+
+
+def _pytorch_reference(exported, feats: np.ndarray, lens: np.ndarray):
+    model, _, _ = checkpoint.load_model(exported["ckpt"])
+    with torch.no_grad():
+        lp, out_lens = model(torch.from_numpy(feats), torch.from_numpy(lens))
+    return lp.numpy(), out_lens.numpy()
+
+
+def _odd_batch() -> tuple[np.ndarray, np.ndarray]:
+    """Batch size and lengths unlike the (2, 240) example the exporter traced with."""
+    rng = np.random.default_rng(0)
+    lens = np.array([97, 301, 13], np.int64)
+    feats = np.zeros((3, 301, 80), np.float32)
+    for i, n in enumerate(lens):
+        feats[i, :n] = 3 + 2 * rng.standard_normal((n, 80))
+    return feats, lens
+
+
+def test_onnx_dynamic_axes_match_pytorch(exported):
+    import onnxruntime as ort
+
+    feats, lens = _odd_batch()
+    sess = ort.InferenceSession(str(exported["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    lp, out_lens = sess.run(["log_probs", "out_lens"], {"feats": feats, "feat_lens": lens})
+    ref_lp, ref_lens = _pytorch_reference(exported, feats, lens)
+    assert lp.shape == ref_lp.shape and out_lens.tolist() == ref_lens.tolist() == [23, 74, 2]
+    for b, n in enumerate(ref_lens):
+        np.testing.assert_allclose(lp[b, :n], ref_lp[b, :n], atol=1e-4, rtol=0)
+    one, one_len = sess.run(None, {"feats": feats[:1, :97], "feat_lens": lens[:1]})  # batch of one
+    np.testing.assert_allclose(one[0, : one_len[0]], ref_lp[0, : ref_lens[0]], atol=1e-4, rtol=0)
+
+
+def test_torchscript_dynamic_axes_match_pytorch(exported):
+    feats, lens = _odd_batch()
+    ts = torch.jit.load(str(exported["out"] / "model.ts"))
+    with torch.no_grad():
+        lp, out_lens = ts(torch.from_numpy(feats), torch.from_numpy(lens))
+    ref_lp, ref_lens = _pytorch_reference(exported, feats, lens)
+    assert out_lens.tolist() == ref_lens.tolist()
+    for b, n in enumerate(ref_lens):
+        np.testing.assert_allclose(lp[b, :n].numpy(), ref_lp[b, :n], atol=1e-5, rtol=0)
+
+
+def test_recognizer_and_latency(exported):
+    rec = Recognizer(exported["out"], threads=1)
+    sr = rec.features.sample_rate
+    rng = np.random.default_rng(1)
+    waves = []
+    for seconds, hz in ((1.0, 220.0), (1.5, 440.0), (0.6, 330.0)):
+        t = np.arange(int(seconds * sr)) / sr
+        waves.append((0.3 * np.sin(2 * np.pi * hz * t) + 0.01 * rng.standard_normal(len(t))).astype(np.float32))
+    text = rec(waves[0])
+    assert isinstance(text, str) and set(text) <= set(rec.tokenizer.symbols)
+    assert rec.features_of(waves[0]).shape == (98, 80)  # 1 + (16000 - 400) // 160 frames
+
+    res = measure(rec, waves, warmup=1)
+    assert res["utterances"] == 3 and res["audio_s"] == pytest.approx(3.1, abs=0.01)
+    assert 0 < res["latency_ms_p50"] <= res["latency_ms_p95"] <= res["latency_ms_max"]
+    assert res["rtf"] > 0 and res["rtf_fbank"] > 0 and res["rtf_model"] > 0
+    assert res["rtf_fbank"] + res["rtf_model"] == pytest.approx(res["rtf"], rel=0.05, abs=1e-3)
+
+
+def test_failed_parity_leaves_no_final_files(tiny_features, tmp_path):
+    ckpt = tmp_path / "strict.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"], "--export.atol", "-1")  # nothing can pass
+    out = tmp_path / "export"
+    proc = run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(ckpt),
+                "--data", str(tiny_features["dev"]), "--out-dir", str(out), "--max-utts", "2"],
+               check=False, timeout=240)
+    assert proc.returncode == 1 and "parity failed" in proc.stderr
+    assert json.loads((out / "export.json").read_text())["parity_ok"] is False
+    assert not (out / "model.onnx").exists() and not (out / "model.ts").exists()
+
+
+def test_checkpoint_load_errors_name_the_path(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint\x00\x01")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable") as e:
+        checkpoint.load(garbage)
+    assert str(garbage) in str(e.value)
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(checkpoint.CheckpointError, match="not found") as e:
+        checkpoint.load(missing)
+    assert str(missing) in str(e.value)
+    old = tmp_path / "old.pt"
+    torch.save({"format_version": 0, "model": {}}, old)
+    with pytest.raises(checkpoint.CheckpointError, match="format_version") as e:
+        checkpoint.load(old)
+    assert str(old) in str(e.value)
+
+
+def test_export_cli_rejects_garbage_checkpoint(tiny_features, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("nope")
+    proc = run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(garbage),
+                "--data", str(tiny_features["dev"]), "--out-dir", str(tmp_path / "x")], check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and str(garbage) in proc.stderr

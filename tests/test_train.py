@@ -1,0 +1,231 @@
+"""Training: a tiny model overfits, 2-rank Horovod keeps ranks identical, resume is exact, and the
+real CLI runs under ``mpirun`` with both engines.
+
+Everything uses ``train.threads 1``: on a busy 2-core machine, two intra-op threads per process
+spin against other jobs and make a step ~40x slower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, mpirun_cmd, run
+from helpers import TEXTS, make_feature_dir, tiny_yaml
+
+import hpc_asr.train as train_mod
+from hpc_asr import checkpoint
+from hpc_asr.config import load_config
+from hpc_asr.data import FeatureSet, collate
+from hpc_asr.decode import greedy_batch
+from hpc_asr.metrics import error_counts, rates
+from hpc_asr.tokenizer import normalize
+
+tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
+
+TINY_MODEL = ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_layers", "1", "--model.ff_mult", "2",
+              "--model.conv_kernel", "5", "--model.subsample_channels", "8"]
+
+
+def config(train_dir: Path, dev_dir: Path, out: Path, *overrides: str):
+    return load_config(None, ["--data.train", str(train_dir), "--data.dev", str(dev_dir),
+                              "--train.out_dir", str(out), "--dist.engine", "none", "--train.threads", "1",
+                              *overrides])
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """Names whose tensors are not bitwise equal between two state dicts."""
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+# ---- single process: the model can learn ---------------------------------------------------
+
+def test_tiny_model_overfits(tmp_path):
+    data = make_feature_dir(tmp_path / "six", 6, TEXTS[:6], seed=3, shards=2)
+    out = tmp_path / "run"
+    cfg = config(data, data, out, "--data.max_utts", "6", "--specaug.enabled", "false",
+                 "--model.d_model", "64", "--model.n_heads", "4", "--model.n_layers", "2",
+                 "--model.subsample_channels", "16", "--model.conv_kernel", "7", "--model.dropout", "0",
+                 "--train.epochs", "40", "--train.lr", "5e-3", "--train.warmup_steps", "10",
+                 "--train.weight_decay", "0", "--train.log_every", "5")
+    summary = train_mod.train(cfg)
+
+    assert summary["steps"] == 40  # one batch per epoch
+    assert json.loads((out / "train_summary.json").read_text())["history"] == summary["history"]
+    first, last = summary["history"][0]["loss"], summary["history"][-1]["loss"]
+    assert last * 10 <= first, f"loss only went {first:.3f} -> {last:.3f}"
+
+    model, tok, _ = checkpoint.load_model(out / "last.pt")
+    fs = FeatureSet(data)
+    batch = collate([fs[i] for i in range(len(fs))], fs.texts, tok)
+    with torch.no_grad():
+        lp, lens = model(batch.feats, batch.feat_lens)
+    hyps, refs = greedy_batch(lp, lens, tok), [normalize(t) for t in fs.texts]
+    _, cer = rates(error_counts(refs, hyps))
+    assert cer <= 0.1, list(zip(refs, hyps, strict=True))
+    assert summary["dev"][-1]["cer"] <= 0.1  # train's own evaluation (dev = train set here) agrees
+
+
+# ---- Horovod, 2 ranks ----------------------------------------------------------------------
+
+def test_horovod_fp16_allreduce_and_ranks_stay_identical(tiny_features, tmp_path):
+    run(mpirun_cmd(2, str(ROOT / "tests" / "mpi_scripts" / "hvd_steps.py"), str(tiny_features["train"]),
+                   str(tmp_path)), timeout=240)
+    probe = [json.loads((tmp_path / f"allreduce.{r}.json").read_text()) for r in (0, 1)]
+    assert probe[0]["size"] == 2
+
+    # (i) One SGD(lr=1) step: w1 = w0 - mean(grad over ranks), the mean computed in fp16 on the wire.
+    grads = [np.array(p["fp16"]["grad"], np.float32) for p in probe]
+    assert not np.allclose(grads[0], grads[1])
+    w0 = np.array(probe[0]["fp16"]["w0"], np.float32)
+    mean32 = (grads[0] + grads[1]) * np.float32(0.5)
+    mean16 = ((grads[0].astype(np.float16) + grads[1].astype(np.float16)) * np.float16(0.5)).astype(np.float32)
+    assert not np.array_equal(mean16, mean32)  # the values are chosen so fp16 rounding shows
+    for r, p in enumerate(probe):
+        w1 = np.array(p["fp16"]["w1"], np.float32)
+        np.testing.assert_allclose(w1, w0 - mean32, atol=2e-3, rtol=0)  # the average, to fp16 precision
+        np.testing.assert_array_equal(w1, w0 - mean16)  # ... and exactly what fp16 compression gives
+        assert np.abs(w1 - (w0 - grads[r])).max() > 0.1  # not this rank's own gradient
+        w1_none = np.array(p["none"]["w1"], np.float32)  # without compression: the fp32 mean
+        np.testing.assert_allclose(w1_none, w0 - mean32, atol=1e-7, rtol=0)
+    assert probe[0]["fp16"]["w1"] == probe[1]["fp16"]["w1"]
+
+    # (ii) Real steps on different batches per rank: weights agree bitwise after every step.
+    res = [torch.load(tmp_path / f"train.{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(res[0]["batches"]) == len(res[1]["batches"]) >= 2
+    assert not {i for b in res[0]["batches"] for i in b} & {i for b in res[1]["batches"] for i in b}
+    assert differing(res[0]["init_own"], res[1]["init_own"])  # seeded differently on purpose ...
+    not_broadcast = differing(res[0]["init"], res[1]["init"])  # ... until rank 0's state was broadcast
+    assert not not_broadcast
+    assert res[0]["losses"] != res[1]["losses"]  # each rank really saw its own data
+    diverged = differing(res[0]["final"], res[1]["final"])
+    assert not diverged
+    trainable = set(res[0]["final"]) - {"cmvn.mean", "cmvn.istd"}
+    updated = set(differing(res[0]["init"], res[0]["final"]))
+    assert updated == trainable  # every parameter moved
+
+
+def test_horovod_cli(tiny_features, tmp_path):
+    out = tmp_path / "hvd"
+    cfg = tiny_yaml(tmp_path / "tiny.yaml", tiny_features["train"], tiny_features["dev"], out)
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"), timeout=240)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["ranks"], summary["engine"], summary["compression"], summary["steps"]) == (2, "horovod", "fp16", 2)
+    assert [h["step"] for h in summary["history"]] == [1, 2] and summary["dev"][0]["utterances"] == 4
+    state = checkpoint.load(out / "last.pt")
+    assert state["position"]["step"] == 2 and state["config"]["dist"]["engine"] == "horovod"
+    assert (out / "train.rank0.log").is_file() and (out / "train.rank1.log").is_file()
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_torch_engine_cli(tiny_features, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = tiny_yaml(tmp_path / "tiny.yaml", tiny_features["train"], tiny_features["dev"], out)
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2",
+                          "--dist.engine", "torch"), timeout=240)
+    assert "engine torch" in proc.stderr and "device cpu" in proc.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["ranks"], summary["engine"], summary["steps"]) == (2, "torch", 2)
+    assert checkpoint.load(out / "last.pt")["position"]["step"] == 2
+
+
+# ---- resume --------------------------------------------------------------------------------
+
+class Preempted(Exception):
+    pass
+
+
+def _resume_config(dirs: dict[str, Path], out: Path, *extra: str):
+    # Dropout and SpecAugment stay on: a resumed run must redraw the same masks.
+    return config(dirs["train"], dirs["dev"], out, *TINY_MODEL, "--data.max_utts", "2",
+                  "--model.dropout", "0.1", "--specaug.enabled", "true", "--train.epochs", "3",
+                  "--train.log_every", "1", *extra)
+
+
+def _count_batches(monkeypatch) -> list[int]:
+    calls = []
+    real = train_mod.collate
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "collate", counting)
+    return calls
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = checkpoint.load(a / "last.pt"), checkpoint.load(b / "last.pt")
+    weights = differing(sa["model"], sb["model"])
+    assert not weights
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    moments = [k for k in oa if differing(oa[k], ob[k])]
+    assert not moments
+    assert sa["position"]["step"] == sb["position"]["step"]
+    ha, hb = sa["position"]["history"], sb["position"]["history"]
+    assert [(h["step"], h["loss"], h["lr"]) for h in ha] == [(h["step"], h["loss"], h["lr"]) for h in hb]
+
+
+def test_resume_after_preemption_is_exact(tiny_features, tmp_path, monkeypatch):
+    """A job killed after an epoch's checkpoint and relaunched with the same command ends with
+    the same weights, optimizer state and loss curve as one that was never interrupted."""
+    straight = tmp_path / "straight"
+    train_mod.train(_resume_config(tiny_features, straight, "--train.warmup_steps", "2"))  # cosine active
+
+    split = tmp_path / "split"
+    real_evaluate, evals = train_mod.evaluate, []
+
+    def preempt_after_epoch_1(*a, **kw):  # evaluate runs right after the epoch-end checkpoint
+        evals.append(1)
+        if len(evals) == 2:
+            raise Preempted
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "evaluate", preempt_after_epoch_1)
+    with pytest.raises(Preempted):
+        train_mod.train(_resume_config(tiny_features, split, "--train.warmup_steps", "2"))
+    assert checkpoint.load(split / "last.pt")["position"]["epoch"] == 2
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+
+    batches = _count_batches(monkeypatch)
+    summary = train_mod.train(_resume_config(tiny_features, split, "--train.warmup_steps", "2"))
+    steps_per_epoch = summary["steps"] // 3
+    assert len(batches) == steps_per_epoch  # only the last epoch was trained again
+    assert "resumed from" in (split / "train.rank0.log").read_text()
+    _assert_same_run(straight, split)
+
+
+def test_resume_mid_epoch_is_exact(tiny_features, tmp_path, monkeypatch):
+    """Stopping with train.max_steps in the middle of an epoch, then continuing.
+
+    max_steps also sets the LR schedule's length, so the two halves would follow different
+    cosine curves; a warmup longer than the run keeps the LR independent of it and isolates
+    what resume itself must restore (batch position, RNG, optimizer and scheduler state)."""
+    straight = tmp_path / "straight"
+    a = train_mod.train(_resume_config(tiny_features, straight, "--train.warmup_steps", "100"))
+    total = a["steps"]
+    assert total % 3 == 0 and total >= 6
+    half = total // 2 if (total // 2) % (total // 3) else total // 2 + 1  # not on an epoch boundary
+
+    split = tmp_path / "split"
+    first = train_mod.train(_resume_config(tiny_features, split, "--train.warmup_steps", "100",
+                                           "--train.max_steps", str(half)))
+    assert first["steps"] == half
+    batches = _count_batches(monkeypatch)
+    second = train_mod.train(_resume_config(tiny_features, split, "--train.warmup_steps", "100",
+                                            "--train.max_steps", str(total)))
+    assert second["steps"] == total and len(batches) == total - half
+    _assert_same_run(straight, split)
+
+
+def test_resume_false_starts_over(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2"))
+    s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.resume", "false"))
+    assert s["steps"] == 2 and [h["step"] for h in s["history"]] == [1, 2]
