@@ -40,3 +40,7 @@ lint: setup
 
 clean-demo:
 	rm -rf $(RUN) $(DATA)
+
+# Benchmarks with same-run peer comparisons; JSON under runs/bench/.
+bench: setup
+	$(PY) -m hpc_asr.bench --out runs/bench/bench.json

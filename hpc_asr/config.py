@@ -85,6 +85,7 @@ class ModelConfig:
     ff_mult: int = 4
     conv_kernel: int = 15
     subsampling: str = "conv2d"  # conv2d (classic) | conv1d (time-only, far cheaper on CPU)
+    subsample_factor: int = 4  # frames per output frame: 4, or 2 (conv1d only; better for characters)
     subsample_channels: int = 64  # conv2d only
     dropout: float = 0.1
     vocab_size: int = 0
@@ -94,6 +95,8 @@ class ModelConfig:
             raise ConfigError(f"model.d_model={self.d_model} not divisible by n_heads={self.n_heads}")
         if self.subsampling not in ("conv2d", "conv1d"):
             raise ConfigError(f"model.subsampling must be conv2d|conv1d, got {self.subsampling!r}")
+        if self.subsample_factor not in (2, 4) or (self.subsampling == "conv2d" and self.subsample_factor != 4):
+            raise ConfigError(f"model.subsample_factor={self.subsample_factor}: conv1d takes 2 or 4, conv2d only 4")
         if self.conv_kernel % 2 == 0:
             raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be odd")
 

@@ -24,9 +24,11 @@ def make_pad_mask(lengths: Tensor, max_len: int | Tensor) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def subsampled_lengths(lengths: Tensor) -> Tensor:
-    """Frames left after two stride-2, kernel-3 convolutions (no padding)."""
-    return torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
+def subsampled_lengths(lengths: Tensor, factor: int = 4) -> Tensor:
+    """Frames left after two kernel-3 convolutions without padding: strides (2, 2) for factor 4,
+    (2, 1) for factor 2."""
+    half = torch.div(lengths - 1, 2, rounding_mode="floor")
+    return torch.div(half - 1, 2, rounding_mode="floor") if factor == 4 else half - 2
 
 
 class _GlobalCMVN(nn.Module):
@@ -62,17 +64,21 @@ class _Conv2dSubsampling(nn.Module):
 
 
 class _Conv1dSubsampling(nn.Module):
-    """Two kernel-3 stride-2 1-D convolutions over time with mel bins as channels, same T' as
-    the 2-D version at ~1/20 of its cost (the choice for CPU training and small models)."""
+    """Two kernel-3 1-D convolutions over time with mel bins as channels, strides (2, 2) or
+    (2, 1): a fraction of the 2-D front end's cost (the choice for CPU training and small models).
 
-    def __init__(self, num_bins: int, channels: int, d_model: int):
+    Factor 2 (50 frames/s) suits character CTC: at 25 frames/s fast speech leaves CTC barely more
+    frames than characters, and it learns far more slowly."""
+
+    def __init__(self, num_bins: int, d_model: int, factor: int):
         super().__init__()
+        self.factor = factor
         self.conv = nn.Sequential(
-            nn.Conv1d(num_bins, d_model, 3, 2), nn.GELU(), nn.Conv1d(d_model, d_model, 3, 2), nn.GELU()
+            nn.Conv1d(num_bins, d_model, 3, 2), nn.GELU(), nn.Conv1d(d_model, d_model, 3, factor // 2), nn.GELU()
         )
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        return self.conv(x.transpose(1, 2)).transpose(1, 2), subsampled_lengths(lengths)
+        return self.conv(x.transpose(1, 2)).transpose(1, 2), subsampled_lengths(lengths, self.factor)
 
 
 def _sinusoids(t: int | Tensor, d_model: int, device: torch.device) -> Tensor:
@@ -173,8 +179,10 @@ class ConformerCTC(nn.Module):
             raise ValueError(f"model.vocab_size must be >= 2 (blank + symbols), got {cfg.vocab_size}")
         self.cfg = cfg
         self.cmvn = _GlobalCMVN(num_bins)
-        sub = _Conv1dSubsampling if cfg.subsampling == "conv1d" else _Conv2dSubsampling
-        self.subsample = sub(num_bins, cfg.subsample_channels, cfg.d_model)
+        if cfg.subsampling == "conv1d":
+            self.subsample = _Conv1dSubsampling(num_bins, cfg.d_model, cfg.subsample_factor)
+        else:
+            self.subsample = _Conv2dSubsampling(num_bins, cfg.subsample_channels, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(_ConformerLayer(cfg) for _ in range(cfg.n_layers))
         self.ctc = nn.Linear(cfg.d_model, cfg.vocab_size)

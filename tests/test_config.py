@@ -85,6 +85,7 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     (["--dist.engine", "mpi"], "dist.engine"),
     (["--dist.compression", "int8"], "dist.compression"),
     (["--model.conv_kernel", "4"], "odd"),
+    (["--model.subsampling", "conv3d"], "model.subsampling"),
 ])
 def test_bad_values(argv, match):
     with pytest.raises(ConfigError, match=match):

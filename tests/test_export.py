@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run
 
-from hpc_asr import checkpoint
+from hpc_asr import checkpoint, export
 from hpc_asr.config import Config, load_config
 from hpc_asr.data import FeatureSet
 from hpc_asr.latency import Recognizer, measure
@@ -38,11 +38,11 @@ def save_random_checkpoint(path: Path, data_dir: Path, *overrides: str) -> Confi
     return cfg
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_features, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("export")
+@pytest.fixture(scope="module", params=["conv2d", "conv1d"])
+def exported(request, tiny_features, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
     ckpt = root / "tiny.pt"
-    save_random_checkpoint(ckpt, tiny_features["train"])
+    save_random_checkpoint(ckpt, tiny_features["train"], "--model.subsampling", request.param)
     out = root / "export"
     proc = run([sys.executable, "-m", "hpc_asr.export",
                 "--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir", str(out)],
@@ -125,14 +125,21 @@ def test_recognizer_and_latency(exported):
     assert res["rtf_fbank"] + res["rtf_model"] == pytest.approx(res["rtf"], rel=0.05, abs=1e-3)
 
 
-def test_failed_parity_leaves_no_final_files(tiny_features, tmp_path):
+@pytest.fixture()
+def keep_threads():
+    """export.main sets torch threads to every core; in this process that would slow later tests."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_failed_parity_leaves_no_final_files(tiny_features, tmp_path, capsys, keep_threads):
     ckpt = tmp_path / "strict.pt"
     save_random_checkpoint(ckpt, tiny_features["train"], "--export.atol", "-1")  # nothing can pass
     out = tmp_path / "export"
-    proc = run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(ckpt),
-                "--data", str(tiny_features["dev"]), "--out-dir", str(out), "--max-utts", "2"],
-               check=False, timeout=240)
-    assert proc.returncode == 1 and "parity failed" in proc.stderr
+    rc = export.main(["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir", str(out),
+                      "--max-utts", "2"])
+    assert rc == 1 and "parity failed" in capsys.readouterr().err
     assert json.loads((out / "export.json").read_text())["parity_ok"] is False
     assert not (out / "model.onnx").exists() and not (out / "model.ts").exists()
 
@@ -154,9 +161,11 @@ def test_checkpoint_load_errors_name_the_path(tmp_path):
     assert str(old) in str(e.value)
 
 
-def test_export_cli_rejects_garbage_checkpoint(tiny_features, tmp_path):
+def test_export_cli_rejects_garbage_checkpoint(tiny_features, tmp_path, capsys, keep_threads):
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("nope")
-    proc = run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(garbage),
-                "--data", str(tiny_features["dev"]), "--out-dir", str(tmp_path / "x")], check=False, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error:") and str(garbage) in proc.stderr
+    rc = export.main(["--checkpoint", str(garbage), "--data", str(tiny_features["dev"]),
+                      "--out-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and str(garbage) in err
+    assert not (tmp_path / "x").exists()

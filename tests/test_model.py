@@ -19,10 +19,10 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def model() -> ConformerCTC:
+@pytest.fixture(scope="module", params=["conv2d", "conv1d"])
+def model(request) -> ConformerCTC:
     torch.manual_seed(0)
-    m = ConformerCTC(tiny_cfg(), BINS)
+    m = ConformerCTC(tiny_cfg(subsampling=request.param), BINS)
     m.set_cmvn(torch.randn(BINS), torch.rand(BINS) + 0.5)  # non-trivial CMVN: padding sees it too
     return m.eval()
 
@@ -92,8 +92,9 @@ def test_train_mode_dropout_is_active_eval_is_deterministic(model):
     assert not torch.allclose(a, c)
 
 
-def test_gradients_reach_every_parameter():
-    m = ConformerCTC(tiny_cfg(dropout=0.0), BINS)
+@pytest.mark.parametrize("subsampling", ["conv2d", "conv1d"])
+def test_gradients_reach_every_parameter(subsampling):
+    m = ConformerCTC(tiny_cfg(dropout=0.0, subsampling=subsampling), BINS)
     lp, lens = m(torch.randn(2, 60, BINS), torch.tensor([60, 40]))
     loss = torch.nn.functional.ctc_loss(lp.transpose(0, 1), torch.tensor([[1, 2, 3], [4, 5, 0]]), lens,
                                         torch.tensor([3, 2]))
