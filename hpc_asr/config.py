@@ -84,6 +84,7 @@ class ModelConfig:
     n_layers: int = 6
     ff_mult: int = 4
     conv_kernel: int = 15
+    conv_norm: str = "layer"  # layer | batch: normalisation after the depthwise convolution
     subsampling: str = "conv2d"  # conv2d (classic) | conv1d (time-only, far cheaper on CPU)
     subsample_factor: int = 4  # frames per output frame: 4, or 2 (conv1d only; better for characters)
     subsample_channels: int = 64  # conv2d only
@@ -97,6 +98,8 @@ class ModelConfig:
             raise ConfigError(f"model.subsampling must be conv2d|conv1d, got {self.subsampling!r}")
         if self.subsample_factor not in (2, 4) or (self.subsampling == "conv2d" and self.subsample_factor != 4):
             raise ConfigError(f"model.subsample_factor={self.subsample_factor}: conv1d takes 2 or 4, conv2d only 4")
+        if self.conv_norm not in ("layer", "batch"):
+            raise ConfigError(f"model.conv_norm must be layer|batch, got {self.conv_norm!r}")
         if self.conv_kernel % 2 == 0:
             raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be odd")
 

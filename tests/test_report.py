@@ -1,0 +1,50 @@
+"""report.py: stage outputs → report.json, the WER bar, the plot, and a missing stage named."""
+
+import json
+
+import pytest
+
+from hpc_asr import report
+
+
+def _stage_files(run, wer=0.1, match=True):
+    (run / "export").mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps({
+        "train_hours": 3.0, "train_wall_s": 100.0, "steps": 10, "params": 1000, "ranks": 2,
+        "engine": "horovod", "compression": "fp16",
+        "history": [{"step": 5, "loss": 50.0}, {"step": 10, "loss": 5.0}],
+        "dev": [{"epoch": 0, "step": 10, "loss": 6.0, "wer": 0.2, "cer": 0.05}]}))
+    (run / "eval.json").write_text(json.dumps({"wer": wer, "cer": 0.03, "utterances": 200}))
+    (run / "export" / "export.json").write_text(json.dumps({
+        "onnx_max_abs_diff": 1e-5, "onnx_transcripts_match": match, "torchscript_max_abs_diff": 0.0,
+        "utterances": 200}))
+    (run / "latency.json").write_text(json.dumps({"latency_ms_p50": 10.0, "latency_ms_p95": 20.0,
+                                                  "rtf": 0.01, "threads": 1}))
+
+
+REQUIRED = ["wer", "cer", "test_utterances", "train_hours", "train_wall_s", "ranks", "engine", "compression",
+            "onnx_max_abs_diff", "onnx_transcripts_match", "latency_ms_p50", "latency_ms_p95", "rtf"]
+
+
+def test_report_has_every_field_and_plot(tmp_path, capsys):
+    _stage_files(tmp_path)
+    assert report.main(["--run", str(tmp_path), "--bar-wer", "0.15"]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert all(k in data for k in REQUIRED)
+    assert data["wer"] == 0.1 and data["engine"] == "horovod" and data["onnx_transcripts_match"] is True
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "WER 10.00%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wer,match", [(0.2, True), (0.1, False)])
+def test_report_fails_above_bar_or_on_mismatch(tmp_path, wer, match, capsys):
+    _stage_files(tmp_path, wer=wer, match=match)
+    assert report.main(["--run", str(tmp_path), "--bar-wer", "0.15"]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_missing_stage_is_named(tmp_path, capsys):
+    _stage_files(tmp_path)
+    (tmp_path / "latency.json").unlink()
+    assert report.main(["--run", str(tmp_path)]) == 2
+    assert "latency.json" in capsys.readouterr().err
