@@ -24,6 +24,13 @@ VENV=${VENV:-$ROOT/.venv}
 CACHE=${HPC_ASR_CACHE:-$HOME/.cache/hpc_asr}
 PYTHON=${PYTHON:-python3}
 say() { printf '[setup] %s\n' "$*"; }
+# pip, quietly: some images point pip at local indexes that don't exist, and pip warns per package.
+pipq() {
+  local out rc=0
+  out=$("$PY" -m pip "$@" 2>&1) || rc=$?
+  grep -v -e 'is ignored: it is neither a file nor a directory' -e '^ *$' <<<"$out" || true
+  return "$rc"
+}
 
 # ---- 1. Debian packages (only the missing ones) -------------------------------------------
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox)
@@ -48,16 +55,16 @@ REQ_HASH=$(cat "$ROOT/env/requirements.txt" "$ROOT/setup.py" | sha1sum | cut -c1
 STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH"
 if [ ! -f "$STAMP" ]; then
   say "installing Python packages (torch $TORCH_VERSION, $FLAVOUR)"
-  "$PY" -m pip install -q --upgrade pip setuptools wheel
+  pipq install -q --upgrade pip setuptools wheel
   if [ "$GPU" = 1 ]; then
     # The CUDA wheel comes from the default index; on CPU nodes the pinned version is the CPU wheel.
-    "$PY" -m pip install -q "torch==$TORCH_VERSION"
+    pipq install -q "torch==$TORCH_VERSION"
   else
-    "$PY" -m pip install -q "torch==$TORCH_VERSION" \
-      || "$PY" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    pipq install -q "torch==$TORCH_VERSION" \
+      || pipq install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
-  "$PY" -m pip install -q -r "$ROOT/env/requirements.txt" "torch==$TORCH_VERSION"
-  "$PY" -m pip install -q --no-deps -e "$ROOT"
+  pipq install -q -r "$ROOT/env/requirements.txt" "torch==$TORCH_VERSION"
+  pipq install -q --no-deps -e "$ROOT"
   rm -f "$VENV"/.hpc_asr-deps-*
   touch "$STAMP"
 fi
@@ -69,7 +76,7 @@ if ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION against torch $TORCH_FULL ($FLAVOUR); takes ~3-5 min"
     BUILD=$(mktemp -d)
-    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
+    pipq download -q --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
     tar -xzf "$BUILD"/horovod-"$HOROVOD_VERSION".tar.gz -C "$BUILD"
     SRC="$BUILD/horovod-$HOROVOD_VERSION"
     # torch >= 2.1 headers need C++17; Horovod 0.28.1 (last release) still asks for C++14.
@@ -77,7 +84,7 @@ if ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
       "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
     grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt" \
       || { echo "setup-local: C++17 patch did not apply to $SRC" >&2; exit 1; }
-    "$PY" -m pip install -q psutil pyyaml cloudpickle packaging cffi
+    pipq install -q psutil pyyaml cloudpickle packaging cffi
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
     export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     export MAKEFLAGS="-j$(nproc)"
@@ -93,7 +100,7 @@ if ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
     rm -rf "$BUILD"
   fi
   say "installing cached Horovod wheel from $WHEEL_DIR"
-  "$PY" -m pip install -q "$WHEEL_DIR"/horovod-*.whl
+  pipq install -q "$WHEEL_DIR"/horovod-*.whl
 fi
 
 CHECK="$VENV/.hpc_asr-horovod-checked-$FLAVOUR"

@@ -73,6 +73,7 @@ class SpecAugConfig:
     freq_width: int = 10
     time_masks: int = 2
     time_width: float = 0.05  # fraction of the utterance length
+    freq_warp: float = 0.0  # max relative stretch of the mel axis per utterance (0 = off)
 
 
 @dataclass

@@ -139,14 +139,28 @@ def collate(items, texts: list[str], tokenizer: CharTokenizer) -> Batch:
     return Batch(feats, lens, targets, tlens, idx)
 
 
+def _freq_warp(feats: torch.Tensor, width: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Stretch each utterance's mel axis by a random factor in [1 - width, 1 + width], a
+    feature-domain vocal-tract-length perturbation (Jaitly & Hinton, 2013): it imitates voices
+    the corpus lacks, which is what held-out speakers need."""
+    b, t, f = feats.shape
+    alpha = 1 + (torch.rand(b, generator=gen) * 2 - 1) * width
+    src = (torch.arange(f, dtype=torch.float32)[None, :] * alpha[:, None]).clamp(0, f - 1)  # (B, F)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=f - 1)
+    w = (src - lo)[:, None, :]
+    return feats.gather(2, lo[:, None, :].expand(b, t, f)) * (1 - w) + feats.gather(2, hi[:, None, :].expand(b, t, f)) * w
+
+
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
                  gen: torch.Generator | None = None) -> torch.Tensor:
-    """Frequency and time masking (Park et al., 2019), filled with each utterance's mean so the
-    masked region looks like neutral input after CMVN. Returns a new tensor."""
+    """Optional mel-axis warping, then frequency and time masking (Park et al., 2019) filled with
+    each utterance's mean so the masked region looks like neutral input after CMVN. Returns a
+    new tensor."""
     if not cfg.enabled:
         return feats
-    out = feats.clone()
-    b, t, f = out.shape
+    b, t, f = feats.shape
+    out = _freq_warp(feats, cfg.freq_warp, gen) if cfg.freq_warp > 0 else feats.clone()
     for i in range(b):
         n = int(lengths[i])
         fill = out[i, :n].mean()

@@ -157,6 +157,23 @@ def test_spec_augment_reproducible_with_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_freq_warp_stretches_the_mel_axis_and_keeps_padding():
+    lens = torch.tensor([6, 3])
+    feats = torch.arange(80.0).repeat(2, 6, 1)  # each frame is its own bin index: a ramp
+    feats[1, 3:] = 0
+    cfg = SpecAugConfig(freq_masks=0, time_masks=0, freq_warp=0.15)
+    out = spec_augment(feats, lens, cfg, gen=torch.Generator().manual_seed(3))
+    assert torch.equal(out[1, 3:], feats[1, 3:])  # padding stays zero
+    for i in range(2):
+        row = out[i, 0]
+        slope = (row[10] - row[0]) / 10  # the warp factor of this utterance
+        assert 0.85 - 1e-6 <= slope <= 1.15 + 1e-6 and abs(slope - 1) > 1e-4
+        assert torch.all(row[1:] >= row[:-1]) and row.max() <= 79  # monotone, no new values
+        assert torch.equal(out[i, 0], out[i, 1])  # same stretch on every frame
+    none = spec_augment(feats, lens, SpecAugConfig(freq_masks=0, time_masks=0, freq_warp=0.0))
+    assert torch.equal(none, feats)
+
+
 def test_spec_augment_disabled_is_a_no_op():
     feats, lens = _padded_batch()
     out = spec_augment(feats, lens, SpecAugConfig(enabled=False))
