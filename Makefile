@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY      := .venv/bin/python
 NP      ?= 2
-HOURS   ?= 4.0
+HOURS   ?= 5.0
 DATA    ?= data/va
 RUN     ?= runs/demo
 CONFIG  ?= hpc_asr/configs/demo.yaml

@@ -130,6 +130,14 @@ class HorovodEngine(Engine):
     name = "horovod"
 
     def __init__(self, world: World, compression: str):
+        import torch
+
+        if not torch.cuda.is_available():
+            # On CPU nodes Horovod's background thread shares cores with the compute threads; an
+            # MPI that busy-polls while waiting starves them (measured: 2 ranks on 2 cores train
+            # 1.7x faster with yielding). Read at MPI_Init, so set before hvd.init(); env wins.
+            os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")  # ms between background cycles
         import horovod.torch as hvd
 
         hvd.init()  # rendezvous over MPI (mpirun/srun) or Gloo (horovodrun --gloo)
