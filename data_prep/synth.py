@@ -365,7 +365,7 @@ def synthesize(utt: Utt, out: Path, seed: int) -> dict:
         x = postprocess(trim_silence(x), utt, seed)
         rel = Path("wav") / utt.split / f"{utt.id}.wav"
         write_wav(out / rel, x)
-    except Exception as exc:  # noqa: BLE001 - one bad utterance must not stop the run
+    except Exception as exc:
         return {"id": utt.id, "split": utt.split, "error": f"{type(exc).__name__}: {exc}"}
     return {"id": utt.id, "split": utt.split, "audio": rel.as_posix(),
             "duration": round(len(x) / SAMPLE_RATE, 4), "text": utt.text,

@@ -84,7 +84,7 @@ def bench_train_step(model_cfg: ModelConfig, batch: int, frames: int) -> dict:
         model = ConformerCTC(cfg)
         x, lens = torch.randn(batch, frames, 80), torch.full((batch,), frames)
 
-        def step():
+        def step(model=model, x=x, lens=lens):
             lp, _ = model(x, lens)
             lp.sum().backward()
 

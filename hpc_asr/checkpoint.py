@@ -16,7 +16,7 @@ from hpc_asr.config import Config
 from hpc_asr.model import ConformerCTC
 from hpc_asr.tokenizer import CharTokenizer
 
-__all__ = ["save", "load", "load_model", "CheckpointError"]
+__all__ = ["CheckpointError", "load", "load_model", "save"]
 
 FORMAT_VERSION = 1
 

@@ -17,15 +17,15 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "FeatureConfig",
-    "DataConfig",
-    "SpecAugConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "DistConfig",
-    "ExportConfig",
     "Config",
     "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "ExportConfig",
+    "FeatureConfig",
+    "ModelConfig",
+    "SpecAugConfig",
+    "TrainConfig",
     "load_config",
     "parse_cli",
 ]

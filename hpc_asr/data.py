@@ -13,7 +13,7 @@ from hpc_asr.config import FeatureConfig, SpecAugConfig
 from hpc_asr.shards import open_h5, read_index
 from hpc_asr.tokenizer import CharTokenizer
 
-__all__ = ["FeatureSet", "BucketBatchSampler", "Batch", "collate", "spec_augment"]
+__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "collate", "spec_augment"]
 
 
 class FeatureSet:
@@ -149,7 +149,9 @@ def _freq_warp(feats: torch.Tensor, width: float, gen: torch.Generator | None) -
     lo = src.floor().long()
     hi = (lo + 1).clamp(max=f - 1)
     w = (src - lo)[:, None, :]
-    return feats.gather(2, lo[:, None, :].expand(b, t, f)) * (1 - w) + feats.gather(2, hi[:, None, :].expand(b, t, f)) * w
+    below = feats.gather(2, lo[:, None, :].expand(b, t, f))
+    above = feats.gather(2, hi[:, None, :].expand(b, t, f))
+    return below * (1 - w) + above * w
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
@@ -159,7 +161,7 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
     new tensor."""
     if not cfg.enabled:
         return feats
-    b, t, f = feats.shape
+    b, _, f = feats.shape
     out = _freq_warp(feats, cfg.freq_warp, gen) if cfg.freq_warp > 0 else feats.clone()
     for i in range(b):
         n = int(lengths[i])

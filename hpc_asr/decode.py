@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["greedy_ids", "greedy_batch"]
+__all__ = ["greedy_batch", "greedy_ids"]
 
 
 def greedy_ids(log_probs: np.ndarray, length: int, blank: int = 0) -> list[int]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported lazily: prep tools use detect_world() without it
     import torch
 
-__all__ = ["World", "detect_world", "mpi_comm", "Engine", "make_engine", "log0"]
+__all__ = ["Engine", "World", "detect_world", "log0", "make_engine", "mpi_comm"]
 
 # (rank, size, local_rank, local_size) variables, most specific launcher first.
 _LAUNCHER_VARS = [

@@ -26,7 +26,7 @@ from hpc_asr.metrics import error_counts, rates
 from hpc_asr.model import ConformerCTC
 from hpc_asr.tokenizer import CharTokenizer, normalize
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "load_model_and_data"]
 
 
 @torch.no_grad()
@@ -67,6 +67,16 @@ def evaluate(model: ConformerCTC, data: FeatureSet, tok: CharTokenizer, engine: 
     return out
 
 
+def load_model_and_data(ckpt: str, data_dir: str) -> tuple[ConformerCTC, CharTokenizer, Config, FeatureSet]:
+    """A checkpoint and a prepared split it can score: their feature settings must agree, since
+    a model fed features it was not trained on fails silently (plausible but wrong output)."""
+    model, tok, cfg = checkpoint.load_model(ckpt)
+    data = FeatureSet(data_dir)
+    if data.features != cfg.features:
+        raise ValueError(f"{data_dir}: features {data.features} differ from the model's {cfg.features}")
+    return model, tok, cfg, data
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -75,13 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="none", choices=["none", "horovod", "torch"])
     args = p.parse_args(argv)
     try:
-        model, tok, cfg = checkpoint.load_model(args.checkpoint)
-        data = FeatureSet(args.data)
+        model, tok, cfg, data = load_model_and_data(args.checkpoint, args.data)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if data.features != cfg.features:
-        print(f"error: {args.data}: features {data.features} differ from the model's {cfg.features}", file=sys.stderr)
         return 2
     engine = make_engine(args.engine)
     model.to(engine.device)

@@ -25,9 +25,10 @@ import torch
 from hpc_asr import checkpoint
 from hpc_asr.data import FeatureSet
 from hpc_asr.decode import greedy_batch
+from hpc_asr.evaluate import load_model_and_data
 from hpc_asr.model import ConformerCTC
 
-__all__ = ["export_onnx", "export_torchscript", "check_parity"]
+__all__ = ["check_parity", "export_onnx", "export_torchscript"]
 
 INPUTS, OUTPUTS = ["feats", "feat_lens"], ["log_probs", "out_lens"]
 
@@ -99,7 +100,8 @@ def check_parity(model: ConformerCTC, tok, onnx_path: Path, ts_path: Path, data:
     return {"utterances": n, "onnx_max_abs_diff": diffs["onnx"], "torchscript_max_abs_diff": diffs["torchscript"],
             "onnx_transcripts_match": not mismatches["onnx"],
             "torchscript_transcripts_match": not mismatches["torchscript"],
-            "onnx_mismatched_ids": mismatches["onnx"][:20], "torchscript_mismatched_ids": mismatches["torchscript"][:20]}
+            "onnx_mismatched_ids": mismatches["onnx"][:20],
+            "torchscript_mismatched_ids": mismatches["torchscript"][:20]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-utts", type=int, default=1000, help="utterances compared (default: all up to 1000)")
     args = p.parse_args(argv)
     try:
-        model, tok, cfg = checkpoint.load_model(args.checkpoint)
-        data = FeatureSet(args.data)
+        model, tok, cfg, data = load_model_and_data(args.checkpoint, args.data)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import numpy as np
 
 from hpc_asr.config import FeatureConfig
 
-__all__ = ["AudioError", "load_audio", "num_frames", "fbank", "CmvnStats"]
+__all__ = ["AudioError", "CmvnStats", "fbank", "load_audio", "num_frames"]
 
 
 class AudioError(ValueError):

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Utterance", "ManifestError", "read_manifest", "write_manifest"]
+__all__ = ["ManifestError", "Utterance", "read_manifest", "write_manifest"]
 
 REQUIRED = ("id", "audio", "text")
 

@@ -100,7 +100,8 @@ hpc_asr demo — {args.run}/report.json
   test      {r['test_utterances']} utterances, held-out voices and sentences:
             WER {r['wer']:.2%}   CER {r['cer']:.2%}
   export    ONNX max |Δlog-prob| {r['onnx_max_abs_diff']:.1e}, transcripts identical: {r['onnx_transcripts_match']}
-  latency   p50 {r['latency_ms_p50']} ms, p95 {r['latency_ms_p95']} ms, RTF {r['rtf']} ({r['latency_threads']} CPU thread)
+  latency   p50 {r['latency_ms_p50']} ms, p95 {r['latency_ms_p95']} ms, RTF {r['rtf']} \
+({r['latency_threads']} CPU thread)
   plot      {args.run}/loss_curve.png
 """)
     failures = []

@@ -95,7 +95,7 @@ class ShardWriter:
             for k, v in self.meta.items():
                 h5.attrs[k] = v
         os.replace(tmp, self.path)
-        return {"file": self.path.name, "utterances": int(len(lengths)), "frames": int(lengths.sum())}
+        return {"file": self.path.name, "utterances": len(lengths), "frames": int(lengths.sum())}
 
 
 def read_index(directory: str | Path) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def run(cmd: list[str], timeout: int = 300, check: bool = True, cwd: Path | None
     """Run a command with the repo on PYTHONPATH; on failure show its output in the assertion."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env(), cwd=cwd or ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
 
 

@@ -132,7 +132,7 @@ def test_read_index_wrong_format_or_version(prepared, key, value, message):
     write_json_atomic(directory / "index.json", {**index, key: value})
     with pytest.raises(ValueError, match=re.escape(f"{directory / 'index.json'}: {message}")):
         read_index(directory)
-    with pytest.raises(ValueError, match="index.json"):
+    with pytest.raises(ValueError, match=r"index\.json"):
         FeatureSet(directory)
 
 
