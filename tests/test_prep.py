@@ -73,7 +73,8 @@ def test_mpi_run_writes_shards_and_index(prepped):
     assert sorted(skipped) == ["bad-corrupt", "bad-missing"]
     for utt in prepped["broken"]:
         assert skipped[utt.id]["audio"] == utt.audio
-        assert utt.audio in skipped[utt.id]["error"] and "cannot decode" in skipped[utt.id]["error"]
+        reason = "audio file not found" if utt.id == "bad-missing" else "cannot decode"
+        assert utt.audio in skipped[utt.id]["error"] and reason in skipped[utt.id]["error"]
         assert f"skipped {utt.id} ({utt.audio})" in proc.stderr
     fs = FeatureSet(out)
     assert sorted(fs.ids) == sorted(u.id for u in prepped["good"])
