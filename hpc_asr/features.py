@@ -75,7 +75,7 @@ def fbank(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     if num_frames(len(samples), cfg) == 0:
         raise AudioError(f"{len(samples)} samples is shorter than one {cfg.frame_length_ms} ms window")
     comp = knf.OnlineFbank(_options(cfg))
-    comp.accept_waveform(cfg.sample_rate, (np.asarray(samples, np.float32) * 32768.0).tolist())
+    comp.accept_waveform(cfg.sample_rate, np.asarray(samples, np.float32) * 32768.0)
     comp.input_finished()
     n = comp.num_frames_ready
     out = np.empty((n, cfg.num_mel_bins), np.float32)
