@@ -46,6 +46,8 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
 
 
 def run(manifest: Path, out: Path, features, world: World, comm, force: bool = False) -> dict | None:
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: manifest not found")
     fingerprint = _fingerprint(manifest, asdict(features))
     skip = _up_to_date(out, fingerprint) and not force
     if comm is not None:

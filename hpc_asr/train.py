@@ -184,7 +184,11 @@ def train(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(argv, "Train Conformer-CTC with Horovod or torch.distributed")
-    train(cfg)
+    try:
+        train(cfg)
+    except (FileNotFoundError, ValueError) as e:  # missing/invalid prepared data, too-long utterances
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run
 
 from hpc_asr.config import Config, ConfigError, load_config, parse_cli
 
@@ -135,3 +136,11 @@ def test_train_cli_rejects_unknown_key():
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0], proc.stderr
+
+
+def test_train_cli_names_missing_prepared_data(tmp_path):
+    proc = run([sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none",
+                "--data.train", str(tmp_path / "nope"), "--train.out_dir", str(tmp_path / "run")], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope' / 'index.json'}: no feature index "
+                                                "(run data_prep.fbank first)"]

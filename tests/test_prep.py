@@ -184,3 +184,10 @@ def test_librispeech_no_transcripts_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path) in err and "trans.txt" in err
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_missing_manifest_is_one_line_naming_it(tmp_path):
+    proc = run([sys.executable, "-m", "data_prep.fbank", "--manifest", str(tmp_path / "nope.jsonl"),
+                "--out", str(tmp_path / "out")], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: manifest not found"
