@@ -3,19 +3,24 @@
 # the C++17 patch. A second run only checks stamps and returns in seconds.
 #
 #   env/setup-local.sh            # CPU node (torch CPU wheel, Horovod with MPI + Gloo)
-#   env/setup-local.sh --gpu      # GPU node (CUDA torch, Horovod with NCCL; needs CUDA headers)
+#   env/setup-local.sh --gpu      # GPU node (CUDA torch + matching torchaudio, Horovod with NCCL)
+#   env/setup-local.sh --venv DIR --no-editable --no-apt   # a self-contained install (env/provision.sh)
 #
 # Overrides (environment): TORCH_VERSION, HOROVOD_VERSION, VENV, HPC_ASR_CACHE, PYTHON.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-GPU=0
-for arg in "$@"; do
-  case "$arg" in
+GPU=0 EDITABLE=1 APT=1
+while (($#)); do
+  case "$1" in
     --gpu) GPU=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) echo "setup-local: unknown argument '$arg' (expected --gpu)" >&2; exit 2 ;;
+    --venv) [ $# -ge 2 ] || { echo "setup-local: --venv needs a directory" >&2; exit 2; }; VENV=$2; shift ;;
+    --no-editable) EDITABLE=0 ;;  # copy the toolkit into the venv (shared installs)
+    --no-apt) APT=0 ;;            # packages are managed by the site (provisioning)
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "setup-local: unknown argument '$1' (expected --gpu, --venv DIR, --no-editable, --no-apt)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
@@ -33,8 +38,12 @@ pipq() {
 }
 
 # ---- 1. Debian packages (only the missing ones) -------------------------------------------
-APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox)
+# slurm-wlm + libpmix-dev: the real one-node SLURM of the tests (srun --mpi=pmix); lmod + tcl:
+# modulefile tests (environment-modules conflicts with lmod as a package: see step 1b).
+APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox
+          slurm-wlm slurm-wlm-basic-plugins libpmix-dev lmod tcl festival festvox-kallpc16k)
 missing=()
+[ "$APT" = 1 ] || APT_PKGS=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
@@ -45,6 +54,19 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# ---- 1b. environment-modules (Tcl) beside Lmod: unpacked, not installed ---------------------
+# Both packages own /usr/share/modules-style `module` functions, so Debian won't install both.
+# The tests need both real implementations: Tcl's modulecmd.tcl runs fine from an unpacked .deb.
+ENVMOD_DIR="$CACHE/environment-modules"
+if [ "$APT" = 1 ] && [ ! -f "$ENVMOD_DIR/usr/lib/x86_64-linux-gnu/modulecmd.tcl" ]; then
+  say "unpacking environment-modules (Tcl) into $ENVMOD_DIR"
+  DL=$(mktemp -d)
+  (cd "$DL" && apt-get download -q environment-modules >/dev/null 2>&1) \
+    || { echo "setup-local: apt-get download environment-modules failed" >&2; exit 1; }
+  mkdir -p "$ENVMOD_DIR" && dpkg -x "$DL"/environment-modules_*.deb "$ENVMOD_DIR"
+  rm -rf "$DL"
+fi
+
 # ---- 2. virtual environment + Python packages ----------------------------------------------
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PY="$VENV/bin/python"
@@ -52,19 +74,27 @@ PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info.major}{sys.version_info.
 FLAVOUR=$([ "$GPU" = 1 ] && echo cuda || echo cpu)
 
 REQ_HASH=$(cat "$ROOT/env/requirements.txt" "$ROOT/setup.py" | sha1sum | cut -c1-12)
-STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH"
+MODE=$([ "$EDITABLE" = 1 ] && echo dev || echo "copy-$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo src)")
+STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH-$MODE"
 if [ ! -f "$STAMP" ]; then
   say "installing Python packages (torch $TORCH_VERSION, $FLAVOUR)"
   pipq install -q --upgrade pip setuptools wheel
   if [ "$GPU" = 1 ]; then
-    # The CUDA wheel comes from the default index; on CPU nodes the pinned version is the CPU wheel.
-    pipq install -q "torch==$TORCH_VERSION"
+    # The CUDA wheel comes from the default index; torchaudio must be the release built against
+    # the same torch (its minor version tracks torch's), so both are resolved in one install.
+    TA_VERSION=${TORCHAUDIO_VERSION:-$(echo "$TORCH_VERSION" | awk -F. '{print $1"."$2".0"}')}
+    pipq install -q "torch==$TORCH_VERSION" "torchaudio==$TA_VERSION"
   else
     pipq install -q "torch==$TORCH_VERSION" \
       || pipq install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
   pipq install -q -r "$ROOT/env/requirements.txt" "torch==$TORCH_VERSION"
-  pipq install -q --no-deps -e "$ROOT"
+  if [ "$EDITABLE" = 1 ]; then
+    pipq install -q --no-deps -e "$ROOT"
+  else  # a copy in site-packages: the install works from any directory, without the checkout
+    BUILD_SRC=$(mktemp -d) && cp -r "$ROOT/setup.py" "$ROOT/hpc_asr" "$ROOT/data_prep" "$BUILD_SRC/"
+    pipq install -q --no-deps --no-build-isolation "$BUILD_SRC" && rm -rf "$BUILD_SRC"
+  fi
   rm -f "$VENV"/.hpc_asr-deps-*
   touch "$STAMP"
 fi
