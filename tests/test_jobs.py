@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 from conftest import ROOT
 
 from hpc_asr.jobs import load_site, parse_directives
+
+tiny_features = helpers.tiny_features
 
 
 def site_file(tmp_path: Path, **over) -> Path:
@@ -138,3 +141,52 @@ def test_stage_option_points_training_at_the_copy(tmp_path):
 def test_bad_counts(tmp_path, flag):
     proc = jobs("render", "--site", str(site_file(tmp_path)), "--out", str(tmp_path / "o"), flag, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --nodes")
+
+
+# ---- node-local staging --------------------------------------------------------------------
+
+def test_stage_once_per_node_under_mpirun(tiny_features, tmp_path):
+    from conftest import mpirun_cmd, run
+
+    dest = tmp_path / "local"
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.stage", "--dest", str(dest), str(tiny_features["train"]),
+                          str(tiny_features["dev"])), timeout=120)
+    assert proc.stderr.count("sha256 verified") == 2 and proc.stderr.count("up to date") == 2  # one copier
+    for split in ("train", "dev"):
+        src = {p.name: p.read_bytes() for p in tiny_features[split].iterdir()}
+        got = {p.name: p.read_bytes() for p in (dest / split).iterdir() if p.name != ".staged.json"}
+        assert got == src
+    from hpc_asr.data import FeatureSet
+
+    assert len(FeatureSet(dest / "train")) == len(FeatureSet(tiny_features["train"]))
+
+
+def test_stage_recopies_changed_source_and_rejects_bad_copy(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from helpers import make_feature_dir
+
+    from hpc_asr import stage as st
+
+    src = make_feature_dir(tmp_path / "shared" / "train", 4, seed=2, shards=2)
+    rows = st.stage([src], tmp_path / "local")
+    assert rows[0]["copied"] == 3 and not rows[0]["reused"]
+    assert st.stage([src], tmp_path / "local")[0]["reused"]
+    make_feature_dir(src, 6, seed=3, shards=2)  # the shared copy was re-prepared
+    assert not st.stage([src], tmp_path / "local")[0]["reused"]
+
+    real_copy = sh.copyfile
+
+    def short_copy(a, b):  # a copy cut short (full node-local disk, flaky mount)
+        real_copy(a, b)
+        with open(b, "r+b") as f:
+            f.truncate(10)
+
+    monkeypatch.setattr(st.shutil, "copyfile", short_copy)
+    with pytest.raises(st.StageError, match="copy differs from"):
+        st.stage([src], tmp_path / "other")
+    assert not (tmp_path / "other" / "train").exists()  # nothing half-copied is published
+    missing = subprocess.run([sys.executable, "-m", "hpc_asr.stage", "--dest", str(tmp_path / "x"),
+                              str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: staging: {tmp_path / 'nope'}: source directory not found"
