@@ -4,8 +4,10 @@
 
 ``--root`` may be the folder holding ``LibriSpeech/``, ``LibriSpeech/`` itself, or the subset folder.
 Each ``SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt`` line ``UTTID WORDS...`` becomes one utterance
-with the ``.flac`` beside it. Lines without words or without audio are skipped and named on stderr,
-so one bad chapter doesn't cost a whole corpus download.
+with the ``.flac`` beside it. Lines without words, without audio or whose FLAC header cannot be read
+(a truncated download) are skipped and named on stderr, so one bad chapter doesn't cost a whole
+corpus download. A FLAC cut off after its header is only found by decoding it: ``data_prep.fbank``
+rejects it and lists it in ``rejects.jsonl``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ def read_subset(directory: Path) -> list[Utterance]:
             if not flac.is_file():
                 print(f"skipped {utt_id}: {flac} not found", file=sys.stderr)
                 continue
-            utts.append(Utterance(utt_id, str(flac.resolve()), text, round(sf.info(str(flac)).duration, 4), speaker))
+            try:
+                duration = sf.info(str(flac)).duration
+            except Exception as e:  # LibsndfileError/RuntimeError: a truncated or corrupt header
+                print(f"skipped {utt_id}: {flac} unreadable ({str(e).splitlines()[0]})", file=sys.stderr)
+                continue
+            utts.append(Utterance(utt_id, str(flac.resolve()), text, round(duration, 4), speaker))
     return utts
 
 

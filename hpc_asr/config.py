@@ -46,10 +46,14 @@ class FeatureConfig:
     dither: float = 0.0  # 0 keeps features deterministic (reproducible shards, exact parity tests)
     low_freq: float = 20.0
     high_freq: float = 0.0  # <= 0 means Nyquist + high_freq, as in Kaldi
+    backend: str = "torch"  # torch | kaldi_native | torchaudio: same features, see hpc_asr.features
+    max_duration: float = 60.0  # seconds; longer audio is rejected at prep (0 = no limit)
 
     def __post_init__(self) -> None:
         if self.num_mel_bins <= 0 or self.frame_shift_ms <= 0 or self.frame_length_ms <= 0:
             raise ConfigError(f"features: bins/frame sizes must be > 0, got {self}")
+        if self.backend not in ("torch", "kaldi_native", "torchaudio"):
+            raise ConfigError(f"features.backend: {self.backend!r}, expected torch, kaldi_native or torchaudio")
 
 
 @dataclass

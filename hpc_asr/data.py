@@ -3,6 +3,7 @@ padding collate and SpecAugment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,10 +11,20 @@ import numpy as np
 import torch
 
 from hpc_asr.config import FeatureConfig, SpecAugConfig
-from hpc_asr.shards import open_h5, read_index
+from hpc_asr.shards import ShardError, open_shard, read_index
 from hpc_asr.tokenizer import CharTokenizer
 
 __all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "collate", "spec_augment"]
+
+
+@contextlib.contextmanager
+def _one_line(path: Path):
+    """A read error inside a shard (truncated, corrupt) becomes one line naming the shard."""
+    try:
+        yield
+    except (OSError, KeyError) as e:
+        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); "
+                         f"run `python -m data_prep.verify {path.parent}`") from None
 
 
 class FeatureSet:
@@ -28,8 +39,12 @@ class FeatureSet:
         self.cmvn_std = np.asarray(self.index["cmvn"]["std"], np.float32)
         shard_of, offsets, frames, self.ids, self.texts = [], [], [], [], []
         for s, shard in enumerate(self.index["shards"]):
-            with open_h5(self.dir / shard["file"]) as h5:
+            path = self.dir / shard["file"]
+            with open_shard(path) as h5, _one_line(path):
                 n = len(h5["num_frames"])
+                if n != shard["utterances"]:
+                    raise ShardError(f"{path}: {n} utterances, index.json says {shard['utterances']}; "
+                                     f"run `python -m data_prep.verify {self.dir}`")
                 shard_of.append(np.full(n, s, np.int32))
                 offsets.append(h5["offsets"][:])
                 frames.append(h5["num_frames"][:])
@@ -45,10 +60,12 @@ class FeatureSet:
 
     def feats(self, i: int) -> np.ndarray:
         s = int(self.shard_of[i])
+        path = self.dir / self.index["shards"][s]["file"]
         if s not in self._files:
-            self._files[s] = open_h5(self.dir / self.index["shards"][s]["file"])
+            self._files[s] = open_shard(path)
         off = int(self.offsets[i])
-        return self._files[s]["feats"][off : off + int(self.num_frames[i])]
+        with _one_line(path):
+            return self._files[s]["feats"][off : off + int(self.num_frames[i])]
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         return i, self.feats(i)

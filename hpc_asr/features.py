@@ -1,12 +1,20 @@
 """Audio loading, Kaldi-compatible FBANK and CMVN statistics.
 
-FBANK comes from kaldi-native-fbank (C++, the same algorithm as Kaldi's ``compute-fbank-feats``):
-povey window, pre-emphasis 0.97, DC removal, ``snip_edges=True``, log mel energies. Samples are
-scaled to the int16 range first, as Kaldi reads WAV files, so values match Kaldi's own tools.
+FBANK follows Kaldi's ``compute-fbank-feats``: povey window, pre-emphasis 0.97, DC removal,
+``snip_edges=True``, power spectrum, triangular mel banks, log floored at float32 epsilon.
+Samples are scaled to the int16 range first, as Kaldi reads WAV files, so values match Kaldi's
+own tools. Backends (``features.backend``), all checked against each other in the tests:
+
+- ``torch`` (default): the whole utterance at once — frames by ``unfold``, one ``rfft``, the mel
+  banks as one matmul; on CPU or, at prep, on a GPU (``device``).
+- ``kaldi_native``: kaldi-native-fbank (C++), frame by frame.
+- ``torchaudio``: ``torchaudio.compliance.kaldi.fbank``, where torchaudio is installed.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,18 +22,23 @@ import numpy as np
 
 from hpc_asr.config import FeatureConfig
 
-__all__ = ["AudioError", "CmvnStats", "fbank", "load_audio", "num_frames"]
+__all__ = ["BACKENDS", "AudioError", "CmvnStats", "available_backends", "fbank", "load_audio", "num_frames"]
+
+BACKENDS = ("torch", "kaldi_native", "torchaudio")
+MIN_SOURCE_RATE = 4000  # below this a "sample rate" is a broken header, not audio worth resampling
+_FLOAT_EPS = float(np.finfo(np.float32).eps)  # Kaldi's log floor
 
 
 class AudioError(ValueError):
-    """An audio file cannot be used (unreadable, wrong rate, empty, too short)."""
+    """An audio file cannot be used (unreadable, wrong rate, empty, too short, NaN)."""
 
 
-def load_audio(path: str, sample_rate: int) -> np.ndarray:
-    """Read a mono waveform as float32 in [-1, 1]; multi-channel audio keeps channel 0.
+def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray:
+    """Read a mono waveform as float32 in [-1, 1].
 
-    Resampling is deliberately not done here: corpora are converted once at prep time, and a
-    silent resample inside training would hide a wrong-rate corpus.
+    Without ``convert`` (training, latency) a wrong rate is an error and multi-channel audio
+    keeps channel 0: a silent resample there would hide a wrong-rate corpus. With ``convert``
+    (prep only) channels are averaged and other rates resampled with soxr.
     """
     import soundfile as sf
 
@@ -34,12 +47,31 @@ def load_audio(path: str, sample_rate: int) -> np.ndarray:
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
-        raise AudioError(f"{path}: cannot decode audio ({e})") from None
-    if sr != sample_rate:
-        raise AudioError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz")
+        raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no samples")
-    return np.ascontiguousarray(data[:, 0])
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: NaN or Inf samples")
+    if not convert:
+        if sr != sample_rate:
+            raise AudioError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz")
+        return np.ascontiguousarray(data[:, 0])
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if sr != sample_rate:
+        mono = resample(mono, sr, sample_rate, path)
+    return np.ascontiguousarray(mono, np.float32)
+
+
+def resample(x: np.ndarray, src: float, dst: float, name: str = "audio") -> np.ndarray:
+    """soxr (high quality) resampling; a rate soxr cannot take raises AudioError."""
+    import soxr
+
+    if src < MIN_SOURCE_RATE:
+        raise AudioError(f"{name}: sample rate {src} Hz cannot be resampled to {dst} Hz (< {MIN_SOURCE_RATE})")
+    try:
+        return soxr.resample(x, src, dst, quality="HQ").astype(np.float32, copy=False)
+    except (ValueError, RuntimeError) as e:
+        raise AudioError(f"{name}: cannot resample {src} -> {dst} Hz ({e})") from None
 
 
 def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
@@ -49,7 +81,35 @@ def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
     return 0 if num_samples < win else 1 + (num_samples - win) // shift
 
 
-def _options(cfg: FeatureConfig):
+def available_backends() -> list[str]:
+    """Backends that import here (torchaudio often does not load beside a newer torch)."""
+    out = ["torch"]
+    for name, module in (("kaldi_native", "kaldi_native_fbank"), ("torchaudio", "torchaudio.compliance.kaldi")):
+        try:
+            __import__(module)
+            out.append(name)
+        except Exception:  # torchaudio fails with OSError/RuntimeError on an ABI mismatch
+            pass
+    return out
+
+
+def fbank(samples: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.ndarray:
+    """Log-mel filterbank of a float waveform in [-1, 1] with ``cfg.backend``.
+
+    Returns (T, num_mel_bins) float32 with T = ``num_frames(len(samples), cfg)``.
+    Raises AudioError when the waveform is shorter than one window.
+    """
+    if num_frames(len(samples), cfg) == 0:
+        raise AudioError(f"{len(samples)} samples is shorter than one {cfg.frame_length_ms} ms window")
+    x = np.asarray(samples, np.float32) * 32768.0
+    if cfg.backend == "kaldi_native":
+        return _fbank_kaldi_native(x, cfg)
+    if cfg.backend == "torchaudio":
+        return _fbank_torchaudio(x, cfg)
+    return _fbank_torch(x, cfg, device)
+
+
+def _fbank_kaldi_native(x: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     import kaldi_native_fbank as knf
 
     opts = knf.FbankOptions()
@@ -61,27 +121,72 @@ def _options(cfg: FeatureConfig):
     opts.mel_opts.num_bins = cfg.num_mel_bins
     opts.mel_opts.low_freq = cfg.low_freq
     opts.mel_opts.high_freq = cfg.high_freq
-    return opts
-
-
-def fbank(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """Log-mel filterbank of a float waveform in [-1, 1].
-
-    Returns (T, num_mel_bins) float32 with T = ``num_frames(len(samples), cfg)``.
-    Raises AudioError when the waveform is shorter than one window.
-    """
-    import kaldi_native_fbank as knf
-
-    if num_frames(len(samples), cfg) == 0:
-        raise AudioError(f"{len(samples)} samples is shorter than one {cfg.frame_length_ms} ms window")
-    comp = knf.OnlineFbank(_options(cfg))
-    comp.accept_waveform(cfg.sample_rate, np.asarray(samples, np.float32) * 32768.0)
+    comp = knf.OnlineFbank(opts)
+    comp.accept_waveform(cfg.sample_rate, x)
     comp.input_finished()
     n = comp.num_frames_ready
     out = np.empty((n, cfg.num_mel_bins), np.float32)
     for i in range(n):
         out[i] = comp.get_frame(i)
     return out
+
+
+def _fbank_torchaudio(x: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    import torch
+    from torchaudio.compliance.kaldi import fbank as ta_fbank
+
+    return ta_fbank(torch.from_numpy(x)[None], sample_frequency=cfg.sample_rate,
+                    frame_length=cfg.frame_length_ms, frame_shift=cfg.frame_shift_ms, dither=cfg.dither,
+                    num_mel_bins=cfg.num_mel_bins, low_freq=cfg.low_freq, high_freq=cfg.high_freq,
+                    snip_edges=True, window_type="povey", preemphasis_coefficient=0.97).numpy()
+
+
+def _sizes(cfg: FeatureConfig) -> tuple[int, int, int]:
+    win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+    return win, shift, 1 << (win - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: float, device: str):
+    """Povey window (win,) and Kaldi mel banks (nfft // 2 + 1, bins), cached per settings."""
+    import torch
+
+    n = torch.arange(win, dtype=torch.float64)
+    window = (0.5 - 0.5 * torch.cos(2 * math.pi * n / (win - 1))) ** 0.85
+    nyquist = sample_rate / 2
+    high = high if high > 0 else nyquist + high
+
+    def mel(f):
+        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+    lo_mel, hi_mel = mel(low), mel(high)
+    delta = (hi_mel - lo_mel) / (bins + 1)
+    left = lo_mel + torch.arange(bins, dtype=torch.float64)[:, None] * delta  # (bins, 1)
+    center, right = left + delta, left + 2 * delta
+    fft_mel = mel(torch.arange(nfft // 2, dtype=torch.float64) * sample_rate / nfft)[None, :]  # (1, nfft/2)
+    up = (fft_mel - left) / (center - left)
+    down = (right - fft_mel) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)  # (bins, nfft/2); Nyquist bin gets 0
+    banks = torch.nn.functional.pad(banks, (0, 1))
+    return window.float().to(device), banks.T.contiguous().float().to(device)
+
+
+def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.ndarray:
+    import torch
+
+    win, shift, nfft = _sizes(cfg)
+    window, banks = _tables(cfg.sample_rate, win, nfft, cfg.num_mel_bins, cfg.low_freq, cfg.high_freq, device)
+    with torch.no_grad():
+        frames = torch.from_numpy(x).to(device).unfold(0, win, shift)  # (T, win), a view
+        if cfg.dither > 0:
+            frames = frames + cfg.dither * torch.randn_like(frames)
+        frames = frames - frames.mean(dim=1, keepdim=True)  # DC removal
+        prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+        frames = (frames - 0.97 * prev) * window  # pre-emphasis (x[0] -= 0.97 x[0]), povey window
+        power = torch.fft.rfft(frames, n=nfft).abs().square()  # (T, nfft/2 + 1)
+        mel = torch.matmul(power, banks).clamp_min(_FLOAT_EPS).log()  # (T, bins)
+        return mel.cpu().numpy()
 
 
 @dataclass

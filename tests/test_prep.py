@@ -1,5 +1,6 @@
 """The prep pipeline as users run it: `mpirun -np 2 python -m data_prep.fbank` on real LibriSpeech
-audio with a corrupt and a missing file mixed in, and the LibriSpeech manifest recipe."""
+audio with every kind of bad file mixed in, kill -9 and resume, --force swaps, shard caps, memory
+bound, one-line abort; and the LibriSpeech manifest recipe."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import json
 import os
 import shutil
 import sys
+import tracemalloc
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
+import soxr
 from conftest import mpirun_cmd, run
 
+from data_prep import fbank as fbank_mod
 from data_prep import librispeech
 from data_prep.fbank import run as fbank_run
+from data_prep.verify import verify
 from hpc_asr.config import FeatureConfig
 from hpc_asr.data import FeatureSet
 from hpc_asr.dist import World
@@ -40,47 +46,87 @@ def trans_txt(librispeech_dir: Path) -> dict[str, str]:
     return out
 
 
+def bad_audio(tmp: Path, good: list[Utterance]) -> tuple[list[Utterance], list[Utterance]]:
+    """(rejected, converted): every kind of bad input the prep must skip, and the inputs it must
+    convert instead (8 kHz, stereo 44.1 kHz), all made from a real fixture file."""
+    src = Path(good[1].audio).read_bytes()
+    pcm, sr = sf.read(good[1].audio, dtype="float32")
+    (tmp / "corrupt.flac").write_bytes(src[: len(src) // 2] + np.random.default_rng(0).bytes(3000))
+    (tmp / "truncated.flac").write_bytes(src[: len(src) // 2])  # header fine, stream cut off
+    sf.write(tmp / "empty.wav", np.zeros(0, np.int16), sr)
+    sf.write(tmp / "short.wav", pcm[:300], sr)  # shorter than one 25 ms window
+    sf.write(tmp / "long.wav", np.tile(pcm, 30), sr)  # > features.max_duration (60 s)
+    nan = pcm[:16000].copy()
+    nan[100] = np.nan
+    sf.write(tmp / "nan.wav", nan, sr, subtype="FLOAT")
+    sf.write(tmp / "rate2k.wav", pcm[:8000], 2000)  # a broken header's rate, not resampleable
+    sf.write(tmp / "eight_k.wav", soxr.resample(pcm, sr, 8000), 8000)
+    sf.write(tmp / "stereo44k.wav", np.stack([soxr.resample(pcm, sr, 44100)] * 2, axis=1), 44100)
+    rejected = [Utterance(f"bad-{n}", str(tmp / f), n, 3.0, "x") for n, f in [
+        ("corrupt", "corrupt.flac"), ("truncated", "truncated.flac"), ("missing", "missing.flac"),
+        ("empty", "empty.wav"), ("short", "short.wav"), ("long", "long.wav"), ("nan", "nan.wav"),
+        ("rate2k", "rate2k.wav")]]
+    converted = [Utterance("conv-8k", str(tmp / "eight_k.wav"), good[1].text, 3.3, "y"),
+                 Utterance("conv-44k", str(tmp / "stereo44k.wav"), good[1].text, 3.3, "y")]
+    return rejected, converted
+
+
+REASONS = {"corrupt": "cannot decode", "truncated": "cannot decode", "missing": "audio file not found",
+           "empty": "no samples", "short": "too short", "long": "longer than features.max_duration=60",
+           "nan": "NaN or Inf samples", "rate2k": "sample rate 2000 Hz cannot be resampled"}
+
+
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory, librispeech_dir):
     """One real 2-rank run shared by the tests below (mpirun start-up dominates their cost)."""
     tmp = tmp_path_factory.mktemp("prep")
     good = fixture_utts(librispeech_dir)
     assert len(good) == 4
-    src = Path(good[1].audio).read_bytes()
-    # A download cut off mid-stream and overwritten with junk: the header parses, decoding doesn't.
-    (tmp / "corrupt.flac").write_bytes(src[: len(src) // 2] + np.random.default_rng(0).bytes(3000))
-    broken = [
-        Utterance("bad-corrupt", str(tmp / "corrupt.flac"), "corrupt audio", 3.0, "x"),
-        Utterance("bad-missing", str(tmp / "missing.flac"), "missing audio", 1.0, "x"),
-    ]
+    rejected, converted = bad_audio(tmp, good)
     manifest = tmp / "train.jsonl"
-    write_manifest(manifest, good + broken)
+    write_manifest(manifest, good + rejected + converted)
     out = tmp / "fbank"
-    proc = run(mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out)), timeout=120)
-    return {"manifest": manifest, "out": out, "proc": proc, "good": good, "broken": broken}
+    cmd = mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+                     "--unit-seconds", "4", "--max-reject-fraction", "0.6")
+    proc = run(cmd, timeout=120)
+    return {"manifest": manifest, "out": out, "proc": proc, "good": good, "rejected": rejected,
+            "converted": converted, "cmd": cmd}
 
 
-def test_mpi_run_writes_shards_and_index(prepped):
+def test_mpi_run_writes_shards_index_and_rejects(prepped):
     out, proc = prepped["out"], prepped["proc"]
     assert proc.returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-00000.h5", "shard-00001.h5"]
     index = json.loads((out / "index.json").read_text())
-    assert index["ranks"] == 2 and len(index["shards"]) == 2
-    assert index["utterances"] == 4
-    assert all(s["utterances"] > 0 for s in index["shards"]), "longest-first dealing should feed both ranks"
+    gen = index["generation"]
+    assert sorted(p.name for p in out.iterdir()) == [gen, "index.json", "rejects.jsonl"]
+    assert index["ranks"] == 2 and index["units"] > 2
+    assert all(r["units"] > 0 for r in index["rank_stats"]), "both ranks should claim units"
+    assert index["utterances"] == 6 and index["inputs"] == 14 and index["rejected"] == 8
     assert index["features"] == asdict(CFG)
-    skipped = {s["id"]: s for s in index["skipped"]}
-    assert sorted(skipped) == ["bad-corrupt", "bad-missing"]
-    for utt in prepped["broken"]:
-        assert skipped[utt.id]["audio"] == utt.audio
-        reason = "audio file not found" if utt.id == "bad-missing" else "cannot decode"
-        assert utt.audio in skipped[utt.id]["error"] and reason in skipped[utt.id]["error"]
-        assert f"skipped {utt.id} ({utt.audio})" in proc.stderr
+    rejects = {r["id"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert sorted(rejects) == sorted(u.id for u in prepped["rejected"])
+    for utt in prepped["rejected"]:
+        reason = REASONS[utt.id.removeprefix("bad-")]
+        assert rejects[utt.id]["audio"] == utt.audio and reason in rejects[utt.id]["reason"], rejects[utt.id]
+        assert f"rejected {utt.id}: " in proc.stderr
     fs = FeatureSet(out)
-    assert sorted(fs.ids) == sorted(u.id for u in prepped["good"])
+    assert sorted(fs.ids) == sorted(u.id for u in prepped["good"] + prepped["converted"])
     texts = dict(zip(fs.ids, fs.texts))
     assert all(texts[u.id] == u.text for u in prepped["good"])
     assert index["frames"] == int(fs.num_frames.sum())
+    assert verify(out) is None
+
+
+def test_other_rates_and_channels_are_resampled(prepped):
+    fs = FeatureSet(prepped["out"])
+    ref = fs.feats(fs.ids.index(prepped["good"][1].id))
+    for utt_id in ("conv-8k", "conv-44k"):
+        feats = fs.feats(fs.ids.index(utt_id))
+        assert abs(len(feats) - len(ref)) <= 1
+        n = min(len(feats), len(ref))
+        # Same speech at the configured rate: the low and mid mel bins (below 4 kHz) agree.
+        corr = np.corrcoef(feats[:n, :40].ravel(), ref[:n, :40].ravel())[0, 1]
+        assert corr > 0.95, (utt_id, corr)
 
 
 def test_cmvn_matches_frames_in_shards(prepped):
@@ -103,20 +149,157 @@ def test_shard_features_equal_library_fbank(prepped):
         np.testing.assert_array_equal(fs.feats(i), fbank(load_audio(utt.audio, CFG.sample_rate), CFG))
 
 
-def test_rerun_is_noop_and_force_rewrites(prepped):
-    out, manifest = prepped["out"], prepped["manifest"]
-    shards = sorted(out.glob("shard-*.h5"))
-    # Old mtimes, so a rewrite is visible even on filesystems with coarse timestamps.
-    for path in [*shards, out / "index.json"]:
+def test_rerun_is_noop(prepped):
+    out = prepped["out"]
+    files = [out / "index.json", *out.glob("gen-*/*.h5")]
+    for path in files:  # old mtimes, so a rewrite is visible even with coarse timestamps
         os.utime(path, (1_000_000_000, 1_000_000_000))
-    cmd = mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out))
-    again = run(cmd, timeout=120)
+    again = run(prepped["cmd"], timeout=120)
     assert "up to date" in again.stderr
-    assert all(p.stat().st_mtime == 1_000_000_000 for p in [*shards, out / "index.json"])
-    forced = run([*cmd, "--force"], timeout=120)
-    assert "up to date" not in forced.stderr
-    assert all(p.stat().st_mtime > 1_000_000_000 for p in [*shards, out / "index.json"])
-    assert len(json.loads((out / "index.json").read_text())["skipped"]) == 2
+    assert all(p.stat().st_mtime == 1_000_000_000 for p in files)
+
+
+def test_too_many_rejects_exit_3_naming_count(prepped):
+    cmd = [sys.executable, "-m", "data_prep.fbank", *prepped["cmd"][prepped["cmd"].index("-m") + 2 :]]
+    cmd[cmd.index("--max-reject-fraction") + 1] = "0.01"
+    proc = run(cmd, check=False)  # a no-op rerun still says the directory has too many rejects
+    assert proc.returncode == 3
+    assert f"error: 8 of 14 utterances rejected (57.1% > --max-reject-fraction 0.01); see {prepped['out']}" \
+        in proc.stderr
+
+
+def many_utts(librispeech_dir: Path, n: int) -> list[Utterance]:
+    """n utterances reusing the 4 fixture files under distinct ids."""
+    good = fixture_utts(librispeech_dir)
+    return [Utterance(f"u{i:03d}", g.audio, g.text, g.duration, g.speaker)
+            for i, g in ((i, good[i % 4]) for i in range(n))]
+
+
+def ids_in(out: Path) -> list[str]:
+    return FeatureSet(out).ids
+
+
+def test_kill9_of_a_rank_then_rerun_redoes_only_the_rest(tmp_path, librispeech_dir, monkeypatch):
+    utts = many_utts(librispeech_dir, 24)
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts)
+    cmd = mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+                     "--unit-seconds", "1", "--shard-utts", "2")
+    monkeypatch.setenv(fbank_mod.KILL_ENV, "1:3")  # rank 1 SIGKILLs itself after its 3rd unit, mid-shard
+    killed = run(cmd, timeout=120, check=False)
+    monkeypatch.delenv(fbank_mod.KILL_ENV)
+    assert killed.returncode != 0 and not (out / "index.json").exists()
+    survivors = {p: p.stat().st_mtime_ns for p in out.glob("gen-*/shard-*.h5")}
+    assert survivors, "some shards should be finished before the kill"
+    again = run(cmd, timeout=120)
+    todo = int(again.stderr.split(" units; ")[1].split(" to do")[0])
+    assert 0 < todo < 24
+    assert all(p.stat().st_mtime_ns == t for p, t in survivors.items()), "finished shards were redone"
+    assert verify(out) is None
+    ids = ids_in(out)
+    assert sorted(ids) == [u.id for u in utts], "every utterance exactly once"
+    assert not list(out.glob("gen-*/claims-*")) and not (out / "pending.json").exists()
+
+
+def test_force_killed_midway_keeps_old_index_whole(tmp_path, librispeech_dir, monkeypatch):
+    utts = many_utts(librispeech_dir, 6)
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts)
+    cmd = [sys.executable, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+           "--unit-seconds", "1", "--shard-utts", "1"]
+    run(cmd)
+    before = (out / "index.json").read_text()
+    monkeypatch.setenv(fbank_mod.KILL_ENV, "0:3")
+    killed = run([*cmd, "--force"], check=False)
+    monkeypatch.delenv(fbank_mod.KILL_ENV)
+    assert killed.returncode == -9
+    assert len(list(out.glob("gen-*"))) == 2, "the forced run writes a new generation beside the old"
+    assert (out / "index.json").read_text() == before and verify(out) is None
+    assert sorted(ids_in(out)) == [u.id for u in utts]
+    run([*cmd, "--force"])
+    index = json.loads((out / "index.json").read_text())
+    assert index["generation"] != json.loads(before)["generation"]
+    assert [p.name for p in out.glob("gen-*")] == [index["generation"]] and verify(out) is None
+
+
+def test_shard_caps_hold(tmp_path, librispeech_dir):
+    utts = many_utts(librispeech_dir, 16)
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts)
+    cap = 0.5 * 2**20  # bytes of frames
+    fbank_run(manifest, out, CFG, World(), None,
+              fbank_mod.PrepOptions(max_shard_bytes=int(cap), max_shard_utts=5, unit_seconds=1))
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) >= 4
+    for row in index["shards"]:
+        assert row["utterances"] <= 5 and row["frames"] * CFG.num_mel_bins * 4 <= cap, row
+    assert sorted(ids_in(out)) == [u.id for u in utts]
+
+
+def _peak_bytes(tmp: Path, utts: list[Utterance]) -> int:
+    manifest = tmp / "m.jsonl"
+    write_manifest(manifest, utts)
+    cfg = FeatureConfig(backend="kaldi_native")  # numpy-allocated features, seen by tracemalloc
+    tracemalloc.start()
+    fbank_run(manifest, tmp / "out", cfg, World(), None, fbank_mod.PrepOptions(unit_seconds=5))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(ids_in(tmp / "out")) == len(utts)
+    return peak
+
+
+def test_memory_does_not_grow_with_corpus(tmp_path, librispeech_dir):
+    """Frames stream to disk: 8x the corpus (one shard) must not mean more memory. Buffering a
+    shard in memory, as before, adds ~330 KB per utterance here (~9 MB for 28 more)."""
+    small = _peak_bytes(tmp_path / "s", many_utts(librispeech_dir, 4))
+    large = _peak_bytes(tmp_path / "l", many_utts(librispeech_dir, 32))
+    assert large < small + 2_000_000, (small, large)
+
+
+def test_speed_perturbation_adds_copies(tmp_path, librispeech_dir):
+    utts = fixture_utts(librispeech_dir)[:2]
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts)
+    index = fbank_run(manifest, out, CFG, World(), None, fbank_mod.PrepOptions(speeds=(0.9, 1.0, 1.1)))
+    fs = FeatureSet(out)
+    assert index["utterances"] == 6 and sorted(fs.ids) == sorted(
+        f"{p}{u.id}" for u in utts for p in ("sp0.9-", "", "sp1.1-"))
+    n = {i: fs.num_frames[fs.ids.index(i)] for i in fs.ids}
+    base = utts[0].id
+    assert n[f"sp0.9-{base}"] == pytest.approx(n[base] / 0.9, abs=2)
+    assert n[f"sp1.1-{base}"] == pytest.approx(n[base] / 1.1, abs=2)
+
+
+def test_error_on_one_rank_aborts_the_job_in_one_line(tmp_path, librispeech_dir):
+    """Rank 1 runs out of disk quota (a file size limit) while writing its shard: the job must end
+    at once with its error, not hang in gather until the walltime."""
+    utts = many_utts(librispeech_dir, 8)
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts)
+    base = mpirun_cmd(1, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+                      "--unit-seconds", "1")
+    args = base[base.index(sys.executable):]
+    cmd = [*base, ":", "-np", "1", "prlimit", "--fsize=100000", *args]
+    proc = run(cmd, timeout=90, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: (1/2) ") and "Traceback" not in proc.stderr, \
+        proc.stderr
+    assert not (out / "index.json").exists()
+
+
+def test_cuda_fbank_matches_cpu(tmp_path, librispeech_dir):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: `--device cuda` FBANK is checked on GPU nodes")
+    x = load_audio(fixture_utts(librispeech_dir)[0].audio, CFG.sample_rate)
+    np.testing.assert_allclose(fbank(x, CFG, "cuda"), fbank(x, CFG), atol=2e-3)
+    utts = fixture_utts(librispeech_dir)
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, utts)
+    run([sys.executable, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(tmp_path / "o"),
+         "--device", "cuda"])
+    assert verify(tmp_path / "o") is None
 
 
 def test_bad_manifest_line_exits_2(tmp_path, prepped):
@@ -149,7 +332,7 @@ def test_librispeech_recipe_end_to_end(tmp_path, librispeech_dir):
         assert u.duration == pytest.approx(len(load_audio(u.audio, 16000)) / 16000, abs=1e-3)
     out = tmp_path / "fbank"
     index = fbank_run(manifest, out, CFG, World(), None)
-    assert index["utterances"] == 4 and index["skipped"] == [] and len(index["shards"]) == 1
+    assert index["utterances"] == 4 and index["rejected"] == 0 and len(index["shards"]) == 1
     fs = FeatureSet(out)
     assert dict(zip(fs.ids, fs.texts)) == {u.id: u.text for u in utts}
 

@@ -12,10 +12,21 @@ import h5py
 import numpy as np
 import pytest
 
+from data_prep.verify import verify
 from hpc_asr.config import FeatureConfig
 from hpc_asr.data import FeatureSet
 from hpc_asr.features import CmvnStats
-from hpc_asr.shards import FORMAT, VERSION, ShardWriter, open_h5, read_index, write_json_atomic
+from hpc_asr.shards import (
+    FORMAT,
+    VERSION,
+    ShardError,
+    ShardWriter,
+    check_shard,
+    open_h5,
+    read_index,
+    write_index,
+    write_json_atomic,
+)
 
 CFG = FeatureConfig(num_mel_bins=80)
 
@@ -38,15 +49,7 @@ def write_dir(directory: Path, shards: dict[str, list]) -> dict:
             w.add(*utt)
             cmvn.add(utt[1])
         rows.append(w.close())
-    mean, std = cmvn.mean_std()
-    index = {
-        "format": FORMAT, "version": VERSION, "features": asdict(CFG), "shards": rows,
-        "utterances": sum(r["utterances"] for r in rows), "frames": sum(r["frames"] for r in rows),
-        "hours": 0.0, "ranks": len(rows), "skipped": [],
-        "cmvn": {"mean": mean.tolist(), "std": std.tolist(), "frames": cmvn.count},
-    }
-    write_json_atomic(directory / "index.json", index)
-    return index
+    return write_index(directory, CFG, rows, (cmvn.sum, cmvn.sumsq, cmvn.count), ranks=len(rows))
 
 
 @pytest.fixture
@@ -94,7 +97,10 @@ def test_shard_layout_and_attrs(prepared):
         np.testing.assert_allclose(h5["durations"][:], [0.37, 0.01, 2.5], rtol=1e-6)
     with open_h5(directory / "shard-00002.h5") as h5:
         assert h5["feats"].shape == (0, CFG.num_mel_bins) and len(h5["ids"]) == 0
-    assert index["shards"][0] == {"file": "shard-00000.h5", "utterances": 3, "frames": 288}
+    row = index["shards"][0]
+    assert {k: row[k] for k in ("file", "utterances", "frames")} == {"file": "shard-00000.h5", "utterances": 3,
+                                                                    "frames": 288}
+    assert row["bytes"] == (directory / "shard-00000.h5").stat().st_size and len(row["checksum"]) == 32
 
 
 def test_writer_rejects_wrong_bins(tmp_path):
@@ -154,3 +160,92 @@ def test_open_h5_disables_file_locking(tmp_path, monkeypatch, mode):
     with open_h5(path, mode) as h5:
         use_locking, _ignore_when_disabled = h5.id.get_access_plist().get_file_locking()
         assert not use_locking
+
+
+def test_writer_streams_and_reports_full(tmp_path):
+    """Frames go to disk as they arrive (nothing buffered but metadata); `full` at the byte cap."""
+    w = ShardWriter(tmp_path / "s.h5", CFG, max_bytes=100 * CFG.num_mel_bins * 4)
+    w.add(*make_utts(0, [60])[0])
+    assert not w.full and not (tmp_path / "s.h5").exists()
+    with open_h5(next(tmp_path.glob(".s.h5.tmp*"))) as h5:  # a temp name until close
+        assert h5["feats"].shape == (60, CFG.num_mel_bins)
+    w.add(*make_utts(1, [40])[0])
+    assert w.full and w.frames == 100
+    assert ShardWriter(tmp_path / "u.h5", CFG, max_utts=1).full is False
+    row = w.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"] and row["utterances"] == 2
+
+
+def test_abort_leaves_nothing(tmp_path):
+    w = ShardWriter(tmp_path / "s.h5", CFG)
+    w.add(*make_utts(0, [5])[0])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_passes_then_names_truncated_shard(prepared):
+    directory, _, index = prepared
+    assert verify(directory) is None
+    path = directory / "shard-00000.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert verify(directory).startswith(f"{path}: {len(data) // 2} bytes, index says {len(data)}")
+    # Without the byte count, opening the truncated file itself fails, in one line naming it.
+    assert check_shard(directory, {**index["shards"][0], "bytes": len(data) // 2}, index["features"]).startswith(
+        f"{path}: unreadable shard")
+
+
+def test_verify_catches_flipped_frame_and_nan(prepared):
+    directory, _, index = prepared
+    with open_h5(directory / "shard-00001.h5", "a") as h5:
+        h5["feats"][3, 7] += 1.0
+    assert "checksum" in verify(directory) and "shard-00001.h5" in verify(directory)
+    with open_h5(directory / "shard-00001.h5", "a") as h5:
+        h5["feats"][3, 7] = np.nan
+    assert check_shard(directory, {k: v for k, v in index["shards"][1].items() if k != "checksum"},
+                       index["features"]).endswith("NaN or Inf")
+
+
+def test_verify_catches_attr_and_count_mismatch(prepared):
+    directory, _, index = prepared
+    with open_h5(directory / "shard-00001.h5", "a") as h5:
+        h5.attrs["features"] = json.dumps({**asdict(CFG), "num_mel_bins": 40})
+    rows = [{k: v for k, v in r.items() if k != "bytes"} for r in index["shards"]]
+    write_json_atomic(directory / "index.json", {**index, "shards": rows})
+    assert verify(directory) == f"{directory / 'shard-00001.h5'}: feature settings differ from index.json"
+    rows[0]["utterances"] = 4
+    write_json_atomic(directory / "index.json", {**index, "shards": rows})
+    assert verify(directory) == f"{directory / 'shard-00000.h5'}: 3 utterances, index says 4"
+
+
+def test_verify_cli_exit_codes(prepared, capsys):
+    from data_prep.verify import main
+
+    directory, _, _ = prepared
+    assert main([str(directory)]) == 0
+    (directory / "shard-00002.h5").write_bytes(b"garbage")
+    assert main([str(directory)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {directory / 'shard-00002.h5'}")
+
+
+def test_featureset_on_truncated_shard_is_one_line(prepared):
+    directory, _, _ = prepared
+    path = directory / "shard-00000.h5"
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ShardError) as e:
+        FeatureSet(directory)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: unreadable shard")
+    assert msg.endswith(f"run `python -m data_prep.verify {directory}`")
+    assert isinstance(e.value, ValueError)  # train/evaluate print ValueError as `error: ...`
+
+
+def test_featureset_read_error_after_open_is_one_line(prepared):
+    directory, _, _ = prepared
+    fs = FeatureSet(directory)
+    path = directory / "shard-00000.h5"
+    path.write_bytes(path.read_bytes()[:-200_000])  # frames cut off after the metadata was read
+    with pytest.raises(ShardError, match=re.escape(f"{path}: unreadable shard")):
+        for i in range(len(fs)):
+            fs.feats(i)
