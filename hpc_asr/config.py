@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DecodeConfig",
     "DistConfig",
     "ExportConfig",
     "FeatureConfig",
@@ -151,6 +152,23 @@ class ExportConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """CTC decoding at evaluation (hpc_asr.decode); LM weights are tuned on dev by hpc_asr.lm."""
+
+    decoder: str = "greedy"  # greedy | beam (prefix beam search) | beam+lm (word n-gram LM, lexicon)
+    beam_size: int = 32  # hypotheses kept per frame
+    lm: str = ""  # ARPA file or directory holding lm.arpa (+ decode.json); "" = <checkpoint dir>/lm
+    hotwords: str = ""  # comma-separated words (contact names) to favour in beam+lm
+    hotword_score: float = 0.0  # extra log-score per hotword occurrence
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("greedy", "beam", "beam+lm"):
+            raise ConfigError(f"decode.decoder must be greedy|beam|beam+lm, got {self.decoder!r}")
+        if self.beam_size < 1:
+            raise ConfigError(f"decode.beam_size must be >= 1, got {self.beam_size}")
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +177,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

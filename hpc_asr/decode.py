@@ -1,10 +1,27 @@
-"""Greedy CTC decoding: best label per frame, merge repeats, drop blanks."""
+"""CTC decoding: greedy, prefix beam search, and beam search with a word n-gram LM.
+
+``greedy``: best label per frame, merge repeats, drop blanks. ``beam``: CTC prefix beam search
+over the tokenizer's units (paths that collapse to the same prefix are summed). ``beam+lm``:
+beam search constrained to a lexicon of words, scored by a KenLM n-gram model with a weight and a
+per-word insertion bonus (shallow fusion), optionally biased toward hotwords (contact names).
+
+The searches are flashlight-text's C++ decoders (the ones behind ``torchaudio.models.decoder
+.ctc_decoder``): a prebuilt wheel that bundles KenLM, so nothing compiles at set-up, and they
+read the ARPA files that ``hpc_asr.lm`` writes.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["greedy_batch", "greedy_ids"]
+__all__ = ["DECODERS", "BeamDecoder", "LmFiles", "greedy_batch", "greedy_ids", "lm_files", "make_decoder"]
+
+DECODERS = ("greedy", "beam", "beam+lm")
 
 
 def greedy_ids(log_probs: np.ndarray, length: int, blank: int = 0) -> list[int]:
@@ -15,8 +32,165 @@ def greedy_ids(log_probs: np.ndarray, length: int, blank: int = 0) -> list[int]:
     return [int(i) for i in best[keep] if i != blank]
 
 
+def _numpy(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
 def greedy_batch(log_probs, lengths, tokenizer) -> list[str]:
     """(B, T, V) scores (torch or numpy) + (B,) lengths → transcripts."""
-    lp = log_probs.detach().cpu().numpy() if hasattr(log_probs, "detach") else np.asarray(log_probs)
-    ln = lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else np.asarray(lengths)
+    lp, ln = _numpy(log_probs), _numpy(lengths)
     return [tokenizer.decode(greedy_ids(lp[b], int(ln[b]), tokenizer.blank)) for b in range(lp.shape[0])]
+
+
+@dataclass
+class LmFiles:
+    """An ARPA model and the decoder weights tuned for it on dev (``decode.json`` beside it)."""
+
+    arpa: Path
+    lm_weight: float = 0.5
+    word_score: float = 0.0
+    tuned: bool = False
+
+
+def lm_files(path: str | Path) -> LmFiles:
+    """``path`` is an ARPA file or a directory holding ``lm.arpa``; tuned weights come from
+    ``decode.json`` next to it when present."""
+    p = Path(path)
+    arpa = p / "lm.arpa" if p.is_dir() else p
+    if not arpa.is_file():
+        raise FileNotFoundError(f"{arpa}: language model not found (build it with python -m hpc_asr.lm)")
+    out = LmFiles(arpa)
+    tuned = arpa.parent / "decode.json"
+    if tuned.is_file():
+        d = json.loads(tuned.read_text())
+        out.lm_weight, out.word_score, out.tuned = float(d["lm_weight"]), float(d["word_score"]), True
+    return out
+
+
+def _sil_index(tokenizer) -> int:
+    """The word separator: the space of the character vocabulary; BPE marks word starts inside
+    its pieces, so the blank stands in (it never appears inside a spelling)."""
+    symbols = getattr(tokenizer, "symbols", None)
+    return symbols.index(" ") + 1 if symbols and " " in symbols else tokenizer.blank
+
+
+def _spell(tokenizer, word: str) -> list[int]:
+    return [i for i in tokenizer.encode(word) if i != _sil_index(tokenizer)]
+
+
+class BeamDecoder:
+    """CTC prefix beam search, with a word LM when ``lm`` is given.
+
+    ``beam_size`` hypotheses survive each frame; ``beam_threshold`` prunes those that many
+    log-units below the best. With an LM the score of a word sequence W is
+    log p_ctc(W) + lm_weight * ln p_lm(W) + word_score * |W|, and the output is restricted to
+    the LM's words plus ``hotwords`` (which get ``hotword_score`` extra per occurrence)."""
+
+    def __init__(self, tokenizer, beam_size: int = 32, beam_threshold: float = 25.0,
+                 lm: LmFiles | None = None, lm_weight: float | None = None, word_score: float | None = None,
+                 hotwords: tuple[str, ...] = (), hotword_score: float = 0.0):
+        from flashlight.lib.text import decoder as fl
+
+        self.tok, self.fl = tokenizer, fl
+        self.sil = _sil_index(tokenizer)
+        self.beam_size, self.beam_threshold = beam_size, beam_threshold
+        self.lm = lm
+        if lm is None:
+            opts = fl.LexiconFreeDecoderOptions(beam_size, tokenizer.vocab_size, beam_threshold, 0.0, 0.0,
+                                                True, fl.CriterionType.CTC)
+            self._decoder = fl.LexiconFreeDecoder(opts, fl.ZeroLM(), self.sil, tokenizer.blank, [])
+            return
+        self.lm_weight = lm.lm_weight if lm_weight is None else lm_weight
+        self.word_score = lm.word_score if word_score is None else word_score
+        self._build_lexicon(hotwords, hotword_score)
+
+    def _build_lexicon(self, hotwords: tuple[str, ...], hotword_score: float) -> None:
+        from flashlight.lib.text.dictionary import Dictionary
+
+        from hpc_asr.lm import UNK, read_arpa
+
+        fl = self.fl
+        words = read_arpa(self.lm.arpa).words
+        extra = [w for w in dict.fromkeys(hotwords) if w and w not in set(words)]
+        self.words = [*words, *extra, UNK]
+        wdict = Dictionary()
+        for w in self.words:
+            wdict.add_entry(w)
+        self._kenlm = fl.KenLM(str(self.lm.arpa), wdict)
+        start = self._kenlm.start(False)
+        self.trie = fl.Trie(self.tok.vocab_size, self.sil)
+        hot = set(hotwords)
+        for i, w in enumerate(self.words[:-1]):
+            spelling = _spell(self.tok, w)
+            if spelling:
+                _, score = self._kenlm.score(start, i)
+                self.trie.insert(spelling, i, score + (hotword_score if w in hot else 0.0))
+        self.trie.smear(fl.SmearingMode.MAX)
+        self._hot = {self.words.index(w) for w in hot if w in self.words}
+        self._hotword_score = hotword_score
+        self._make()
+
+    def _make(self) -> None:
+        fl = self.fl
+        opts = fl.LexiconDecoderOptions(self.beam_size, self.tok.vocab_size, self.beam_threshold, self.lm_weight,
+                                        self.word_score, -math.inf, 0.0, True, fl.CriterionType.CTC)
+        lm = self._kenlm
+        if self._hot and self._hotword_score:  # the decoder multiplies LM scores by lm_weight
+            lm = _biased_lm(fl, self._kenlm, self._hot, self._hotword_score / max(self.lm_weight, 1e-3))
+        self._decoder = fl.LexiconDecoder(opts, self.trie, lm, self.sil, self.tok.blank,
+                                          len(self.words) - 1, [], False)
+
+    def set_weights(self, lm_weight: float, word_score: float) -> None:
+        """Re-tune without rebuilding the lexicon (the grid search in ``hpc_asr.lm tune``)."""
+        self.lm_weight, self.word_score = lm_weight, word_score
+        self._make()
+
+    def decode_one(self, log_probs: np.ndarray) -> str:
+        """(T, V) log-probabilities of one utterance → transcript."""
+        em = np.ascontiguousarray(log_probs, dtype=np.float32)
+        if em.shape[0] == 0:
+            return ""
+        best = self._decoder.decode(em.ctypes.data, em.shape[0], em.shape[1])[0]
+        if self.lm is None:
+            ids = [t for i, t in enumerate(best.tokens) if t >= 0 and (i == 0 or t != best.tokens[i - 1])]
+            return self.tok.decode([t for t in ids if t != self.tok.blank])
+        return " ".join(self.words[w] for w in best.words if w >= 0)
+
+    def decode_batch(self, log_probs, lengths) -> list[str]:
+        lp, ln = _numpy(log_probs), _numpy(lengths)
+        return [self.decode_one(lp[b, : int(ln[b])]) for b in range(lp.shape[0])]
+
+
+def _biased_lm(fl, base, hot: set[int], bonus: float):
+    """KenLM ``base`` plus ``bonus`` whenever a word in ``hot`` is scored (flashlight's LM base
+    class is imported lazily, so the subclass is made here)."""
+
+    class BiasedLM(fl.LM):
+        """KenLM plus a constant bonus (in LM units) whenever a hotword is scored."""
+
+        def __init__(self, base, hot: set[int], bonus: float):
+            fl.LM.__init__(self)
+            self.base, self.hot, self.bonus = base, hot, bonus
+
+        def start(self, start_with_nothing):
+            return self.base.start(start_with_nothing)
+
+        def score(self, state, idx):
+            st, s = self.base.score(state, idx)
+            return st, s + (self.bonus if idx in self.hot else 0.0)
+
+        def finish(self, state):
+            return self.base.finish(state)
+
+    return BiasedLM(base, hot, bonus)
+
+
+def make_decoder(kind: str, tokenizer, beam_size: int = 32, lm: LmFiles | None = None, **kw):
+    """A callable ``(log_probs (B,T,V), lengths (B,)) -> [str]`` for ``kind`` in DECODERS."""
+    if kind not in DECODERS:
+        raise ValueError(f"decoder {kind!r}: expected one of {', '.join(DECODERS)}")
+    if kind == "greedy":
+        return lambda lp, ln: greedy_batch(lp, ln, tokenizer)
+    if kind == "beam+lm" and lm is None:
+        raise ValueError("decoder beam+lm needs a language model (--lm DIR or ARPA)")
+    return BeamDecoder(tokenizer, beam_size, lm=lm if kind == "beam+lm" else None, **kw).decode_batch

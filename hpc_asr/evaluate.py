@@ -1,10 +1,13 @@
-"""Greedy-CTC WER/CER of a checkpoint on a prepared split.
+"""WER/CER of a checkpoint on a prepared split, with greedy, beam or beam+LM CTC decoding.
 
     python -m hpc_asr.evaluate --checkpoint runs/demo/last.pt --data data/va/fbank/test \
-        --out runs/demo/eval.json
+        --decoder beam+lm --out runs/demo/eval.json [--lm runs/demo/lm] [--data.max_frames N]
 
-Runs on one process or under mpirun (each rank scores every size-th utterance; counts are
-summed). The JSON holds the rates and every hypothesis, so regressions can be diffed.
+Runs on one process or under any launcher (``mpirun -np 2 ...``): the engine is ``auto`` (what
+the launcher implies; ``--dist.engine`` overrides); each rank scores every size-th utterance and the
+error counts are summed. Any length is scored: batches are capped by ``data.max_frames`` padded
+frames and an utterance longer than the cap is a batch of its own. The JSON holds the rates, the
+substitutions/deletions/insertions, the most frequent errors and every hypothesis.
 """
 
 from __future__ import annotations
@@ -13,61 +16,105 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from hpc_asr import checkpoint
-from hpc_asr.config import Config
-from hpc_asr.data import BucketBatchSampler, FeatureSet, collate
-from hpc_asr.decode import greedy_batch
+from hpc_asr.config import Config, ConfigError
+from hpc_asr.data import FeatureSet, collate
+from hpc_asr.decode import DECODERS, greedy_batch, lm_files, make_decoder
 from hpc_asr.dist import Engine, make_engine
-from hpc_asr.metrics import error_counts, rates
-from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import CharTokenizer, normalize
+from hpc_asr.metrics import COUNT_KEYS, error_counts, frequent_errors, rates
+from hpc_asr.model import ConformerCTC, subsampled_lengths
+from hpc_asr.tokenizer import normalize
 
-__all__ = ["evaluate", "load_model_and_data"]
+__all__ = ["eval_batches", "evaluate", "load_model_and_data", "posteriors"]
+
+OVERRIDABLE = ("data", "dist", "decode")  # sections that may change at evaluation; the rest is the model's
+
+
+def eval_batches(num_frames, max_frames: int, max_utts: int) -> list[list[int]]:
+    """Indices in length order, packed while (longest x count) stays within ``max_frames`` padded
+    frames and ``max_utts``; an utterance longer than ``max_frames`` goes alone, never refused."""
+    frames = np.asarray(num_frames)
+    batches, batch, longest = [], [], 0
+    for i in np.argsort(frames, kind="stable"):
+        n = int(frames[i])
+        if batch and (max(longest, n) * (len(batch) + 1) > max_frames or len(batch) >= max_utts):
+            batches.append(batch)
+            batch, longest = [], 0
+        batch.append(int(i))
+        longest = max(longest, n)
+    return [*batches, batch] if batch else batches
+
+
+def posteriors(model: ConformerCTC, data, tok, engine: Engine, cfg: Config,
+               mine: list[int]) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, float]]:
+    """(dataset indices, (B, T, V) log-probs on CPU, (B,) lengths, summed CTC loss) per batch of
+    the utterances ``mine``. Utterances too short for the subsampling get zero output frames."""
+    ctc = nn.CTCLoss(blank=tok.blank, reduction="sum", zero_infinity=True)
+    amp = cfg.train.amp or getattr(cfg.train, "precision", "fp32") != "fp32"
+    dtype = torch.float16 if engine.device.type == "cuda" else torch.bfloat16
+    factor = cfg.model.subsample_factor
+    ok = [i for i in mine if int(subsampled_lengths(torch.tensor([int(data.num_frames[i])]), factor)) >= 1]
+    short = sorted(set(mine) - set(ok))
+    if short:
+        yield short, torch.zeros(len(short), 0, tok.vocab_size), torch.zeros(len(short), dtype=torch.long), 0.0
+    for local in eval_batches(data.num_frames[ok], cfg.data.max_frames, cfg.data.max_utts):
+        batch = collate([data[ok[i]] for i in local], data.texts, tok).to(engine.device)
+        with torch.autocast(engine.device.type, dtype=dtype, enabled=amp):
+            lp, lens = model(batch.feats, batch.feat_lens)
+        lp = lp.float()
+        loss = float(ctc(lp.transpose(0, 1), batch.targets, lens, batch.target_lens))
+        yield batch.indices, lp.cpu(), lens.cpu(), loss
+
+
+def _reduce(engine: Engine, loss: float, n: int, counts: dict[str, int]) -> dict[str, float]:
+    keys = ["loss", "n", *COUNT_KEYS]
+    vec = torch.tensor([loss, n, *(counts[k] for k in COUNT_KEYS)], dtype=torch.float64)
+    if engine.device.type == "cuda":  # NCCL reduces device tensors only
+        vec = vec.to(engine.device)
+    vec = engine.allreduce_sum(vec).cpu()  # dist: metrics reduced before logging
+    return dict(zip(keys, vec.tolist()))
 
 
 @torch.no_grad()
-def evaluate(model: ConformerCTC, data: FeatureSet, tok: CharTokenizer, engine: Engine, cfg: Config,
-             keep_hyps: bool = False) -> dict:
-    """Loss, WER and CER; with ``keep_hyps`` also {id: hypothesis} (gathered on rank 0)."""
+def evaluate(model: ConformerCTC, data, tok, engine: Engine, cfg: Config, keep_hyps: bool = False,
+             decode: Callable | None = None) -> dict:
+    """Loss, WER and CER (greedy unless ``decode(log_probs, lengths) -> [str]`` is given); with
+    ``keep_hyps`` also every {id: ref, hyp} and the most frequent errors (gathered on rank 0)."""
     was_training = model.training
     model.eval()
     world = engine.world
+    decode = decode or (lambda lp, ln: greedy_batch(lp, ln, tok))
     mine = list(range(world.rank, len(data), world.size))
-    sampler = BucketBatchSampler(data.num_frames[mine], cfg.data.max_frames, cfg.data.max_utts, shuffle=False)
-    ctc = nn.CTCLoss(blank=tok.blank, reduction="sum", zero_infinity=True)
     loss_sum, refs, hyps, ids = 0.0, [], [], []
-    autocast_dtype = torch.float16 if engine.device.type == "cuda" else torch.bfloat16
-    for local in sampler:
-        batch = collate([data[mine[i]] for i in local], data.texts, tok).to(engine.device)
-        with torch.autocast(engine.device.type, dtype=autocast_dtype, enabled=cfg.train.amp):
-            lp, lens = model(batch.feats, batch.feat_lens)
-        lp = lp.float()
-        loss_sum += float(ctc(lp.transpose(0, 1), batch.targets, lens, batch.target_lens))
-        hyps += greedy_batch(lp, lens, tok)
-        refs += [normalize(data.texts[i]) for i in batch.indices]
-        ids += [data.ids[i] for i in batch.indices]
-    c = error_counts(refs, hyps)
-    vec = torch.tensor([loss_sum, len(refs), c["word_errors"], c["words"], c["char_errors"], c["chars"]],
-                       dtype=torch.float64)
-    vec = engine.allreduce_sum(vec)  # dist: metrics reduced before logging
-    total = dict(zip(["loss", "n", "word_errors", "words", "char_errors", "chars"], vec.tolist()))
+    for indices, lp, lens, loss in posteriors(model, data, tok, engine, cfg, mine):
+        loss_sum += loss
+        hyps += decode(lp, lens) if lp.shape[1] else [""] * len(indices)
+        refs += [normalize(data.texts[i]) for i in indices]
+        ids += [data.ids[i] for i in indices]
+    total = _reduce(engine, loss_sum, len(refs), error_counts(refs, hyps))
     wer, cer = rates(total)
     if was_training:
         model.train()
     out = {"loss": total["loss"] / max(total["n"], 1), "wer": wer, "cer": cer, "utterances": int(total["n"]),
-           **{k: int(total[k]) for k in ("word_errors", "words", "char_errors", "chars")}}
+           **{k: int(total[k]) for k in COUNT_KEYS}}
     if keep_hyps:
         pairs = engine.gather_object(list(zip(ids, refs, hyps)))  # dist
         if pairs is not None:
-            out["hypotheses"] = {i: {"ref": r, "hyp": h} for part in pairs for i, r, h in part}
+            every = [p for part in pairs for p in part]
+            out["frequent_errors"] = frequent_errors([r for _, r, _ in every], [h for _, _, h in every])
+            out["hypotheses"] = {i: {"ref": r, "hyp": h} for i, r, h in every}
     return out
 
 
-def load_model_and_data(ckpt: str, data_dir: str) -> tuple[ConformerCTC, CharTokenizer, Config, FeatureSet]:
+def load_model_and_data(ckpt: str, data_dir: str):
     """A checkpoint and a prepared split it can score: their feature settings must agree, since
     a model fed features it was not trained on fails silently (plausible but wrong output)."""
     model, tok, cfg = checkpoint.load_model(ckpt)
@@ -77,30 +124,73 @@ def load_model_and_data(ckpt: str, data_dir: str) -> tuple[ConformerCTC, CharTok
     return model, tok, cfg, data
 
 
-def main(argv: list[str] | None = None) -> int:
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``--section.key value`` pairs onto the checkpoint's config; only data, dist and decode
+    sections may change (the rest describes the trained model)."""
+    raw, i = cfg.to_dict(), 0
+    while i < len(overrides):
+        key = overrides[i][2:] if overrides[i].startswith("--") else ""
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif key and i + 1 < len(overrides):
+            value, i = overrides[i + 1], i + 2
+        else:
+            raise ConfigError(f"unexpected argument {overrides[i]!r}; overrides look like --section.key value")
+        section, _, name = key.partition(".")
+        if section not in OVERRIDABLE or not name:
+            raise ConfigError(f"--{key}: only {', '.join(s + '.*' for s in OVERRIDABLE)} can be set at evaluation")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return Config.from_dict(raw, "evaluate overrides")
+
+
+def _parse(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="prepared feature directory (index.json + shards)")
     p.add_argument("--out", help="write results JSON here (rank 0)")
-    p.add_argument("--engine", default="none", choices=["none", "horovod", "torch"])
-    args = p.parse_args(argv)
+    p.add_argument("--decoder", choices=DECODERS, default=None, help="default: decode.decoder of the config")
+    p.add_argument("--lm", help="ARPA file or directory with lm.arpa (default: <checkpoint dir>/lm)")
+    p.add_argument("--engine", choices=["auto", "none", "horovod", "torch"], default="auto",
+                   help="distributed engine (--dist.engine wins); auto: what the launcher implies")
+    return p.parse_known_args(argv)
+
+
+def build_decoder(kind: str, tok, cfg: Config, lm_arg: str | None, ckpt: str):
+    """The decode callable and a description of it (LM path and weights) for the JSON."""
+    dc = cfg.decode
+    beam = dc.beam_size
+    if kind != "beam+lm":
+        return make_decoder(kind, tok, beam_size=beam), {"decoder": kind}
+    lm = lm_files(lm_arg or dc.lm or Path(ckpt).resolve().parent / "lm")
+    kw = {"hotwords": tuple(w.strip() for w in dc.hotwords.split(",") if w.strip()),
+          "hotword_score": dc.hotword_score}
+    info = {"decoder": kind, "lm": str(lm.arpa), "lm_weight": lm.lm_weight, "word_score": lm.word_score,
+            "tuned_on_dev": lm.tuned, "beam_size": beam}
+    return make_decoder(kind, tok, beam_size=beam, lm=lm, **kw), info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parse(argv)
     try:
         model, tok, cfg, data = load_model_and_data(args.checkpoint, args.data)
-    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        cfg = apply_overrides(cfg, ["--dist.engine", args.engine, *rest])  # the training engine is not the model's
+        kind = args.decoder or cfg.decode.decoder
+        decode, info = build_decoder(kind, tok, cfg, args.lm, args.checkpoint)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = make_engine(args.engine)
+    engine = make_engine(cfg.dist)
     model.to(engine.device)
     t0 = time.time()
-    res = evaluate(model, data, tok, engine, cfg, keep_hyps=True)
-    res["wall_s"] = round(time.time() - t0, 2)
-    res["data"] = args.data
+    res = evaluate(model, data, tok, engine, cfg, keep_hyps=True, decode=decode)
+    res.update(info, wall_s=round(time.time() - t0, 2), data=args.data)
     if engine.world.is_main:
-        print(f"[evaluate] {args.data}: {res['utterances']} utts  WER {res['wer']:.2%}  CER {res['cer']:.2%}",
-              file=sys.stderr)
+        print(f"[evaluate] {args.data}: {res['utterances']} utts  {kind}  WER {res['wer']:.2%}  "
+              f"CER {res['cer']:.2%}", file=sys.stderr)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     engine.shutdown()
     return 0
 

@@ -1,0 +1,120 @@
+"""hpc_asr.evaluate as users run it: any utterance length, any launcher, every decoder, and the
+error breakdown in the JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import mpirun_cmd, run
+from helpers import make_feature_dir
+
+from data_prep import librispeech
+from data_prep.fbank import run as fbank_run
+from hpc_asr import checkpoint
+from hpc_asr.config import Config
+from hpc_asr.dist import World
+from hpc_asr.evaluate import apply_overrides, eval_batches
+from hpc_asr.manifest import write_manifest
+from hpc_asr.model import ConformerCTC
+from hpc_asr.tokenizer import CharTokenizer
+
+MAX_FRAMES = 400  # the checkpoint's data.max_frames: every fixture utterance is longer
+
+
+def tiny_checkpoint(path: Path, max_frames: int = MAX_FRAMES) -> Path:
+    """An untrained but complete checkpoint (what training writes), small enough to load fast."""
+    tok = CharTokenizer()
+    cfg = Config.from_dict({
+        "data": {"max_frames": max_frames, "max_utts": 4},
+        "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_mult": 2, "conv_kernel": 5,
+                  "subsampling": "conv1d", "vocab_size": tok.vocab_size},
+        "dist": {"engine": "horovod"},
+    })
+    torch.manual_seed(0)
+    model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+    checkpoint.save(path, {"config": cfg.to_dict(), "model": model.state_dict(), "tokenizer": tok.state_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_fixture(tmp_path_factory, librispeech_dir) -> dict:
+    """The 4 real LibriSpeech utterances featurized with the prep library, and a checkpoint whose
+    data.max_frames is below all of them."""
+    tmp = tmp_path_factory.mktemp("evalreal")
+    utts = librispeech.read_subset(librispeech.subset_dir(librispeech_dir, "test-clean"))
+    write_manifest(tmp / "real.jsonl", utts)
+    fbank_run(tmp / "real.jsonl", tmp / "fbank", Config().features, World(), None)
+    return {"data": tmp / "fbank", "ckpt": tiny_checkpoint(tmp / "model" / "last.pt"), "n": len(utts),
+            "longest_s": max(u.duration for u in utts)}
+
+
+def test_eval_batches_put_a_too_long_utterance_alone():
+    frames = [120, 5000, 80, 90, 30]
+    batches = eval_batches(frames, max_frames=300, max_utts=8)
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    assert [1] in batches
+    for b in batches:
+        assert len(b) == 1 or max(frames[i] for i in b) * len(b) <= 300
+
+
+def test_evaluate_scores_utterances_longer_than_the_checkpoints_max_frames(real_fixture, tmp_path):
+    """Defect 12: a split holding an utterance above data.max_frames ended in a traceback."""
+    assert real_fixture["longest_s"] * 100 > MAX_FRAMES
+    out = tmp_path / "eval.json"
+    proc = run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+                "--data", str(real_fixture["data"]), "--out", str(out)], timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["utterances"] == real_fixture["n"] == len(res["hypotheses"])
+    for k in ("substitutions", "deletions", "insertions", "frequent_errors"):
+        assert k in res
+    assert res["substitutions"] + res["deletions"] + res["insertions"] == res["word_errors"]
+
+
+def test_evaluate_accepts_data_max_frames_and_rejects_model_overrides(real_fixture, tmp_path):
+    args = [sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+            "--data", str(real_fixture["data"])]
+    ok = run([*args, "--data.max_frames", "100000", "--out", str(tmp_path / "e.json")], timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    bad = run([*args, "--model.d_model", "64"], timeout=120, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "model.d_model" in bad.stderr
+
+
+def test_apply_overrides_sets_data_dist_decode_only():
+    cfg = apply_overrides(Config(), ["--data.max_frames", "99", "--decode.decoder=beam", "--dist.engine", "none"])
+    assert (cfg.data.max_frames, cfg.decode.decoder, cfg.dist.engine) == (99, "beam", "none")
+
+
+def test_evaluate_under_mpirun_two_ranks(real_fixture, tmp_path):
+    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr.evaluate` died with a traceback."""
+    out = tmp_path / "eval2.json"
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+                          "--data", str(real_fixture["data"]), "--out", str(out)), timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr
+    one = tmp_path / "eval1.json"
+    run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+         "--data", str(real_fixture["data"]), "--out", str(one)], timeout=120)
+    two, single = json.loads(out.read_text()), json.loads(one.read_text())
+    assert two["utterances"] == real_fixture["n"]
+    assert two["hypotheses"] == single["hypotheses"] and two["word_errors"] == single["word_errors"]
+
+
+def test_too_short_utterance_is_scored_as_empty(tmp_path):
+    """An utterance shorter than the subsampling's receptive field is scored (all deletions)."""
+    d = make_feature_dir(tmp_path / "f", 3, ["yes", "go home", "stop"])
+    from hpc_asr.data import FeatureSet
+    from hpc_asr.dist import Engine
+    from hpc_asr.evaluate import evaluate
+
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    model, tok, cfg = checkpoint.load_model(ckpt)
+    data = FeatureSet(d)
+    data.num_frames = np.array([3, *data.num_frames[1:]])  # first one: 3 frames, too few for 4x
+    res = evaluate(model, data, tok, Engine(World()), cfg, keep_hyps=True)
+    assert res["utterances"] == 3
+    assert res["hypotheses"][data.ids[0]]["hyp"] == ""
