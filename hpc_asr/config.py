@@ -131,16 +131,27 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    """Distributed engine; rank detection lives in hpc_asr.dist."""
+    """Distributed engine and Horovod knobs; rank detection lives in hpc_asr.dist.
 
-    engine: str = "horovod"  # horovod | torch | none
+    Horovod knobs are exported as HOROVOD_* variables before ``hvd.init()``; a variable already in
+    the environment wins over the config."""
+
+    engine: str = "auto"  # auto (what the launcher implies) | horovod | torch | none
     compression: str = "fp16"  # fp16 | none: gradient compression on the wire
+    fusion_threshold_mb: float = 0.0  # HOROVOD_FUSION_THRESHOLD; 0 = Horovod's default (64 MB)
+    cycle_time_ms: float = 0.0  # HOROVOD_CYCLE_TIME; 0 = 5 ms on CPU nodes, Horovod's 1 ms on GPUs
+    hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE: reduce in-node, then across
+    timeline: str = ""  # HOROVOD_TIMELINE: Chrome-trace JSON of every collective, written by rank 0
+    gradient_predivide_factor: float = 0.0  # divide before the sum, rest after; 0 = world size with fp16
 
     def __post_init__(self) -> None:
-        if self.engine not in ("horovod", "torch", "none"):
-            raise ConfigError(f"dist.engine must be horovod|torch|none, got {self.engine!r}")
+        if self.engine not in ("auto", "horovod", "torch", "none"):
+            raise ConfigError(f"dist.engine must be auto|horovod|torch|none, got {self.engine!r}")
         if self.compression not in ("fp16", "none"):
             raise ConfigError(f"dist.compression must be fp16|none, got {self.compression!r}")
+        for key in ("fusion_threshold_mb", "cycle_time_ms", "gradient_predivide_factor"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"dist.{key} must be >= 0, got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -1,23 +1,31 @@
 """Launcher/rank detection and the distributed engines. Nothing else reads rank variables.
 
-Launchers covered: ``mpirun`` (OpenMPI), ``srun`` (SLURM, PMIx), ``horovodrun`` (Gloo),
-``torchrun``, and plain ``python`` (one rank). Engines: ``horovod`` (ring-allreduce; NCCL on
-GPUs, MPI or Gloo on CPU), ``torch`` (torch.distributed DDP; NCCL/Gloo) and ``none``.
+Launchers covered: ``mpirun`` (OpenMPI, MPICH/Intel MPI), ``srun`` (SLURM, PMIx), ``horovodrun``
+(Gloo), ``torchrun``, and plain ``python`` (one rank). Engines: ``horovod`` (ring-allreduce; NCCL
+on GPUs, MPI or Gloo on CPU), ``torch`` (torch.distributed DDP; NCCL + Gloo) and ``none``;
+``auto`` (the default) picks what the launcher implies: torchrun → torch, an MPI launcher or
+horovodrun with more than one rank → horovod, one rank → none. An explicit engine that cannot
+join the world the launcher started fails with one line naming what to pass instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported lazily: prep tools use detect_world() without it
     import torch
 
-__all__ = ["Engine", "World", "detect_world", "log0", "make_engine", "mpi_comm"]
+    from hpc_asr.config import DistConfig
+
+__all__ = ["Engine", "HorovodKnobs", "LaunchError", "World", "compute_threads", "detect_launcher", "detect_world",
+           "host_address", "log0", "make_engine", "mpi_comm", "resolve_engine", "torch_backend"]
 
 # (rank, size, local_rank, local_size) variables, most specific launcher first.
 _LAUNCHER_VARS = [
@@ -28,6 +36,17 @@ _LAUNCHER_VARS = [
     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 ]
+ENGINES = ("auto", "horovod", "torch", "none")
+
+
+class LaunchError(SystemExit):
+    """The engine asked for cannot join the world the launcher started. A ``SystemExit`` so that
+    every CLI ends with the one-line message (on stderr, exit status 1) instead of a traceback."""
+
+    def __init__(self, message: str, rank: int = 0):
+        self.message = message
+        # Every rank hits the same check; only rank 0 prints, so N ranks don't print N copies.
+        super().__init__(f"error: {message}" if rank == 0 else 1)
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,47 @@ def detect_world(env: dict[str, str] | None = None) -> World:
             local_size = env.get(lsize_v, "").split("(")[0].split(",")[0]  # SLURM: "4(x2)" / "4,4"
             return World(int(env[rank_v]), size, int(env.get(lrank_v, 0)), int(local_size or size))
     return World()
+
+
+def detect_launcher(env: dict[str, str] | None = None) -> str:
+    """Which launcher started this process: horovodrun | torchrun | mpirun | srun | python."""
+    env = os.environ if env is None else env
+    if "HOROVOD_RANK" in env:
+        return "horovodrun"
+    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "MASTER_ADDR" in env and "OMPI_COMM_WORLD_RANK" not in env):
+        return "torchrun"
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        return "mpirun"
+    if "PMIX_RANK" in env or "SLURM_PROCID" in env:
+        return "srun"
+    return "python"
+
+
+def resolve_engine(name: str, launcher: str, world: World, have_horovod: bool | None = None) -> str:
+    """The engine to build for ``name`` (``auto`` resolved), or a ``LaunchError`` saying what to
+    pass when ``name`` cannot join the launched world (e.g. Horovod under torchrun)."""
+    if name not in ENGINES:
+        raise LaunchError(f"dist.engine must be one of {'|'.join(ENGINES)}, got {name!r}", world.rank)
+    if have_horovod is None:
+        have_horovod = importlib.util.find_spec("horovod") is not None
+    n = world.size
+    if name == "auto":
+        if n == 1:
+            return "none"
+        return "horovod" if launcher != "torchrun" and have_horovod else "torch"
+    problem = ""
+    if name == "none" and n > 1:
+        problem = (f"{launcher} started {n} ranks but the engine is 'none' (one process): pass "
+                   f"--dist.engine auto (--engine auto for evaluate), or run it with plain python")
+    elif name == "horovod" and launcher == "torchrun":
+        problem = (f"torchrun started {n} ranks but Horovod cannot join a torchrun world (each process "
+                   f"would be rank 0 of 1): pass --dist.engine torch (or auto), or launch with mpirun/srun")
+    elif name == "torch" and launcher == "horovodrun" and "MASTER_ADDR" not in os.environ:
+        problem = (f"horovodrun started {n} ranks without MPI, so the torch engine cannot find rank 0: "
+                   f"pass --dist.engine horovod (or auto), or launch with mpirun/torchrun")
+    if problem:
+        raise LaunchError(problem, world.rank)
+    return name
 
 
 def mpi_comm():
@@ -108,7 +168,7 @@ class Engine:
         """Context for accumulation micro-steps that must not communicate."""
         return contextlib.nullcontext()
 
-    # --- collectives on small tensors (metrics, flags) -----------------------------------
+    # --- collectives on small tensors (metrics, flags); any device and dtype ------------
     def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
@@ -126,133 +186,320 @@ class Engine:
         pass
 
 
+@dataclass(frozen=True)
+class HorovodKnobs:
+    """Horovod settings read at ``hvd.init()``; see ``DistConfig`` for their meaning."""
+
+    fusion_threshold_mb: float = 0.0
+    cycle_time_ms: float = 0.0
+    hierarchical_allreduce: bool = False
+    timeline: str = ""
+    gradient_predivide_factor: float = 0.0
+
+    def environment(self, cuda: bool) -> dict[str, str]:
+        """HOROVOD_* variables to set before ``hvd.init()`` (the caller's environment wins)."""
+        env: dict[str, str] = {}
+        if not cuda:
+            # On CPU nodes Horovod's background thread shares cores with the compute threads; an
+            # MPI that busy-polls while waiting starves them (measured: 2 ranks on 2 cores train
+            # 1.7x faster with yielding). Read at MPI_Init, so set before hvd.init().
+            env["OMPI_MCA_mpi_yield_when_idle"] = "1"
+        cycle = self.cycle_time_ms or (0.0 if cuda else 5.0)  # 0 = Horovod's default (1 ms)
+        if cycle:
+            env["HOROVOD_CYCLE_TIME"] = f"{cycle:g}"
+        if self.fusion_threshold_mb:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(int(self.fusion_threshold_mb * 2**20))
+        if self.hierarchical_allreduce:
+            env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
+        if self.timeline:
+            env["HOROVOD_TIMELINE"] = os.path.abspath(self.timeline)
+        return env
+
+
 class HorovodEngine(Engine):
     name = "horovod"
 
-    def __init__(self, world: World, compression: str):
+    def __init__(self, world: World, compression: str, knobs: HorovodKnobs | None = None):
         import torch
 
-        if not torch.cuda.is_available():
-            # On CPU nodes Horovod's background thread shares cores with the compute threads; an
-            # MPI that busy-polls while waiting starves them (measured: 2 ranks on 2 cores train
-            # 1.7x faster with yielding). Read at MPI_Init, so set before hvd.init(); env wins.
-            os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")  # ms between background cycles
+        self.knobs = knobs or HorovodKnobs()
+        for key, value in self.knobs.environment(torch.cuda.is_available()).items():
+            os.environ.setdefault(key, value)  # read at hvd.init(); the user's environment wins
         import horovod.torch as hvd
 
-        hvd.init()  # rendezvous over MPI (mpirun/srun) or Gloo (horovodrun --gloo)
+        hvd.init()  # dist: rendezvous over MPI (mpirun/srun) or Gloo (horovodrun)
         self.hvd = hvd
         real = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+        if real.size != world.size:
+            raise LaunchError(f"the launcher started {world.size} ranks but Horovod sees {real.size} "
+                              f"(a Horovod built without this launcher's MPI/Gloo?): check "
+                              f"`horovodrun --check-build`, or pass --dist.engine torch", world.rank)
         super().__init__(real, compression)
+
+    def predivide_factor(self) -> float:
+        """Gradients are divided by this before the sum and by size/this after it. With fp16 on
+        the wire the default is the world size: an fp16 *sum* of N gradients overflows at 65504
+        where their average does not."""
+        factor = self.knobs.gradient_predivide_factor
+        return factor or (float(self.world.size) if self.compression == "fp16" else 1.0)
 
     def wrap_optimizer(self, optimizer, model, accum_steps):
         hvd = self.hvd
         comp = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
-        return hvd.DistributedOptimizer(  # ring-allreduce of gradients, fp16 on the wire
+        return hvd.DistributedOptimizer(  # dist: ring-allreduce of gradients, fp16 on the wire
             optimizer,
             named_parameters=model.named_parameters(),
             compression=comp,
             backward_passes_per_step=accum_steps,
             op=hvd.Average,
+            gradient_predivide_factor=self.predivide_factor(),
         )
 
     def broadcast_state(self, model, optimizer):
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # dist
+        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # dist
 
     def synchronize(self, optimizer):
-        optimizer.synchronize()
+        optimizer.synchronize()  # dist
 
     def skip_synchronize(self, optimizer):
         return optimizer.skip_synchronize()
 
     def allreduce_sum(self, t):
-        return self.hvd.allreduce(t, op=self.hvd.Sum)
+        import torch
+
+        src = t.to(torch.int64) if t.dtype == torch.bool else t  # Horovod has no bool; a sum of flags is a count
+        return self.hvd.allreduce(src, op=self.hvd.Sum)  # dist
 
     def broadcast_object(self, obj):
-        return self.hvd.broadcast_object(obj, root_rank=0)
+        return self.hvd.broadcast_object(obj, root_rank=0)  # dist
 
     def gather_object(self, obj):
-        return self.hvd.allgather_object(obj)
+        return self.hvd.allgather_object(obj)  # dist
 
     def barrier(self):
-        self.hvd.barrier()
+        self.hvd.barrier()  # dist
 
     def shutdown(self):
-        self.hvd.shutdown()
+        self.hvd.shutdown()  # dist
+
+
+def torch_backend(cuda_available: bool) -> str:
+    """torch.distributed backend string: Gloo for CPU tensors, plus NCCL for CUDA ones on GPUs, so
+    metrics on the CPU and gradients on the GPU both have a backend that takes them."""
+    return "cpu:gloo,cuda:nccl" if cuda_available else "gloo"
+
+
+def host_address() -> str:
+    """An address other nodes can reach this host by: a non-loopback IP of the fully qualified name,
+    else the IP of the interface that routes outwards, else the FQDN (short names often do not
+    resolve on other nodes)."""
+    fqdn = socket.getfqdn()
+    with contextlib.suppress(OSError):
+        for *_, sockaddr in socket.getaddrinfo(fqdn, None, socket.AF_INET, socket.SOCK_STREAM):
+            if not sockaddr[0].startswith("127."):
+                return sockaddr[0]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it only picks the route
+        ip = s.getsockname()[0]
+        if not ip.startswith(("127.", "0.")):
+            return ip
+    return fqdn
+
+
+def _rendezvous_store(world: World, timeout: timedelta) -> tuple[Any, tuple[str, int]]:
+    """A TCPStore served by rank 0 on a port it binds itself (port 0: the kernel picks a free one
+    and it stays bound, so nothing can take it before use); its address goes to the others over
+    MPI. ``MASTER_ADDR``/``MASTER_PORT`` from the environment are used when given."""
+    from torch.distributed import TCPStore
+
+    addr = os.environ.get("MASTER_ADDR") or host_address()
+    port = int(os.environ.get("MASTER_PORT", "0"))
+    store = None
+    if world.rank == 0:
+        store = TCPStore(addr, port, world.size, True, timeout, wait_for_workers=False)
+        port = store.port
+    if world.size > 1:
+        comm = mpi_comm()
+        if comm.Get_size() != world.size:
+            raise LaunchError(f"the torch engine found no MPI world of {world.size} ranks to share rank 0's "
+                              f"address over: set MASTER_ADDR and MASTER_PORT, or launch with torchrun",
+                              world.rank)
+        addr, port = comm.bcast((addr, port), root=0)  # dist: rank 0's reachable address + bound port
+    if store is None:
+        store = TCPStore(addr, port, world.size, False, timeout)
+    return store, (addr, port)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor was in a broadcast state dict: its index in the tensor list and layout."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: Any
+    device_type: str
+
+
+def _split_tensors(obj, tensors: list) -> Any:
+    """``obj`` with every tensor replaced by a ``_Slot`` (appending the tensor to ``tensors``)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1, tuple(obj.shape), obj.dtype, obj.device.type)
+    if isinstance(obj, dict):
+        return {k: _split_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split_tensors(v, tensors) for v in obj)
+    return obj
+
+
+def _slots(obj) -> list[_Slot]:
+    """Every ``_Slot`` in ``obj``, in index order."""
+    if isinstance(obj, _Slot):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sorted((s for v in values for s in _slots(v)), key=lambda s: s.index)
+
+
+def _join_tensors(obj, tensors: list) -> Any:
+    if isinstance(obj, _Slot):
+        return tensors[obj.index]
+    if isinstance(obj, dict):
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_join_tensors(v, tensors) for v in obj)
+    return obj
 
 
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, world: World, compression: str):
+    def __init__(self, world: World, compression: str, timeout_s: float = 600.0):
+        import torch
         import torch.distributed as td
 
         super().__init__(world, compression)
-        if "MASTER_ADDR" not in os.environ:  # mpirun/srun don't set it: agree on rank 0's host
-            addr, port = socket.gethostname(), _free_port()
-            if world.size > 1:
-                addr, port = mpi_comm().bcast((addr, port), root=0)
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        td.init_process_group(backend, rank=world.rank, world_size=world.size)
         self.td = td
+        self.backend = torch_backend(torch.cuda.is_available())
+        self._comm_types = {"cpu", "cuda"} if "nccl" in self.backend else {"cpu"}
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:  # torchrun, or set by the user
+            self.rendezvous = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+            td.init_process_group(self.backend, rank=world.rank, world_size=world.size, timeout=timeout)  # dist
+        else:  # mpirun/srun set neither: rank 0 serves the store itself
+            store, self.rendezvous = _rendezvous_store(world, timeout)  # dist
+            td.init_process_group(self.backend, store=store, rank=world.rank, world_size=world.size,
+                                  timeout=timeout)  # dist
 
     def wrap_model(self, model):
-        import torch  # noqa: F401  (DDP needs the package initialised)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)  # dist
         if self.compression == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)  # fp16 on the wire
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)  # dist: fp16 on the wire
         return ddp
 
+    def _comm_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``t`` on a device the backend takes (NCCL: CUDA only; Gloo: CPU)."""
+        import torch
+
+        device = t.device if t.device.type in self._comm_types else self.device
+        dtype = torch.int64 if t.dtype == torch.bool else t.dtype  # a sum of flags is a count
+        return t.detach().to(device=device, dtype=dtype, copy=True).contiguous()
+
     def broadcast_state(self, model, optimizer):
-        for t in model.state_dict().values():
-            self.td.broadcast(t, src=0)
-        state = [optimizer.state_dict() if self.world.rank == 0 else None]
-        self.td.broadcast_object_list(state, src=0)
-        optimizer.load_state_dict(state[0])
+        """Rank 0's weights and optimizer state, tensor by tensor onto each rank's own device (a
+        pickled state dict would land on rank 0's device, e.g. cuda:0, on every rank)."""
+        import torch
+
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                buf = self._comm_copy(t)
+                self.td.broadcast(buf, src=0)  # dist
+                t.copy_(buf)
+        tensors: list = []
+        skeleton = _split_tensors(optimizer.state_dict(), tensors) if self.world.is_main else None
+        skeleton = self.broadcast_object(skeleton)  # dist: structure and hyper-parameters, no tensors
+        out = []
+        for slot in _slots(skeleton):
+            src = tensors[slot.index] if self.world.is_main else torch.empty(slot.shape, dtype=slot.dtype,
+                                                                             device=self.device)
+            buf = self._comm_copy(src)
+            self.td.broadcast(buf, src=0)  # dist
+            out.append(buf.to(device="cpu" if slot.device_type == "cpu" else self.device, dtype=slot.dtype))
+        optimizer.load_state_dict(_join_tensors(skeleton, out))
 
     def no_sync(self, model):
         return model.no_sync()
 
     def allreduce_sum(self, t):
-        t = t.clone()
-        self.td.all_reduce(t)
-        return t
+        buf = self._comm_copy(t)
+        self.td.all_reduce(buf)  # dist
+        return buf.to(t.device)
 
     def broadcast_object(self, obj):
         box = [obj]
-        self.td.broadcast_object_list(box, src=0)
+        self.td.broadcast_object_list(box, src=0)  # dist
         return box[0]
 
     def gather_object(self, obj):
         out = [None] * self.world.size
-        self.td.all_gather_object(out, obj)
+        self.td.all_gather_object(out, obj)  # dist
         return out
 
     def barrier(self):
-        self.td.barrier()
+        self.td.barrier()  # dist
 
     def shutdown(self):
-        self.td.destroy_process_group()
+        self.td.destroy_process_group()  # dist
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _cpus() -> set[int]:
+    """The CPUs this process may run on (its scheduler affinity), not all the host's cores."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
 
 
-def make_engine(name: str, compression: str = "none") -> Engine:
+def compute_threads(configured: int = 0, engine: Engine | None = None, env: dict[str, str] | None = None) -> int:
+    """Intra-op threads for this rank: ``configured`` when > 0; else ``OMP_NUM_THREADS`` when set;
+    else the CPUs in this rank's affinity divided by the ranks on this host whose affinity overlaps
+    it (mpirun --bind-to core gives each rank its own core; --bind-to none makes them share all).
+
+    With a multi-rank ``engine`` this is a collective (it gathers every rank's host and CPU set):
+    call it on every rank."""
+    if configured > 0:
+        return configured
+    env = os.environ if env is None else env
+    omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "8,4" = nested levels: the first
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cpus = _cpus()
+    sharing = 1
+    if engine is not None and engine.world.size > 1:
+        host = socket.gethostname()
+        everyone = engine.gather_object((host, sorted(cpus)))  # dist: who else runs on these CPUs
+        sharing = sum(1 for h, theirs in everyone if h == host and cpus & set(theirs))
+    return max(1, len(cpus) // max(1, sharing))
+
+
+def make_engine(spec: str | DistConfig = "auto", compression: str | None = None) -> Engine:
+    """The engine for a ``DistConfig`` (or an engine name), checked against the launched world."""
+    if isinstance(spec, str):
+        name, knobs = spec, HorovodKnobs()
+    else:
+        name, compression = spec.engine, compression or spec.compression
+        knobs = HorovodKnobs(spec.fusion_threshold_mb, spec.cycle_time_ms, spec.hierarchical_allreduce,
+                             spec.timeline, spec.gradient_predivide_factor)
+    compression = compression or "none"
     world = detect_world()
+    name = resolve_engine(name, detect_launcher(), world)
     if name == "horovod":
-        return HorovodEngine(world, compression)
+        return HorovodEngine(world, compression, knobs)
     if name == "torch":
         return TorchEngine(world, compression)
-    if world.size > 1:
-        raise RuntimeError(f"dist.engine=none but the launcher started {world.size} ranks")
     return Engine(world, compression)

@@ -1,0 +1,250 @@
+"""hpc_asr.dist: launcher → engine (``auto`` and one-line mismatch errors), collectives on any
+dtype, the torch engine's rendezvous and state broadcast, threads from CPU affinity, and the
+Horovod knobs and fp16 wire. The launchers are real: ``mpirun -np 2`` and ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, mpirun_cmd, run, run_env
+
+from hpc_asr.config import ConfigError, DistConfig, load_config
+from hpc_asr.dist import (
+    HorovodKnobs,
+    LaunchError,
+    World,
+    _join_tensors,
+    _slots,
+    _split_tensors,
+    compute_threads,
+    detect_launcher,
+    host_address,
+    resolve_engine,
+    torch_backend,
+)
+
+PROBE = str(ROOT / "tests" / "mpi_scripts" / "dist_probe.py")
+TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+TWO = World(0, 2, 0, 2)
+
+
+def probes(out: Path) -> list[dict]:
+    return [json.loads((out / f"probe.{r}.json").read_text()) for r in (0, 1)]
+
+
+def states(out: Path) -> list[dict]:
+    return [torch.load(out / f"state.{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+# ---- launcher → engine, without launching --------------------------------------------------
+
+@pytest.mark.parametrize(("env", "launcher"), [
+    ({}, "python"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, "mpirun"),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "mpirun"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "PMIX_RANK": "0"}, "srun"),
+    ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovodrun"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "TORCHELASTIC_RUN_ID": "x"}, "torchrun"),
+])
+def test_detect_launcher(env, launcher):
+    assert detect_launcher(env) == launcher
+
+
+@pytest.mark.parametrize(("launcher", "size", "have_hvd", "engine"), [
+    ("python", 1, True, "none"), ("mpirun", 1, True, "none"), ("torchrun", 2, True, "torch"),
+    ("mpirun", 2, True, "horovod"), ("srun", 32, True, "horovod"), ("horovodrun", 2, True, "horovod"),
+    ("mpirun", 2, False, "torch"),  # no Horovod installed: torch.distributed still runs under mpirun
+])
+def test_auto_engine_is_what_the_launcher_implies(launcher, size, have_hvd, engine):
+    assert resolve_engine("auto", launcher, World(0, size, 0, size), have_horovod=have_hvd) == engine
+
+
+@pytest.mark.parametrize(("name", "launcher", "says"), [
+    ("horovod", "torchrun", "pass --dist.engine torch"),
+    ("none", "mpirun", "pass --dist.engine auto"),
+    ("bogus", "python", "dist.engine must be one of"),
+])
+def test_engine_that_cannot_join_the_world_is_one_line(name, launcher, says):
+    with pytest.raises(LaunchError) as e:
+        resolve_engine(name, launcher, TWO, have_horovod=True)
+    assert says in str(e.value.code) and "\n" not in str(e.value.code)
+    assert str(e.value.code).startswith("error: ")
+    with pytest.raises(LaunchError) as quiet:  # rank 1 exits 1 without printing a second copy
+        resolve_engine(name, launcher, World(1, 2, 1, 2), have_horovod=True)
+    assert quiet.value.code == 1
+
+
+def test_explicit_engines_that_fit_pass():
+    assert resolve_engine("torch", "mpirun", TWO, have_horovod=True) == "torch"
+    assert resolve_engine("horovod", "srun", TWO, have_horovod=True) == "horovod"
+    assert resolve_engine("none", "python", World(), have_horovod=True) == "none"
+
+
+def test_dist_config_defaults_to_auto_and_validates():
+    assert DistConfig().engine == "auto"
+    cfg = load_config(None, ["--dist.timeline", "t.json", "--dist.fusion_threshold_mb", "32"])
+    assert (cfg.dist.timeline, cfg.dist.fusion_threshold_mb) == ("t.json", 32.0)
+    for key, value in [("engine", "mpi"), ("cycle_time_ms", "-1"), ("gradient_predivide_factor", "-2")]:
+        with pytest.raises(ConfigError, match=f"dist.{key}"):
+            load_config(None, [f"--dist.{key}", value])
+
+
+# ---- torch backend, rendezvous and state broadcast helpers ---------------------------------
+
+def test_torch_backend_string_takes_cpu_tensors_beside_nccl():
+    assert torch_backend(cuda_available=True) == "cpu:gloo,cuda:nccl"
+    assert torch_backend(cuda_available=False) == "gloo"
+
+
+def test_host_address_is_reachable_not_a_short_name():
+    addr = host_address()
+    resolved = socket.gethostbyname(addr)  # resolves here; an IP or a fully qualified name
+    assert not resolved.startswith("127.") or socket.gethostbyname(socket.gethostname()).startswith("127.")
+    assert addr != socket.gethostname() or "." in addr
+
+
+def test_optimizer_state_travels_without_tensors_in_the_pickle():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    tensors: list = []
+    skeleton = _split_tensors(opt.state_dict(), tensors)
+    assert "Tensor" not in repr(pickle.loads(pickle.dumps(skeleton)))  # no tensor (on rank 0's device) inside
+    assert [s.index for s in _slots(skeleton)] == list(range(len(tensors))) and len(tensors) == 3
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.5)
+    opt2.load_state_dict(_join_tensors(skeleton, [t.clone() for t in tensors]))
+    assert opt2.param_groups[0]["lr"] == 0.1
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+# ---- threads ------------------------------------------------------------------------------
+
+def test_compute_threads_order_of_precedence():
+    cpus = len(os.sched_getaffinity(0))
+    assert compute_threads(3, env={"OMP_NUM_THREADS": "5"}) == 3  # the config's explicit value
+    assert compute_threads(0, env={"OMP_NUM_THREADS": "5"}) == 5  # then OMP_NUM_THREADS
+    assert compute_threads(0, env={"OMP_NUM_THREADS": "4,2"}) == 4
+    assert compute_threads(0, env={}) == cpus  # then this process's CPU affinity
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2, reason="needs taskset, 2 CPUs")
+def test_threads_follow_taskset_and_omp_num_threads():
+    code = "from hpc_asr.dist import compute_threads; import os; print(compute_threads(), os.cpu_count())"
+
+    def threads(*prefix: str, **env: str) -> list[int]:
+        e = {k: v for k, v in run_env().items() if k != "OMP_NUM_THREADS"} | env
+        out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                             check=True, timeout=60).stdout
+        return [int(x) for x in out.split()]
+
+    assert threads("taskset", "-c", "0") == [1, os.cpu_count()]  # cpu_count() still says all cores
+    assert threads("taskset", "-c", "0,1") == [2, os.cpu_count()]
+    assert threads("taskset", "-c", "0", OMP_NUM_THREADS="3")[0] == 3
+
+
+# ---- Horovod knobs -------------------------------------------------------------------------
+
+def test_horovod_knobs_become_environment():
+    env = HorovodKnobs(fusion_threshold_mb=2, cycle_time_ms=3.5, hierarchical_allreduce=True,
+                       timeline="tl.json").environment(cuda=True)
+    assert env == {"HOROVOD_FUSION_THRESHOLD": str(2 * 2**20), "HOROVOD_CYCLE_TIME": "3.5",
+                   "HOROVOD_HIERARCHICAL_ALLREDUCE": "1", "HOROVOD_TIMELINE": os.path.abspath("tl.json")}
+    cpu = HorovodKnobs().environment(cuda=False)
+    assert cpu == {"OMPI_MCA_mpi_yield_when_idle": "1", "HOROVOD_CYCLE_TIME": "5"}
+
+
+# ---- real launchers ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mpirun_auto(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mpirun_auto")
+    run(mpirun_cmd(2, PROBE, "auto", str(out), str(out / "timeline.json")), timeout=180)
+    return out
+
+
+def test_mpirun_auto_is_horovod_with_working_collectives(mpirun_auto):
+    p = probes(mpirun_auto)
+    assert [x["engine"] for x in p] == ["horovod", "horovod"]
+    assert [x["world"] for x in p] == [[0, 2, 0, 2], [1, 2, 1, 2]]
+    for x in p:
+        c = x["collectives"]
+        assert c["f64"]["values"] == [3e300, 1 / 3 + (1 / 3 + 1)] and c["f64"]["dtype"] == "torch.float64"
+        assert c["bool"]["values"] == [2, 1] and c["i32"]["values"] == [21]
+        assert x["gathered"] == [0, 10]
+        assert x["threads"] == 1  # 2 CPUs shared by 2 ranks (mpirun --bind-to none)
+
+
+def test_horovod_fp16_average_of_large_gradients_does_not_overflow(mpirun_auto):
+    for x in probes(mpirun_auto):
+        assert x["fp16"]["predivide"] == 2.0
+        assert x["fp16"]["w1"] == [-40000.0] * 4  # mean of 40000 and 40000, through fp16 on the wire
+        assert x["fp16_sum_first"]["w1"] == [float("-inf")] * 4  # summing first in fp16 overflows
+
+
+def test_horovod_timeline_knob_writes_the_timeline(mpirun_auto):
+    assert probes(mpirun_auto)[0]["env"]["HOROVOD_TIMELINE"] == str(mpirun_auto / "timeline.json")
+    text = (mpirun_auto / "timeline.json").read_text()
+    events = json.loads(text)
+    assert any(e.get("name") == "ALLREDUCE" for e in events)
+    assert '"dtype": "float16"' in text  # the fp16 step's gradient went out compressed
+
+
+def _assert_broadcast(out: Path) -> None:
+    s = states(out)
+    for key, value in s[0]["model"].items():
+        assert torch.equal(value, s[1]["model"][key]), key
+    assert s[0]["opt"]["param_groups"] == s[1]["opt"]["param_groups"]  # lr 0.01 from rank 0, not 0.02
+    assert s[1]["opt"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    for pid, st in s[0]["opt"]["state"].items():
+        for key, value in st.items():
+            theirs = s[1]["opt"]["state"][pid][key]
+            assert torch.equal(value, theirs) and value.device == theirs.device, (pid, key)
+
+
+def test_mpirun_torch_engine_rendezvous_and_broadcast(tmp_path):
+    run(mpirun_cmd(2, PROBE, "torch", str(tmp_path)), timeout=180)
+    p = probes(tmp_path)
+    assert [x["engine"] for x in p] == ["torch", "torch"] and p[0]["backend"] == "gloo"
+    addr, port = p[0]["rendezvous"]
+    assert p[1]["rendezvous"] == [addr, port] and port > 0
+    assert socket.gethostbyname(addr) and addr != socket.gethostname()
+    for x in p:
+        assert x["collectives"]["f64"]["values"] == [3e300, 1 / 3 + (1 / 3 + 1)]
+        assert x["collectives"]["bool"]["values"] == [2, 1] and x["gathered"] == [0, 10]
+    _assert_broadcast(tmp_path)
+
+
+def test_torchrun_auto_is_torch(tmp_path):
+    run([*TORCHRUN, PROBE, "auto", str(tmp_path)], timeout=180)
+    p = probes(tmp_path)
+    assert [x["engine"] for x in p] == ["torch", "torch"] and p[1]["world"] == [1, 2, 1, 2]
+    assert p[0]["collectives"]["f64"]["values"] == [3e300, 1 / 3 + (1 / 3 + 1)]
+    _assert_broadcast(tmp_path)
+
+
+def test_torchrun_with_horovod_engine_fails_with_one_line(tmp_path):
+    proc = run([*TORCHRUN, PROBE, "horovod", str(tmp_path)], timeout=120, check=False)
+    assert proc.returncode != 0 and not list(tmp_path.glob("probe.*"))  # nobody trained as "rank 0 of 1"
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(ours) == 1 and "pass --dist.engine torch" in ours[0], proc.stderr
+    assert "hpc_asr/dist.py" not in proc.stderr  # no traceback from our code
+
+
+def test_mpirun_with_engine_none_fails_with_one_line(tmp_path):
+    proc = run(mpirun_cmd(2, PROBE, "none", str(tmp_path)), timeout=120, check=False)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert ours == ["error: mpirun started 2 ranks but the engine is 'none' (one process): pass --dist.engine "
+                    "auto (--engine auto for evaluate), or run it with plain python"], proc.stderr
+    assert "Traceback" not in proc.stderr
