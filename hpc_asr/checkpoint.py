@@ -1,12 +1,18 @@
-"""Checkpoints: atomic save (rank 0), strict load, safe deserialisation.
+"""Checkpoints: atomic save (rank 0), strict load, safe deserialisation, weight averaging.
 
 A checkpoint carries everything needed to rebuild and use the model without the training
-config file: the full config, the tokenizer symbols and (inside the model buffers) the CMVN.
+config file: the full config, the tokenizer (character symbols or the BPE model proto) and
+(inside the model buffers) the CMVN.
+
+    python -m hpc_asr.checkpoint average --out avg.pt runs/x/step-00001000.pt runs/x/step-00002000.pt
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +20,9 @@ import torch
 
 from hpc_asr.config import Config
 from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import CharTokenizer
+from hpc_asr.tokenizer import from_state_dict as tokenizer_from_state
 
-__all__ = ["CheckpointError", "load", "load_model", "save"]
+__all__ = ["CheckpointError", "average", "copy", "load", "load_model", "main", "save"]
 
 FORMAT_VERSION = 1
 
@@ -52,11 +58,64 @@ def load(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_model(path: str | Path) -> tuple[ConformerCTC, CharTokenizer, Config]:
+def copy(src: str | Path, dst: str | Path) -> None:
+    """``dst`` becomes a snapshot of ``src`` (a hard link when possible: ``save`` replaces
+    files by rename, so the link keeps the old contents), atomically."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def average(paths: list[str | Path]) -> dict[str, Any]:
+    """Element-wise mean of the models in ``paths`` (floating tensors; integer buffers such as
+    BatchNorm's counter come from the last). Config, tokenizer and position of the last."""
+    if not paths:
+        raise CheckpointError("average: no checkpoints given")
+    states = [load(p) for p in paths]
+    keys = states[-1]["model"].keys()
+    for p, s in zip(paths, states):
+        if s["model"].keys() != keys or s["config"]["model"] != states[-1]["config"]["model"]:
+            raise CheckpointError(f"{p}: a different model than {paths[-1]}; cannot average")
+    model = {}
+    for k, last in states[-1]["model"].items():
+        if last.is_floating_point():
+            model[k] = (sum(s["model"][k].double() for s in states) / len(states)).to(last.dtype)
+        else:
+            model[k] = last.clone()
+    return {"model": model, "config": states[-1]["config"], "tokenizer": states[-1]["tokenizer"],
+            "position": states[-1].get("position", {}), "averaged": [str(p) for p in paths]}
+
+
+def load_model(path: str | Path) -> tuple[ConformerCTC, Any, Config]:
     """Rebuild the model exactly as trained (strict: every tensor must match) in eval mode."""
     state = load(path)
     cfg = Config.from_dict(state["config"], f"{path}: config")
     model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
     model.load_state_dict(state["model"], strict=True)
     model.eval()
-    return model, CharTokenizer.from_state_dict(state["tokenizer"]), cfg
+    return model, tokenizer_from_state(state["tokenizer"]), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpc_asr.checkpoint", description="Checkpoint tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    avg = sub.add_parser("average", help="mean of the models of several checkpoints")
+    avg.add_argument("--out", required=True)
+    avg.add_argument("checkpoints", nargs="+")
+    args = p.parse_args(argv)
+    try:
+        save(args.out, average(args.checkpoints))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[checkpoint] {args.out}: mean of {len(args.checkpoints)} checkpoints", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -116,18 +116,28 @@ class TrainConfig:
 
     out_dir: str = "runs/demo"
     epochs: int = 10
-    lr: float = 2e-3  # peak LR for the global batch; not rescaled by world size
-    warmup_steps: int = 300
+    lr: float = 2e-3  # peak LR at train.ref_batch_frames (see lr_scaling)
+    lr_scaling: str = "none"  # none | linear | sqrt: peak LR x (global batch / ref_batch_frames)^{0, 1, 1/2}
+    ref_batch_frames: int = 6000  # the global batch (max_frames x accum_steps x ranks) that `lr` is tuned for
+    warmup_steps: int = 300  # in optimizer steps of the first run's global batch (kept across world sizes)
     weight_decay: float = 1e-3
     grad_clip: float = 5.0
     accum_steps: int = 1  # gradient accumulation: optimizer step every N batches
-    amp: bool = False  # fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU
+    precision: str = "fp32"  # fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler)
+    amp: bool = False  # legacy switch: true with precision fp32 = fp16 on CUDA, bf16 on CPU
     seed: int = 0
     log_every: int = 20
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
     max_steps: int = 0  # stop after N optimizer steps (0 = run all epochs); for smoke tests
     resume: bool = True  # continue from out_dir/last.pt when it exists
-
+    ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = at epoch ends only)
+    keep_last: int = 3  # step checkpoints kept (step-NNNNNNNN.pt); older ones are deleted
+    average_last: int = 0  # write avg.pt = mean of the last N step checkpoints at the end (0 = off)
+    tensorboard: bool = True  # TensorBoard event files in out_dir/tb (rank 0) when tensorboard is installed
+    progress: bool = True  # progress bar on rank 0 when stderr is a terminal
+    tokenizer: str = "char"  # char | bpe (sentencepiece, trained on the training transcripts)
+    bpe_vocab_size: int = 256
+    compile: bool = False  # torch.compile the model (measure first: off unless it pays)
 
 @dataclass
 class DistConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CharTokenizer", "normalize"]
+__all__ = ["BpeTokenizer", "CharTokenizer", "from_state_dict", "normalize", "train_bpe"]
 
 DEFAULT_SYMBOLS = list(" 'abcdefghijklmnopqrstuvwxyz")
 
@@ -42,3 +42,59 @@ class CharTokenizer:
         if state.get("type") != "char":
             raise ValueError(f"unknown tokenizer type {state.get('type')!r}")
         return cls(state["symbols"])
+
+
+class BpeTokenizer:
+    """Sentencepiece BPE over normalised text. Index 0 is the CTC blank (sentencepiece's id i
+    becomes i + 1); the serialized model proto travels in checkpoints as bytes."""
+
+    blank = 0
+
+    def __init__(self, proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = bytes(proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size() + 1
+
+    def encode(self, text: str) -> list[int]:
+        return [i + 1 for i in self.sp.encode(normalize(text))]
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) - 1 for i in ids if 0 < int(i) < self.vocab_size]).strip()
+
+    def state_dict(self) -> dict:
+        return {"type": "bpe", "model_proto": self.proto}
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> BpeTokenizer:
+    """Train BPE on the normalised transcripts. The vocabulary is capped at what the text
+    supports, so small corpora (tests) still train."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = [t for t in (normalize(x) for x in texts) if t]
+    if not lines:
+        raise ValueError("cannot train a BPE tokenizer: no training transcripts")
+    buf = io.BytesIO()
+    cap = max(len(set("".join(lines))) + 2, min(vocab_size, 4 * len(set(" ".join(lines).split())) + 30))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=min(vocab_size, cap),
+        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2,
+    )
+    return BpeTokenizer(buf.getvalue())
+
+
+def from_state_dict(state: dict):
+    """The tokenizer a checkpoint was trained with (``char`` or ``bpe``)."""
+    kind = state.get("type")
+    if kind == "char":
+        return CharTokenizer.from_state_dict(state)
+    if kind == "bpe":
+        return BpeTokenizer(state["model_proto"])
+    raise ValueError(f"unknown tokenizer type {kind!r}")

@@ -5,6 +5,11 @@
 Order follows the Horovod examples: init → pin device → build model → rank 0 restores →
 wrap optimizer → broadcast state → distributed sampler with set_epoch → train. Lines that talk
 to other ranks are marked ``# dist``.
+
+Preemption: SIGUSR1 or SIGTERM (the scheduler's warning) sets a flag; at the next optimizer
+step every rank learns whether any rank got it, rank 0 writes ``last.pt`` at that exact
+position, and all ranks exit with status ``EXIT_PREEMPTED`` (3). Relaunching the same command
+resumes bitwise where it stopped.
 """
 
 from __future__ import annotations
@@ -13,24 +18,44 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
-from functools import partial
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from hpc_asr import checkpoint
-from hpc_asr.config import Config, parse_cli
+from hpc_asr import tokenizer as tokenizers
+from hpc_asr.config import Config, ConfigError, parse_cli
 from hpc_asr.data import BucketBatchSampler, FeatureSet, collate, spec_augment
-from hpc_asr.dist import log0, make_engine
+from hpc_asr.dist import Engine, log0, make_engine
 from hpc_asr.evaluate import evaluate
-from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import CharTokenizer
+from hpc_asr.model import ConformerCTC, subsampled_lengths
+
+__all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "lr_lambda", "lr_scale", "main", "train"]
+
+EXIT_PREEMPTED = 3  # exit status of every rank after a SIGUSR1/SIGTERM checkpoint: requeue me
+_TEST_INF_STEP = "HPC_ASR_TEST_INF_STEP"  # test hook: "STEP[:RANK]" multiplies that step's loss by inf
+_TEST_WAIT_SIGNAL = "HPC_ASR_TEST_WAIT_SIGNAL"  # test hook: "STEP:RANK" waits there for a real signal
 
 
-def lr_lambda(step: int, warmup: int, total: int) -> float:
+class Preempted(Exception):
+    """Raised on every rank after the preemption checkpoint is written."""
+
+
+class ResumeError(RuntimeError):
+    """The checkpoint cannot continue this run (mismatched config, failed strict load)."""
+
+
+# ---- schedule ----------------------------------------------------------------------------
+
+def lr_lambda(step: float, warmup: float, total: float) -> float:
     """Linear warmup to the peak, then cosine decay to 5% of it by the last step."""
     if step < warmup:
         return (step + 1) / warmup
@@ -38,155 +63,590 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+def lr_scale(rule: str, global_batch_frames: int, ref_batch_frames: int) -> float:
+    """Peak-LR multiplier for a global batch: ``none`` 1, ``linear`` k, ``sqrt`` √k, with
+    k = global batch / reference batch (Goyal et al. 2017 for linear; sqrt for Adam-style)."""
+    k = global_batch_frames / ref_batch_frames
+    return {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}[rule]
 
 
-def train(cfg: Config) -> dict:
-    engine = make_engine(cfg.dist.engine, cfg.dist.compression)  # dist: init + pin device
-    world, device = engine.world, engine.device
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def autocast_dtype(tc, device: torch.device) -> torch.dtype | None:
+    """None for fp32; the legacy ``amp: true`` means fp16 on CUDA and bf16 on CPU."""
+    p = tc.precision
+    if p == "fp32" and tc.amp:
+        p = "fp16" if device.type == "cuda" else "bf16"
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+
+# ---- preemption signals --------------------------------------------------------------------
+
+class _SignalFlag:
+    """SIGUSR1/SIGTERM set ``raised``; the handlers are restored on close."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.raised = 0
+        self._old = {}
+        for s in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = signum
+
+    def close(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _wait_for_signal_hook(flag: _SignalFlag, world, step: int, out: Path) -> None:
+    """Test hook: at optimizer step STEP, rank RANK writes its pid and waits (≤ 120 s) until a
+    signal from outside sets the flag, so a test can preempt one chosen rank deterministically."""
+    spec = os.environ.get(_TEST_WAIT_SIGNAL)
+    if not spec:
+        return
+    at, rank = (int(x) for x in spec.split(":"))
+    if (at, rank) != (step, world.rank):
+        return
+    (out / f"waiting.rank{world.rank}").write_text(str(os.getpid()))
+    deadline = time.time() + 120
+    while not flag.raised and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def _inf_hook(step: int, rank: int) -> float:
+    spec = os.environ.get(_TEST_INF_STEP)
+    if not spec:
+        return 1.0
+    at, _, who = spec.partition(":")
+    return math.inf if int(at) == step and (not who or int(who) == rank) else 1.0
+
+
+# ---- data checks -------------------------------------------------------------------------
+
+def check_lengths(data: FeatureSet, where: str, max_frames: int) -> None:
+    """Every rank scans every length before step 0: an utterance no batch can hold is an error
+    naming it and the key, not a crash on whichever rank meets it after an epoch."""
+    if len(data) and int(data.num_frames.max()) > max_frames:
+        i = int(data.num_frames.argmax())
+        n = int((data.num_frames > max_frames).sum())
+        raise ValueError(f"{where}: utterance {data.ids[i]} has {int(data.num_frames[i])} frames > "
+                         f"data.max_frames={max_frames} ({n} utterance(s) too long); raise data.max_frames")
+
+
+def usable_subset(num_frames: np.ndarray, model_cfg) -> tuple[np.ndarray, int]:
+    """Indices of utterances that leave at least one frame after subsampling, and how many not."""
+    out = subsampled_lengths(torch.as_tensor(np.asarray(num_frames, np.int64)), model_cfg.subsample_factor)
+    keep = np.nonzero(out.numpy() >= 1)[0]
+    return keep, len(num_frames) - len(keep)
+
+
+class SubsetView:
+    """The utterances ``keep`` of a FeatureSet, re-indexed 0..n-1 (what evaluate() reads)."""
+
+    def __init__(self, data: FeatureSet, keep: np.ndarray):
+        self.data, self.keep = data, keep
+        self.num_frames = data.num_frames[keep]
+        self.ids = [data.ids[i] for i in keep]
+        self.texts = [data.texts[i] for i in keep]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, j: int):
+        return j, self.data.feats(int(self.keep[j]))
+
+
+# ---- metrics -----------------------------------------------------------------------------
+
+class MetricsWriter:
+    """Rank 0: one JSON object per line in out_dir/metrics.jsonl, and TensorBoard scalars in
+    out_dir/tb when ``tensorboard`` is on and the package is installed (imported lazily)."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+        self.file = open(out / "metrics.jsonl", "a", buffering=1) if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tb = None
+            else:
+                self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, kind: str, rec: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"kind": kind, **rec}) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---- the run's state ---------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    cfg: Config
+    engine: Engine
+    tok: Any
+    train_set: FeatureSet
+    dev_set: Any
+    keep: np.ndarray  # training utterances long enough for the front end
+    model: ConformerCTC
+    ddp: nn.Module
+    optimizer: Any
+    scaler: Any
+    sampler: BucketBatchSampler
+    log: Callable[[str], None]
+    metrics: MetricsWriter
+    out: Path
+    peak_lr: float = 0.0
+    total_steps: int = 0
+    pos: dict = field(default_factory=dict)
+    win: dict = field(default_factory=dict)
+    flag: _SignalFlag | None = None
+    ctc: nn.Module | None = None
+    sched_inc: float = 1.0  # schedule steps per optimizer step (global batch / the first run's)
+    steps_per_epoch: int = 0
+    t_start: float = 0.0
+    wall0: float = 0.0
+
+    @property
+    def world(self):
+        return self.engine.world
+
+    def wall(self) -> float:
+        return self.wall0 + time.time() - self.t_start
+
+
+def _new_position(world_size: int, accum: int) -> dict:
+    return {"epoch": 0, "batch": 0, "gbatch": 0, "step": 0, "sched_step": 0.0, "skipped_steps": 0,
+            "history": [], "wall_s": 0.0, "dev": [], "best": None, "step_ckpts": [],
+            "sched_unit": {"ranks": world_size, "accum_steps": accum}}
+
+
+# ---- set-up ------------------------------------------------------------------------------
+
+def _open_log(out: Path, world) -> Callable[[str], None]:
     log_file = open(out / f"train.rank{world.rank}.log", "a", buffering=1)
 
     def log(msg: str) -> None:
         log_file.write(f"{time.strftime('%H:%M:%S')} {world.tag} {msg}\n")
         log0(world, f"[train] {msg}")
 
-    tok = CharTokenizer()
-    cfg.model.vocab_size = tok.vocab_size
+    log.close = log_file.close  # type: ignore[attr-defined]
+    return log
+
+
+def _load_data(cfg: Config, engine: Engine, log) -> tuple[FeatureSet, Any, np.ndarray]:
+    """Both splits scanned up front on every rank: too long → error, too short → dropped."""
     train_set, dev_set = FeatureSet(cfg.data.train), FeatureSet(cfg.data.dev)
     if train_set.features != cfg.features:
-        raise SystemExit(f"error: {cfg.data.train}: features {train_set.features} differ from config {cfg.features}")
+        raise ValueError(f"{cfg.data.train}: features {train_set.features} differ from config {cfg.features}")
+    check_lengths(train_set, cfg.data.train, cfg.data.max_frames)
+    check_lengths(dev_set, cfg.data.dev, cfg.data.max_frames)
+    keep, dropped = usable_subset(train_set.num_frames, cfg.model)
+    if dropped:
+        log(f"{cfg.data.train}: {dropped} utterances shorter than the subsampling receptive field skipped")
+    dev_keep, dev_dropped = usable_subset(dev_set.num_frames, cfg.model)
+    if dev_dropped:
+        log(f"{cfg.data.dev}: {dev_dropped} utterances shorter than the subsampling receptive field skipped")
+        dev_set = SubsetView(dev_set, dev_keep)
+    return train_set, dev_set, keep
+
+
+def _build_optimizer(cfg: Config, model: nn.Module, device: torch.device):
+    kw = {"fused": True} if device.type == "cuda" else {}  # one kernel for all params on GPUs
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **kw)
+
+
+def _setup(cfg: Config) -> _Run:
+    engine = make_engine(cfg.dist.engine, cfg.dist.compression)  # dist: init + pin device
+    world, device = engine.world, engine.device
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _open_log(out, world)
+    train_set, dev_set, keep = _load_data(cfg, engine, log)
+    tok = _make_tokenizer(cfg, train_set, engine, out)
+    cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(cfg.train.seed)  # same init everywhere; broadcast below makes it exact
     model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
     model.set_cmvn(train_set.cmvn_mean, train_set.cmvn_std)
     model.to(device)
-    sampler = BucketBatchSampler(train_set.num_frames, cfg.data.max_frames, cfg.data.max_utts,
+    sampler = BucketBatchSampler(train_set.num_frames[keep], cfg.data.max_frames, cfg.data.max_utts,
                                  world.rank, world.size, shuffle=True, seed=cfg.train.seed,
                                  bucket_size=cfg.data.bucket_size)  # dist: each rank its own batches
-    steps_per_epoch = len(sampler) // cfg.train.accum_steps
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     ddp = engine.wrap_model(model)  # dist: DDP for the torch engine, unchanged for Horovod
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    optimizer = engine.wrap_optimizer(optimizer, model, cfg.train.accum_steps)  # dist: allreduce hooks
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_lambda, warmup=cfg.train.warmup_steps, total=total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
+    if cfg.train.compile:
+        ddp = torch.compile(ddp)
+    optimizer = engine.wrap_optimizer(_build_optimizer(cfg, model, device), model,
+                                      cfg.train.accum_steps)  # dist: allreduce hooks
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.train, device) == torch.float16)
+    metrics = MetricsWriter(out, enabled=world.is_main, tensorboard=cfg.train.tensorboard)
+    return _Run(cfg, engine, tok, train_set, dev_set, keep, model, ddp, optimizer, scaler, sampler, log,
+                metrics, out, pos=_new_position(world.size, cfg.train.accum_steps))
 
-    pos = {"epoch": 0, "batch": 0, "step": 0, "history": [], "wall_s": 0.0}
-    last = out / "last.pt"
-    if cfg.train.resume and last.is_file() and world.is_main:  # rank 0 restores, then broadcasts
-        state = checkpoint.load(last)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        pos = state["position"]
-        log(f"resumed from {last}: epoch {pos['epoch']} batch {pos['batch']} step {pos['step']}")
-    pos = engine.broadcast_object(pos)  # dist
-    engine.broadcast_state(model, optimizer)  # dist: everyone starts from rank 0's state
-    scheduler.last_epoch = pos["step"]  # non-zero ranks only got the step count
-    for g in optimizer.param_groups:
-        g["lr"] = cfg.train.lr * lr_lambda(pos["step"], cfg.train.warmup_steps, total_steps)
 
-    ctc = nn.CTCLoss(blank=tok.blank, reduction="sum", zero_infinity=True)
-    log(f"{model.num_params() / 1e6:.2f}M params, {len(train_set)} train utts "
-        f"({train_set.index['hours']:.2f} h), {steps_per_epoch} steps/epoch, {world.size} ranks, "
-        f"engine {engine.name}, compression {cfg.dist.compression}, device {device}")
+def _make_tokenizer(cfg: Config, train_set: FeatureSet, engine: Engine, out: Path):
+    """Characters, or a BPE model trained on rank 0 from the training transcripts (or taken from
+    last.pt when resuming) and broadcast, so every rank encodes identically."""
+    if cfg.train.tokenizer == "char":
+        return tokenizers.CharTokenizer()
+    state = None
+    if engine.world.is_main:
+        last = out / "last.pt"
+        if cfg.train.resume and last.is_file():
+            with contextlib.suppress(checkpoint.CheckpointError, KeyError):
+                state = checkpoint.load(last)["tokenizer"]
+        if state is None or state.get("type") != "bpe":
+            state = tokenizers.train_bpe(train_set.texts, cfg.train.bpe_vocab_size).state_dict()
+    state = engine.broadcast_object(state)  # dist
+    return tokenizers.from_state_dict(state)
 
-    def save_checkpoint(epoch: int, batch: int, wall: float) -> None:
-        if not world.is_main:
-            return
-        pos.update(epoch=epoch, batch=batch, wall_s=wall)
-        checkpoint.save(last, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "config": cfg.to_dict(), "tokenizer": tok.state_dict(), "position": pos,
-        })
 
-    t_start, wall0 = time.time(), pos["wall_s"]
-    start_epoch, start_batch = pos["epoch"], pos["batch"]
-    win = {"loss": 0.0, "utts": 0, "frames": 0, "t": time.time()}
-    done = pos["step"] >= total_steps
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if done:
-            break
-        sampler.set_epoch(epoch)  # dist: same shuffle on every rank, different slices
-        batches = list(sampler)
-        for bi in range(start_batch if epoch == start_epoch else 0, len(batches)):
-            # Seeds derived from (step, rank) make a resumed run draw the same masks and dropout.
-            gstep = epoch * len(batches) + bi
-            torch.manual_seed(cfg.train.seed * 100003 + gstep * 7919 + world.rank)
-            batch = collate([train_set[i] for i in batches[bi]], train_set.texts, tok)
-            feats = spec_augment(batch.feats, batch.feat_lens, cfg.specaug)
-            batch.feats = feats
-            batch = batch.to(device)
-            boundary = (bi + 1) % cfg.train.accum_steps == 0 or bi + 1 == len(batches)
-            with engine.no_sync(ddp) if not boundary else contextlib.nullcontext():
-                with _autocast(device, cfg.train.amp):
-                    lp, lens = ddp(batch.feats, batch.feat_lens)
-                loss = ctc(lp.float().transpose(0, 1), batch.targets, lens, batch.target_lens)
-                scaler.scale(loss / len(batch.indices) / cfg.train.accum_steps).backward()
-            win["loss"] += float(loss.detach())
-            win["utts"] += len(batch.indices)
-            win["frames"] += int(batch.feat_lens.sum())
-            if not boundary:
+# ---- resume ------------------------------------------------------------------------------
+
+# Keys whose change makes a checkpoint unusable (a different network or different inputs).
+_INCOMPATIBLE_SECTIONS = ("model", "features")
+
+
+def compare_configs(saved: dict, current: Config) -> list[str]:
+    """Benign differences as 'section.key old -> new'; incompatible ones raise ResumeError."""
+    now = current.to_dict()
+    bad, benign = [], []
+    for section, values in now.items():
+        for key, value in values.items():
+            old = (saved.get(section) or {}).get(key, value)
+            if old == value:
                 continue
-            engine.synchronize(optimizer)  # dist: finish allreduce before unscale/clip
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            with engine.skip_synchronize(optimizer):  # dist: already reduced above
-                scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad()
-            scheduler.step()
-            pos["step"] += 1
-            if pos["step"] % cfg.train.log_every == 0 or pos["step"] == total_steps:
-                vec = engine.allreduce_sum(torch.tensor([win["loss"], win["utts"], win["frames"]],
-                                                        dtype=torch.float64))  # dist
-                dt = time.time() - win["t"]
-                rec = {"step": pos["step"], "epoch": epoch, "loss": vec[0].item() / max(vec[1].item(), 1),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "audio_s_per_s": vec[2].item() / 100 / max(dt, 1e-9), "wall_s": wall0 + time.time() - t_start}
-                pos["history"].append(rec)
-                log(f"epoch {epoch} step {pos['step']}/{total_steps} loss {rec['loss']:.3f} "
-                    f"lr {rec['lr']:.2e} |g| {rec['grad_norm']:.2f} {rec['audio_s_per_s']:.0f}x realtime")
-                win = {"loss": 0.0, "utts": 0, "frames": 0, "t": time.time()}
-            if pos["step"] >= total_steps:
-                done = True
-                save_checkpoint(epoch, bi + 1, wall0 + time.time() - t_start)
-                break
-        if not done:
-            save_checkpoint(epoch + 1, 0, wall0 + time.time() - t_start)
-        dev = evaluate(model, dev_set, tok, engine, cfg)
-        pos.setdefault("dev", []).append({"epoch": epoch, "step": pos["step"], **dev})
-        log(f"epoch {epoch} dev loss {dev['loss']:.3f} WER {dev['wer']:.2%} CER {dev['cer']:.2%}")
-        if world.is_main:  # keep dev history in the checkpoint too
-            save_checkpoint(pos["epoch"], pos["batch"], wall0 + time.time() - t_start)
+            (bad if section in _INCOMPATIBLE_SECTIONS else benign).append(f"{section}.{key} {old!r} -> {value!r}")
+    if bad:
+        raise ResumeError(f"checkpoint was trained with a different model/features: {'; '.join(bad)}")
+    return benign
 
-    wall = wall0 + time.time() - t_start
-    summary = {
-        "train_wall_s": round(wall, 1), "ranks": world.size, "engine": engine.name,
-        "compression": cfg.dist.compression, "steps": pos["step"], "train_hours": train_set.index["hours"],
-        "params": model.num_params(), "dev": pos.get("dev", []), "history": pos["history"],
+
+def _restore_rank0(run: _Run, last: Path) -> tuple[dict, list[str]]:
+    state = checkpoint.load(last)
+    changed = compare_configs(state["config"], run.cfg)
+    try:
+        run.model.load_state_dict(state["model"], strict=True)
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ResumeError(f"strict load failed: {str(e).splitlines()[0]}") from None
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    saved = state["position"]
+    pos = {**_new_position(run.world.size, run.cfg.train.accum_steps), **saved}
+    if "sched_step" not in saved:  # written before schedule steps existed: same world assumed
+        pos["sched_step"], pos["gbatch"] = float(saved["step"]), saved["batch"] * run.world.size
+    return pos, changed
+
+
+def _resume(run: _Run) -> None:
+    """Rank 0 restores, then one broadcast carries the position, the GradScaler state and an
+    error (if any): a failed load on rank 0 ends every rank with its message instead of leaving
+    them blocked in the next collective."""
+    last = run.out / "last.pt"
+    msg: dict[str, Any] = {"error": None, "pos": run.pos, "changed": [], "resumed": False}
+    if run.cfg.train.resume and last.is_file() and run.world.is_main:
+        try:
+            msg["pos"], msg["changed"] = _restore_rank0(run, last)
+            msg["resumed"] = True
+        except (checkpoint.CheckpointError, ResumeError, KeyError) as e:
+            msg["error"] = f"{last}: {e}"
+    msg["scaler"] = run.scaler.state_dict()
+    msg = run.engine.broadcast_object(msg)  # dist: position, scaler, error flag
+    if msg["error"]:
+        raise ResumeError(msg["error"])
+    run.pos = msg["pos"]
+    run.scaler.load_state_dict(msg["scaler"])
+    # Horovod's broadcast_optimizer_state takes a dummy step on ranks that hold no optimizer state
+    # (all ranks at a fresh start, ranks > 0 on resume): at lr 0 AdamW's weight decay leaves their
+    # weights alone; the scheduled lr is set right after.
+    for g in run.optimizer.param_groups:
+        g["lr"] = 0.0
+    run.engine.broadcast_state(run.model, run.optimizer)  # dist: everyone starts from rank 0's state
+    run.peak_lr, run.total_steps = _schedule(run)
+    _set_lr(run)
+    if msg["resumed"]:
+        p = run.pos
+        run.log(f"resumed from {last}: epoch {p['epoch']} batch {p['batch']} step {p['step']} "
+                f"(schedule step {p['sched_step']:g})")
+        for c in msg["changed"]:
+            run.log(f"config changed since the checkpoint: {c}")
+    run.log(f"lr {run.optimizer.param_groups[0]['lr']:.6e} scaler {run.scaler.state_dict()}")
+
+
+def _schedule(run: _Run) -> tuple[float, float]:
+    """Peak LR after scaling, and the schedule length in schedule steps: optimizer steps of the
+    first run's global batch, so resuming with another world size continues the same curve."""
+    cfg, world = run.cfg, run.world
+    unit = run.pos["sched_unit"]
+    run.sched_inc = (world.size * cfg.train.accum_steps) / (unit["ranks"] * unit["accum_steps"])
+    run.steps_per_epoch = math.ceil(len(run.sampler) / cfg.train.accum_steps)
+    total = (cfg.train.max_steps or run.steps_per_epoch * cfg.train.epochs) * run.sched_inc
+    global_frames = cfg.data.max_frames * cfg.train.accum_steps * world.size
+    return cfg.train.lr * lr_scale(cfg.train.lr_scaling, global_frames, cfg.train.ref_batch_frames), total
+
+
+def _set_lr(run: _Run) -> None:
+    lr = run.peak_lr * lr_lambda(run.pos["sched_step"], run.cfg.train.warmup_steps, run.total_steps)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ---- batches -----------------------------------------------------------------------------
+
+def epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[tuple[int, Any]]:
+    """This rank's batches of ``epoch`` from local batch ``start`` on, collated and augmented:
+    the one place the loop gets data from (a DataLoader can replace it)."""
+    run.sampler.set_epoch(epoch)  # dist: same shuffle on every rank, different slices
+    mine = list(run.sampler)
+    cfg, ts = run.cfg, run.train_set
+    for bi in range(start, len(mine)):
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 100_003 + bi * 31 + run.world.rank)
+        batch = collate([ts[int(run.keep[i])] for i in mine[bi]], ts.texts, run.tok)
+        batch.feats = spec_augment(batch.feats, batch.feat_lens, cfg.specaug, gen)
+        yield bi, batch
+
+
+# ---- one step ----------------------------------------------------------------------------
+
+def _forward_backward(run: _Run, batch, gstep: int, boundary: bool) -> None:
+    # Seeds derived from (step, rank) make a resumed run draw the same dropout masks.
+    torch.manual_seed(run.cfg.train.seed * 100003 + gstep * 7919 + run.world.rank)
+    frames = int(batch.feat_lens.sum())  # on the host: no device sync
+    batch = batch.to(run.engine.device)
+    dtype = autocast_dtype(run.cfg.train, run.engine.device)
+    with run.engine.no_sync(run.ddp) if not boundary else contextlib.nullcontext():
+        with torch.autocast(run.engine.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            lp, lens = run.ddp(batch.feats, batch.feat_lens)
+        loss = run.ctc(lp.float().transpose(0, 1), batch.targets, lens, batch.target_lens)
+        loss = loss * _inf_hook(run.pos["step"] + 1, run.world.rank)
+        run.scaler.scale(loss / len(batch.indices) / run.cfg.train.accum_steps).backward()
+    run.win["loss"] += loss.detach().double()  # stays on the device until a log step
+    run.win["utts"] += len(batch.indices)
+    run.win["frames"] += frames
+
+
+def _optimizer_step(run: _Run) -> bool:
+    """Reduce, unscale, clip, agree on (non-finite gradient, preemption), then step or skip.
+    Returns True when some rank was signalled."""
+    opt, model = run.optimizer, run.model
+    run.engine.synchronize(opt)  # dist: finish allreduce before unscale/clip
+    run.scaler.unscale_(opt)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), run.cfg.train.grad_clip)
+    _wait_for_signal_hook(run.flag, run.world, run.pos["step"] + 1, run.out)
+    local = torch.stack([torch.tensor(float(bool(run.flag.raised)), device=grad_norm.device),
+                         (~torch.isfinite(grad_norm)).to(torch.float32)]).to(torch.float64)
+    signalled, nonfinite = (run.engine.allreduce_sum(local) > 0).tolist()  # dist: any rank
+    if nonfinite:  # skip on every rank alike: the weights stay finite and equal
+        run.pos["skipped_steps"] += 1
+        run.log(f"step {run.pos['step'] + 1}: non-finite gradient norm, step skipped "
+                f"({run.pos['skipped_steps']} so far)")
+        # no optimizer step; zero_grad below also resets Horovod's "synchronized" state
+    else:
+        with run.engine.skip_synchronize(opt):  # dist: already reduced above
+            run.scaler.step(opt)
+    run.scaler.update()
+    opt.zero_grad()
+    run.win["grad_norm"] = grad_norm
+    return bool(signalled)
+
+
+def _advance(run: _Run, epoch: int, bi: int) -> None:
+    p = run.pos
+    p["step"] += 1
+    p["sched_step"] += run.sched_inc
+    p["epoch"], p["batch"], p["gbatch"] = epoch, bi + 1, (bi + 1) * run.world.size
+    _set_lr(run)
+
+
+# ---- logging -----------------------------------------------------------------------------
+
+def _reset_window(run: _Run) -> None:
+    run.win = {"loss": torch.zeros((), dtype=torch.float64, device=run.engine.device), "utts": 0,
+               "frames": 0, "t": time.time(), "grad_norm": torch.zeros(())}
+
+
+def _log_step(run: _Run, epoch: int) -> None:
+    vec = torch.stack([run.win["loss"].to(torch.float64),
+                       torch.tensor(float(run.win["utts"]), dtype=torch.float64, device=run.win["loss"].device),
+                       torch.tensor(float(run.win["frames"]), dtype=torch.float64, device=run.win["loss"].device)])
+    loss_sum, utts, frames = run.engine.allreduce_sum(vec).tolist()  # dist: metrics reduced first
+    dt = time.time() - run.win["t"]
+    p = run.pos
+    rec = {"step": p["step"], "epoch": epoch, "loss": loss_sum / max(utts, 1),
+           "lr": run.win["lr_used"], "grad_norm": float(run.win["grad_norm"]),
+           "audio_s_per_s": frames / 100 / max(dt, 1e-9), "wall_s": run.wall(),
+           "skipped_steps": p["skipped_steps"]}
+    p["history"].append(rec)
+    run.metrics.write("train", rec)
+    total = run.cfg.train.max_steps or run.steps_per_epoch * run.cfg.train.epochs
+    run.log(f"epoch {epoch} step {p['step']}/{total} loss {rec['loss']:.3f} "
+            f"lr {rec['lr']:.2e} |g| {rec['grad_norm']:.2f} {rec['audio_s_per_s']:.0f}x realtime")
+    _reset_window(run)
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+def _state(run: _Run) -> dict:
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "config": run.cfg.to_dict(),
+            "tokenizer": run.tok.state_dict(), "position": run.pos}
+
+
+def _save(run: _Run, step_copy: bool = False) -> None:
+    """last.pt (atomic, rank 0); with ``step_copy`` also step-NNNNNNNN.pt, keeping the last K."""
+    if not run.world.is_main:
+        return
+    run.pos["wall_s"] = run.wall()
+    last = run.out / "last.pt"
+    if step_copy:
+        name = f"step-{run.pos['step']:08d}.pt"
+        if name not in run.pos["step_ckpts"]:
+            run.pos["step_ckpts"].append(name)
+        for old in run.pos["step_ckpts"][: -run.cfg.train.keep_last]:
+            (run.out / old).unlink(missing_ok=True)
+        run.pos["step_ckpts"] = run.pos["step_ckpts"][-run.cfg.train.keep_last :]
+    checkpoint.save(last, _state(run))
+    if step_copy:
+        checkpoint.copy(last, run.out / run.pos["step_ckpts"][-1])
+
+
+def _evaluate(run: _Run, epoch: int) -> None:
+    dev = evaluate(run.model, run.dev_set, run.tok, run.engine, run.cfg)
+    p = run.pos
+    p["dev"].append({"epoch": epoch, "step": p["step"], **dev})
+    run.metrics.write("dev", {"epoch": epoch, "step": p["step"], **dev})
+    run.log(f"epoch {epoch} dev loss {dev['loss']:.3f} WER {dev['wer']:.2%} CER {dev['cer']:.2%}")
+    best = p.get("best")
+    improved = best is None or (dev["wer"], dev["loss"]) < (best["wer"], best["loss"])
+    if improved:
+        p["best"] = {"epoch": epoch, "step": p["step"], "wer": dev["wer"], "loss": dev["loss"]}
+    _save(run)  # keep dev history (and the best mark) in the checkpoint too
+    if improved and run.world.is_main:
+        checkpoint.copy(run.out / "last.pt", run.out / "best.pt")
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+def _train_epoch(run: _Run, epoch: int, start: int) -> bool:
+    """Returns True when training is over (max_steps reached). Raises Preempted."""
+    cfg, p = run.cfg, run.pos
+    n_local = len(run.sampler)
+    for bi, batch in epoch_batches(run, epoch, start):
+        boundary = (bi + 1) % cfg.train.accum_steps == 0 or bi + 1 == n_local
+        _forward_backward(run, batch, epoch * n_local + bi, boundary)
+        if not boundary:
+            continue
+        run.win["lr_used"] = run.optimizer.param_groups[0]["lr"]
+        signalled = _optimizer_step(run)
+        _advance(run, epoch, bi)
+        done = bool(cfg.train.max_steps) and p["step"] >= cfg.train.max_steps
+        if p["step"] % cfg.train.log_every == 0 or done or signalled:
+            _log_step(run, epoch)
+        if signalled:
+            _save(run)
+            run.log(f"preempted (signal) at step {p['step']}: checkpoint {run.out / 'last.pt'}; "
+                    f"exiting with status {EXIT_PREEMPTED}")
+            raise Preempted
+        if done:
+            _save(run)
+            return True
+        if cfg.train.ckpt_every_steps and p["step"] % cfg.train.ckpt_every_steps == 0:
+            _save(run, step_copy=True)
+    return False
+
+
+def _start_batch(run: _Run, epoch: int) -> int:
+    """Local batch to start ``epoch`` at: the checkpoint counts global batches, so a run resumed
+    with another world size skips exactly what the old world had consumed (rounded up)."""
+    if epoch != run.pos["epoch"]:
+        return 0
+    return -(-run.pos["gbatch"] // run.world.size)
+
+
+def _loop(run: _Run) -> None:
+    cfg = run.cfg
+    if cfg.train.max_steps and run.pos["step"] >= cfg.train.max_steps:
+        return
+    for epoch in range(run.pos["epoch"], cfg.train.epochs):
+        done = _train_epoch(run, epoch, _start_batch(run, epoch))
+        if not done:
+            run.pos.update(epoch=epoch + 1, batch=0, gbatch=0)
+            _save(run)
+        _evaluate(run, epoch)
+        if done:
+            return
+
+
+def _summary(run: _Run) -> dict:
+    p = run.pos
+    return {
+        "train_wall_s": round(run.wall(), 1), "ranks": run.world.size, "engine": run.engine.name,
+        "compression": run.cfg.dist.compression, "steps": p["step"], "skipped_steps": p["skipped_steps"],
+        "train_hours": run.train_set.index["hours"], "params": run.model.num_params(), "dev": p["dev"],
+        "best": p["best"], "history": p["history"],
     }
-    if world.is_main:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        log(f"done in {wall:.0f}s; checkpoint {last}")
-    engine.barrier()  # dist: nobody exits while rank 0 still writes
-    engine.shutdown()
-    log_file.close()
+
+
+def _finish(run: _Run) -> dict:
+    summary = _summary(run)
+    if run.world.is_main:
+        if run.cfg.train.average_last:
+            paths = [run.out / n for n in run.pos["step_ckpts"][-run.cfg.train.average_last :]]
+            if paths:
+                checkpoint.save(run.out / "avg.pt", checkpoint.average(paths))
+                run.log(f"avg.pt: mean of {[p.name for p in paths]}")
+        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        run.log(f"done in {summary['train_wall_s']:.0f}s; checkpoint {run.out / 'last.pt'}")
     return summary
+
+
+def train(cfg: Config) -> dict:
+    run = _setup(cfg)
+    run.flag = _SignalFlag()
+    try:
+        _resume(run)
+        run.ctc = nn.CTCLoss(blank=run.tok.blank, reduction="sum", zero_infinity=True)
+        run.log(f"{run.model.num_params() / 1e6:.2f}M params, {len(run.keep)} train utts "
+                f"({run.train_set.index['hours']:.2f} h), {run.steps_per_epoch} steps/epoch, "
+                f"{run.world.size} ranks, engine {run.engine.name}, compression {cfg.dist.compression}, "
+                f"device {run.engine.device}, peak lr {run.peak_lr:.3e} (lr_scaling {cfg.train.lr_scaling})")
+        run.t_start, run.wall0 = time.time(), run.pos["wall_s"]
+        _reset_window(run)
+        _loop(run)
+        summary = _finish(run)
+        run.engine.barrier()  # dist: nobody exits while rank 0 still writes
+        return summary
+    except Preempted:
+        run.engine.barrier()  # dist: rank 0 has written last.pt
+        raise
+    finally:
+        run.flag.close()
+        run.metrics.close()
+        run.engine.shutdown()
+        run.log.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(argv, "Train Conformer-CTC with Horovod or torch.distributed")
     try:
         train(cfg)
-    except (FileNotFoundError, ValueError) as e:  # missing/invalid prepared data, too-long utterances
+    except Preempted:
+        return EXIT_PREEMPTED
+    except (FileNotFoundError, ValueError, ResumeError, ConfigError) as e:  # bad data, config or checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,13 +8,17 @@ spin against other jobs and make a step ~40x slower.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import helpers
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, mpirun_cmd, run
+from conftest import ROOT, mpirun_cmd, run, run_env
 from helpers import TEXTS, make_feature_dir, tiny_yaml
 
 import hpc_asr.train as train_mod
@@ -229,3 +233,49 @@ def test_resume_false_starts_over(tiny_features, tmp_path):
     train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2"))
     s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.resume", "false"))
     assert s["steps"] == 2 and [h["step"] for h in s["history"]] == [1, 2]
+
+
+# ---- preemption: a signal to one rank --------------------------------------------------------
+
+def _launch(cmd: list[str], **env: str):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**run_env(), **env}, cwd=ROOT)
+
+
+def _wait_file(path: Path, proc, timeout: float = 180) -> str:
+    deadline = time.time() + timeout
+    while not path.is_file():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"exited {proc.returncode} before {path.name}\n{out}\n{err}")
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def test_sigusr1_to_one_rank_checkpoints_exits_3_and_resumes_exactly(tiny_features, tmp_path):
+    """SIGUSR1 sent (from outside, by pid) to rank 1 only: both ranks agree at the next optimizer
+    step, rank 0 writes last.pt at that step, both exit 3; relaunching ends bitwise equal to an
+    uninterrupted 2-rank run."""
+    def yaml_for(out: Path) -> Path:
+        return tiny_yaml(tmp_path / f"{out.name}.yaml", tiny_features["train"], tiny_features["dev"], out,
+                         train={"epochs": 3, "warmup_steps": 2}, model={"dropout": 0.1},
+                         specaug={"enabled": True})
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(straight))), timeout=240)
+
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(split))),
+                   HPC_ASR_TEST_WAIT_SIGNAL="3:1")  # rank 1 pauses before agreeing on step 3
+    pid = int(_wait_file(split / "waiting.rank1", proc))
+    os.kill(pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == train_mod.EXIT_PREEMPTED, err
+    assert checkpoint.load(split / "last.pt")["position"]["step"] == 3
+    for r in (0, 1):
+        assert "preempted (signal) at step 3" in (split / f"train.rank{r}.log").read_text()
+    assert not (split / "train_summary.json").exists()
+
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(split))), timeout=240)
+    assert "resumed from" in (split / "train.rank0.log").read_text()
+    _assert_same_run(straight, split)
