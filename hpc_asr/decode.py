@@ -105,6 +105,7 @@ class BeamDecoder:
         self._build_lexicon(hotwords, hotword_score)
 
     def _build_lexicon(self, hotwords: tuple[str, ...], hotword_score: float) -> None:
+        from flashlight.lib.text.decoder.kenlm import KenLM
         from flashlight.lib.text.dictionary import Dictionary
 
         from hpc_asr.lm import UNK, read_arpa
@@ -116,7 +117,7 @@ class BeamDecoder:
         wdict = Dictionary()
         for w in self.words:
             wdict.add_entry(w)
-        self._kenlm = fl.KenLM(str(self.lm.arpa), wdict)
+        self._kenlm = KenLM(str(self.lm.arpa), wdict)
         start = self._kenlm.start(False)
         self.trie = fl.Trie(self.tok.vocab_size, self.sil)
         hot = set(hotwords)
@@ -137,6 +138,7 @@ class BeamDecoder:
         lm = self._kenlm
         if self._hot and self._hotword_score:  # the decoder multiplies LM scores by lm_weight
             lm = _biased_lm(fl, self._kenlm, self._hot, self._hotword_score / max(self.lm_weight, 1e-3))
+        self._lm_ref = lm  # a Python LM must outlive the C++ decoder that calls it
         self._decoder = fl.LexiconDecoder(opts, self.trie, lm, self.sil, self.tok.blank,
                                           len(self.words) - 1, [], False)
 

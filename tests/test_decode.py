@@ -1,0 +1,115 @@
+"""CTC decoders on hand-built posteriors: prefix beam search agrees with greedy where it must and
+beats it where path sums matter; the LM and the lexicon fix what acoustics cannot; hotwords."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpc_asr.decode import BeamDecoder, LmFiles, greedy_batch, lm_files, make_decoder
+from hpc_asr.lm import build_arpa
+from hpc_asr.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+V = TOK.vocab_size
+
+
+def posterior(frames: list[dict[str, float]], floor: float = 1e-4) -> np.ndarray:
+    """(T, V) log-probs from per-frame {symbol: prob} ('_' = blank); the rest share ``floor``."""
+    p = np.full((len(frames), V), floor)
+    for t, f in enumerate(frames):
+        for s, v in f.items():
+            p[t, 0 if s == "_" else TOK.encode(s)[0] if s != " " else TOK.symbols.index(" ") + 1] = v
+    p /= p.sum(1, keepdims=True)
+    return np.log(p).astype(np.float32)
+
+
+def spell(text: str, p: float = 0.9, confuse: dict[int, dict[str, float]] | None = None) -> list[dict]:
+    """One frame per character and a blank between, optionally with confusions at positions."""
+    frames = []
+    for i, c in enumerate(text):
+        frames += [(confuse or {}).get(i, {c: p}), {"_": 0.9}]
+    return frames
+
+
+def test_beam_equals_greedy_when_each_frame_has_a_clear_winner():
+    """With one dominant label per frame (> 0.5), the most probable labelling is the greedy one."""
+    rng = np.random.default_rng(0)
+    dec = BeamDecoder(TOK, beam_size=16)
+    for _ in range(20):
+        t = int(rng.integers(5, 60))
+        x = rng.standard_normal((t, V)) + 9 * np.eye(V)[rng.integers(0, V, t)]
+        lp = (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
+        assert dec.decode_one(lp) == greedy_batch(lp[None], np.array([t]), TOK)[0]
+
+
+def test_prefix_beam_sums_paths_greedy_cannot():
+    """Two frames with p(blank)=0.6, p(a)=0.4: greedy says '' (0.36), but 'a' has 0.64 over paths."""
+    lp = posterior([{"_": 0.6, "a": 0.4}] * 2, floor=1e-9)
+    assert greedy_batch(lp[None], np.array([2]), TOK) == [""]
+    assert BeamDecoder(TOK, beam_size=8).decode_one(lp) == "a"
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    texts = ["set a timer for ten minutes", "set a timer for two minutes", "call mom", "call bob now",
+             "play some jazz", "turn the lights off", "what time is it"] * 5
+    build_arpa(texts, 3, d / "lm.arpa")
+    return d
+
+
+def test_lexicon_and_lm_fix_a_misspelling(lm_dir):
+    """'set a timar': the acoustics prefer 'a' over 'e'; only the LM's words are allowed."""
+    text = "set a timer"
+    lp = posterior(spell(text, confuse={9: {"a": 0.6, "e": 0.4}}))
+    assert greedy_batch(lp[None], np.array([len(lp)]), TOK) == ["set a timar"]
+    assert BeamDecoder(TOK, 16, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5)).decode_one(lp) == text
+
+
+def test_lm_weight_decides_between_two_words_the_acoustics_cannot(lm_dir):
+    """'call mom' vs 'call bob' equally likely acoustically for 'call ?o?', then 'now' follows:
+    the trigram (call bob now) decides only when the LM has weight."""
+    frames = spell("call ")
+    frames += [{"m": 0.5, "b": 0.5}, {"_": 0.9}, {"o": 0.9}, {"_": 0.9}, {"m": 0.51, "b": 0.49}, {"_": 0.9}]
+    frames += spell(" now")
+    lp = posterior(frames)
+    dec = BeamDecoder(TOK, 32, lm=LmFiles(lm_dir / "lm.arpa"), lm_weight=0.0, word_score=0.0)
+    no_lm = dec.decode_one(lp)
+    dec.set_weights(1.0, 0.0)
+    assert dec.decode_one(lp) == "call bob now"
+    assert no_lm != "call bob now"
+
+
+def test_hotword_biasing_recognises_a_contact_name(lm_dir):
+    """A contact name the LM never saw ('zoe') is only in the output when it is a hotword."""
+    frames = [*spell("call "), {"z": 0.5, "b": 0.5}, {"_": 0.9}, {"o": 0.9}, {"_": 0.9}, {"e": 0.5, "b": 0.5}]
+    lp = posterior(frames)
+    plain = BeamDecoder(TOK, 32, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5)).decode_one(lp)
+    biased = BeamDecoder(TOK, 32, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5), hotwords=("zoe",),
+                         hotword_score=8.0).decode_one(lp)
+    assert "zoe" not in plain
+    assert biased == "call zoe"
+
+
+def test_tuned_weights_are_read_from_decode_json(lm_dir):
+    assert not lm_files(lm_dir).tuned
+    (lm_dir / "decode.json").write_text('{"lm_weight": 0.7, "word_score": 1.5}')
+    try:
+        lm = lm_files(lm_dir / "lm.arpa")
+        assert (lm.lm_weight, lm.word_score, lm.tuned) == (0.7, 1.5, True)
+    finally:
+        (lm_dir / "decode.json").unlink()
+
+
+def test_bad_decoder_and_missing_lm_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="decoder 'viterbi'"):
+        make_decoder("viterbi", TOK)
+    with pytest.raises(ValueError, match="needs a language model"):
+        make_decoder("beam+lm", TOK)
+    with pytest.raises(FileNotFoundError, match=r"lm\.arpa"):
+        lm_files(tmp_path)
+
+
+def test_empty_posterior_decodes_to_empty():
+    assert BeamDecoder(TOK, 4).decode_one(np.zeros((0, V), np.float32)) == ""
