@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hpc_asr.config import FeatureConfig
-from hpc_asr.features import AudioError, CmvnStats, fbank, load_audio, num_frames
+from hpc_asr.config import ConfigError, FeatureConfig
+from hpc_asr.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames
 
 CFG = FeatureConfig()
 SR = CFG.sample_rate
@@ -54,11 +54,23 @@ def lhotse_fbank(samples: np.ndarray) -> np.ndarray:
         return layer(torch.from_numpy(np.asarray(samples, np.float32))[None])[0].numpy()
 
 
+INSTALLED = available_backends()
+
+
+def backend_cfg(backend: str) -> FeatureConfig:
+    if backend not in INSTALLED:
+        pytest.skip(f"features.backend {backend}: does not import here (torchaudio does not load beside "
+                    f"this torch; the GPU set-up installs a matching pair)")
+    return FeatureConfig(backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "kaldi_native", "torchaudio"])
 @pytest.mark.parametrize(("samples", "frames"), [(400, 1), (559, 1), (560, 2), (16000, 98), (16079, 98), (16080, 99)])
-def test_frame_count_snip_edges(samples, frames):
+def test_frame_count_snip_edges(samples, frames, backend):
+    cfg = backend_cfg(backend)
     x = np.random.default_rng(samples).uniform(-0.5, 0.5, samples).astype(np.float32)
-    assert num_frames(samples, CFG) == frames
-    feats = fbank(x, CFG)
+    assert num_frames(samples, cfg) == frames
+    feats = fbank(x, cfg)
     assert feats.shape == (frames, 80) and feats.dtype == np.float32
     assert np.isfinite(feats).all()
 
@@ -69,10 +81,11 @@ def test_shorter_than_one_window_is_an_error():
         fbank(np.zeros(399, np.float32), CFG)
 
 
+@pytest.mark.parametrize("backend", ["torch", "kaldi_native", "torchaudio"])
 @pytest.mark.parametrize("signal", ["speech", "chirp"])
-def test_matches_lhotse_kaldi_fbank(signal, speech):
+def test_matches_lhotse_kaldi_fbank(signal, speech, backend):
     x = speech if signal == "speech" else chirp()
-    ours = fbank(x, CFG)
+    ours = fbank(x, backend_cfg(backend))
     ref = lhotse_fbank(x * 32768.0)  # like with like: ours scales [-1, 1] to int16 as Kaldi reads WAV
     assert ref.shape == ours.shape
     diff = np.abs(ours.astype(np.float64) - ref)
@@ -149,3 +162,56 @@ def test_cmvn_floors_variance_and_rejects_empty():
     mean, std = stats.mean_std(floor=1e-4)
     np.testing.assert_allclose(mean, 1.0)
     np.testing.assert_allclose(std, 1e-2, rtol=1e-5)  # constant input: std is sqrt(floor), never 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "torchaudio"])
+@pytest.mark.parametrize("signal", ["speech", "chirp"])
+def test_backends_match_kaldi_native(signal, speech, backend):
+    """kaldi-native-fbank is Kaldi's own C++ algorithm: every other backend must agree with it as
+    closely as two float32 implementations can (measured: max 2.8e-4 on speech bins)."""
+    x = speech if signal == "speech" else chirp()
+    ref = fbank(x, backend_cfg("kaldi_native"))
+    ours = fbank(x, backend_cfg(backend))
+    strong = ref > ref.max(axis=1, keepdims=True) - 15.0
+    assert np.abs(ours - ref)[strong].max() < 1e-3
+    assert np.abs(ours - ref).mean() < 1e-3
+
+
+def test_torch_backend_on_cuda(speech):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    np.testing.assert_allclose(fbank(speech, CFG, "cuda"), fbank(speech, CFG), atol=2e-3)
+
+
+def test_default_backend_is_torch_and_unknown_is_one_line():
+    assert CFG.backend == "torch" and "torch" in INSTALLED and "kaldi_native" in INSTALLED
+    with pytest.raises(ConfigError, match=r"features\.backend: 'kaldi', expected torch, kaldi_native or torchaudio"):
+        FeatureConfig(backend="kaldi")
+
+
+def test_load_audio_convert_resamples_and_downmixes(tmp_path, speech):
+    import soxr
+
+    path = tmp_path / "st44.wav"
+    up = soxr.resample(speech, SR, 44100)
+    sf.write(str(path), np.stack([up, 0.5 * up], axis=1), 44100, subtype="FLOAT")
+    with pytest.raises(AudioError, match="sample rate 44100 Hz, expected 16000 Hz"):
+        load_audio(str(path), SR)  # training and latency never resample silently
+    got = load_audio(str(path), SR, convert=True)
+    assert abs(len(got) - len(speech)) <= 1
+    n = min(len(got), len(speech))
+    # Channel mean (0.75 x) of a 16k -> 44.1k -> 16k round trip: within resampler ripple of the source.
+    assert np.abs(got[:n] - 0.75 * speech[:n]).max() < 0.02
+    sf.write(str(path), np.zeros(8000, np.float32), 2000)
+    with pytest.raises(AudioError, match="sample rate 2000 Hz cannot be resampled"):
+        load_audio(str(path), SR, convert=True)
+
+
+def test_load_audio_nan_samples(tmp_path):
+    path = tmp_path / "nan.wav"
+    x = np.zeros(1600, np.float32)
+    x[5] = np.inf
+    sf.write(str(path), x, SR, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan\.wav: NaN or Inf samples"):
+        load_audio(str(path), SR)
