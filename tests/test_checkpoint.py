@@ -1,0 +1,86 @@
+"""Checkpoints: step checkpoints with keep-last-K, best-on-dev, weight averaging (library and
+CLI), and tokenizers (characters, BPE) rebuilt from the checkpoint alone."""
+
+from __future__ import annotations
+
+import sys
+
+import helpers
+import pytest
+import torch
+from conftest import run
+from test_train import TINY_MODEL, config
+
+import hpc_asr.train as train_mod
+from hpc_asr import checkpoint
+
+tiny_features = helpers.tiny_features
+
+
+def _train(tiny_features, out, *extra):
+    return train_mod.train(config(tiny_features["train"], tiny_features["dev"], out, *TINY_MODEL,
+                                  "--data.max_utts", "2", "--train.epochs", "2", "--train.log_every", "1",
+                                  "--train.tensorboard", "false", *extra))
+
+
+def test_step_checkpoints_keep_last_best_and_average(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    summary = _train(tiny_features, out, "--train.ckpt_every_steps", "1", "--train.keep_last", "2",
+                     "--train.average_last", "2")
+    steps = summary["steps"]
+    assert steps == 8  # 8 utterances, 2 per batch, 2 epochs
+    kept = sorted(p.name for p in out.glob("step-*.pt"))
+    assert kept == [f"step-{steps - 1:08d}.pt", f"step-{steps:08d}.pt"]
+    older = checkpoint.load(out / kept[0])
+    assert older["position"]["step"] == steps - 1  # a snapshot, not a link that moved on
+
+    newer = checkpoint.load(out / kept[1])
+    avg = checkpoint.load(out / "avg.pt")
+    for k, v in newer["model"].items():
+        if v.is_floating_point():
+            want = ((older["model"][k].double() + v.double()) / 2).to(v.dtype)
+            assert torch.equal(avg["model"][k], want), k
+    assert any(not torch.equal(older["model"][k], newer["model"][k]) for k in newer["model"])
+    model, _, _ = checkpoint.load_model(out / "avg.pt")  # usable as a model
+    assert model.num_params() == summary["params"]
+
+    best = checkpoint.load(out / "best.pt")["position"]
+    devs = summary["dev"]
+    want = min(devs, key=lambda d: (d["wer"], d["loss"]))
+    assert summary["best"]["step"] == want["step"] and best["best"]["step"] == want["step"]
+    assert best["step"] == want["step"]  # best.pt holds the weights that scored best
+
+
+def test_average_cli(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    _train(tiny_features, out, "--train.ckpt_every_steps", "3", "--train.keep_last", "5")
+    ckpts = sorted(out.glob("step-*.pt"))
+    assert [p.name for p in ckpts] == ["step-00000003.pt", "step-00000006.pt"]
+    run([sys.executable, "-m", "hpc_asr.checkpoint", "average", "--out", str(tmp_path / "avg.pt"),
+         *map(str, ckpts)])
+    a, b = (checkpoint.load(p)["model"] for p in ckpts)
+    avg = checkpoint.load(tmp_path / "avg.pt")["model"]
+    w = "layers.0.ff1.net.0.weight"
+    assert torch.equal(avg[w], ((a[w].double() + b[w].double()) / 2).float())
+
+    bad = run([sys.executable, "-m", "hpc_asr.checkpoint", "average", "--out", str(tmp_path / "x.pt"),
+               str(tmp_path / "missing.pt")], check=False)
+    assert bad.returncode == 2 and "missing.pt: checkpoint not found" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_tokenizer_travels_in_the_checkpoint(tiny_features, tmp_path, kind):
+    out = tmp_path / kind
+    _train(tiny_features, out, "--train.tokenizer", kind, "--train.bpe_vocab_size", "40",
+           "--train.max_steps", "2")
+    state = checkpoint.load(out / "last.pt")
+    assert state["tokenizer"]["type"] == kind
+    model, tok, cfg = checkpoint.load_model(out / "last.pt")
+    assert cfg.model.vocab_size == tok.vocab_size == model.ctc.out_features
+    text = "turn it up"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    if kind == "bpe":
+        assert len(ids) < len(text)  # pieces longer than one character were learned
+        assert isinstance(state["tokenizer"]["model_proto"], bytes)
