@@ -1,5 +1,5 @@
 """Reading prepared features: dataset over HDF5 shards, length-bucketed distributed batches,
-padding collate and SpecAugment."""
+padding collate, batch-vectorised SpecAugment, and the DataLoader that runs them in workers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from hpc_asr.config import FeatureConfig, SpecAugConfig
 from hpc_asr.shards import ShardError, open_shard, read_index
 from hpc_asr.tokenizer import CharTokenizer
 
-__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "collate", "spec_augment"]
+__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "batch_seed", "collate", "make_eval_loader",
+           "make_loader", "spec_augment"]
 
 
 @contextlib.contextmanager
@@ -137,9 +138,19 @@ class Batch:
         self.targets, self.target_lens = targets, target_lens  # (B, S) int, (B,) int
         self.indices = indices  # dataset indices, for transcripts and ids
 
-    def to(self, device) -> Batch:
-        return Batch(self.feats.to(device), self.feat_lens.to(device), self.targets.to(device),
-                     self.target_lens.to(device), self.indices)
+        self.position = -1  # local batch index in the epoch, set by the loader
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        out = Batch(*(x.to(device, non_blocking=non_blocking)
+                      for x in (self.feats, self.feat_lens, self.targets, self.target_lens)), self.indices)
+        out.position = self.position
+        return out
+
+    def pin_memory(self) -> Batch:  # called by the DataLoader's pin-memory thread
+        out = Batch(self.feats.pin_memory(), self.feat_lens.pin_memory(), self.targets.pin_memory(),
+                    self.target_lens.pin_memory(), self.indices)
+        out.position = self.position
+        return out
 
 
 def collate(items, texts: list[str], tokenizer: CharTokenizer) -> Batch:
@@ -171,25 +182,131 @@ def _freq_warp(feats: torch.Tensor, width: float, gen: torch.Generator | None) -
     return below * (1 - w) + above * w
 
 
+def _fill_values(out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of each utterance's valid frames."""
+    n = valid.sum(1).clamp(min=1) * out.shape[2]
+    return (out * valid[:, :, None]).sum((1, 2)) / n
+
+
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
                  gen: torch.Generator | None = None) -> torch.Tensor:
     """Optional mel-axis warping, then frequency and time masking (Park et al., 2019) filled with
-    each utterance's mean so the masked region looks like neutral input after CMVN. Returns a
-    new tensor."""
+    each utterance's mean so the masked region looks like neutral input after CMVN. Vectorised
+    over the batch: every draw is a (B,) tensor from ``gen``, in a fixed order, so a batch's
+    augmentation depends only on the generator's seed. Padding is never touched. Returns a new
+    tensor; works on any device (draws are made on the CPU generator, then moved)."""
     if not cfg.enabled:
         return feats
-    b, _, f = feats.shape
+    b, t, f = feats.shape
+    dev = feats.device
     out = _freq_warp(feats, cfg.freq_warp, gen) if cfg.freq_warp > 0 else feats.clone()
-    for i in range(b):
-        n = int(lengths[i])
-        fill = out[i, :n].mean()
-        for _ in range(cfg.freq_masks):
-            w = int(torch.randint(0, cfg.freq_width + 1, (1,), generator=gen))
-            f0 = int(torch.randint(0, max(f - w, 1), (1,), generator=gen))
-            out[i, :n, f0 : f0 + w] = fill
-        max_w = max(int(cfg.time_width * n), 1)
-        for _ in range(cfg.time_masks):
-            w = int(torch.randint(0, max_w + 1, (1,), generator=gen))
-            t0 = int(torch.randint(0, max(n - w, 1), (1,), generator=gen))
-            out[i, t0 : t0 + w] = fill
-    return out
+    lens = lengths.to("cpu", torch.long)
+    valid = (torch.arange(t)[None, :] < lens[:, None]).to(dev)  # (B, T)
+    fill = _fill_values(out, valid)  # (B,)
+    fmask = torch.zeros(b, f, dtype=torch.bool)
+    bins = torch.arange(f)[None, :]
+    for _ in range(cfg.freq_masks):
+        w = torch.randint(0, cfg.freq_width + 1, (b,), generator=gen)
+        f0 = (torch.rand(b, generator=gen) * (f - w).clamp(min=1)).long()
+        fmask |= (bins >= f0[:, None]) & (bins < (f0 + w)[:, None])
+    tmask = torch.zeros(b, t, dtype=torch.bool)
+    frames = torch.arange(t)[None, :]
+    max_w = (cfg.time_width * lens).long().clamp(min=1)
+    for _ in range(cfg.time_masks):
+        w = (torch.rand(b, generator=gen) * (max_w + 1)).long()
+        t0 = (torch.rand(b, generator=gen) * (lens - w).clamp(min=1)).long()
+        tmask |= (frames >= t0[:, None]) & (frames < (t0 + w)[:, None])
+    mask = (fmask.to(dev)[:, None, :] | tmask.to(dev)[:, :, None]) & valid[:, :, None]
+    return torch.where(mask, fill[:, None, None].to(out.dtype), out)
+
+
+# ---- the loader: batches built in worker processes -----------------------------------------
+
+
+def batch_seed(seed: int, epoch: int, position: int, rank: int) -> int:
+    """The SpecAugment seed of one batch: a function of (seed, epoch, batch position, rank) only,
+    so a resumed run, a run with more workers and the main-thread path draw the same masks."""
+    return seed * 1_000_003 + epoch * 100_003 + position * 31 + rank
+
+
+class _Positioned:
+    """Batch sampler adaptor: the bucketed sampler's batches from ``start`` on, each index tagged
+    with (epoch, position) so the worker that collates it knows its augmentation seed."""
+
+    def __init__(self, sampler, epoch: int, start: int, index_map: np.ndarray | None):
+        self.sampler, self.epoch, self.start, self.index_map = sampler, epoch, start, index_map
+
+    def __iter__(self):
+        batches = list(self.sampler)
+        for pos in range(self.start, len(batches)):
+            idx = batches[pos] if self.index_map is None else [int(self.index_map[i]) for i in batches[pos]]
+            yield [(self.epoch, pos, i) for i in idx]
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.start, 0)
+
+
+class _Items(torch.utils.data.Dataset):
+    """(epoch, position, index) -> (epoch, position, index, frames); runs in the workers."""
+
+    def __init__(self, data: FeatureSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, pos, i = key
+        return epoch, pos, i, self.data.feats(i)
+
+
+class _Collate:
+    """Pads, tokenizes and augments one batch (picklable, so it runs in the workers)."""
+
+    def __init__(self, texts: list[str], tokenizer: CharTokenizer, specaug: SpecAugConfig | None,
+                 seed: int, rank: int):
+        self.texts, self.tok, self.specaug, self.seed, self.rank = texts, tokenizer, specaug, seed, rank
+
+    def __call__(self, items) -> Batch:
+        epoch, pos = items[0][0], items[0][1]
+        batch = collate([(i, f) for _, _, i, f in items], self.texts, self.tok)
+        if self.specaug is not None and self.specaug.enabled:
+            gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, pos, self.rank))
+            batch.feats = spec_augment(batch.feats, batch.feat_lens, self.specaug, gen)
+        batch.position = pos
+        return batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Each worker opens its own HDF5 handles: drop any inherited through fork."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.data._files = {}
+    torch.set_num_threads(1)
+
+
+def make_loader(data: FeatureSet, sampler, tokenizer: CharTokenizer, specaug: SpecAugConfig | None,
+                seed: int, rank: int, epoch: int, start_batch: int = 0, num_workers: int = 1,
+                index_map: np.ndarray | None = None, prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """This rank's training batches of ``epoch`` from local batch ``start_batch`` on.
+
+    A ``torch.utils.data.DataLoader`` with the bucketed distributed sampler as its batch sampler;
+    ``num_workers`` processes read, collate and augment (0 = in the calling thread, same batches);
+    pinned memory when CUDA is present. Each ``Batch`` carries ``position`` (its local index in
+    the epoch). ``index_map`` maps the sampler's indices to ``data`` indices (a kept subset).
+    """
+    sampler.set_epoch(epoch)  # dist: same shuffle on every rank, different slices
+    return _loader(data, _Positioned(sampler, epoch, start_batch, index_map),
+                   _Collate(data.texts, tokenizer, specaug, seed, rank), num_workers, prefetch)
+
+
+def make_eval_loader(data: FeatureSet, batches: list[list[int]], tokenizer: CharTokenizer,
+                     num_workers: int = 1, prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """Evaluation batches (lists of ``data`` indices, in order), read and collated in workers."""
+    tagged = [[(0, pos, int(i)) for i in b] for pos, b in enumerate(batches)]
+    return _loader(data, tagged, _Collate(data.texts, tokenizer, None, 0, 0), num_workers, prefetch)
+
+
+def _loader(data, batch_sampler, collate_fn, num_workers: int, prefetch: int):
+    extra = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(_Items(data), batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(), **extra)

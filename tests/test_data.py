@@ -11,7 +11,15 @@ import torch
 from helpers import TEXTS, make_feature_dir
 
 from hpc_asr.config import SpecAugConfig
-from hpc_asr.data import BucketBatchSampler, FeatureSet, collate, spec_augment
+from hpc_asr.data import (
+    BucketBatchSampler,
+    FeatureSet,
+    batch_seed,
+    collate,
+    make_eval_loader,
+    make_loader,
+    spec_augment,
+)
 from hpc_asr.tokenizer import CharTokenizer
 
 tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
@@ -200,3 +208,83 @@ def test_feature_set_rejects_missing_shard(tmp_path):
     (d / "shard-00001.h5").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard-00001\.h5"):
         FeatureSet(d)
+
+
+# ---- the DataLoader -----------------------------------------------------------------------
+
+AUG = SpecAugConfig(freq_masks=2, freq_width=10, time_masks=2, time_width=0.2, freq_warp=0.1)
+
+
+def main_thread_batches(data, sampler, tok, seed, rank, epoch, index_map=None):
+    """What the training loop built on its own thread before the loader: the reference."""
+    sampler.set_epoch(epoch)
+    out = []
+    for pos, batch in enumerate(sampler):
+        idx = batch if index_map is None else [int(index_map[i]) for i in batch]
+        b = collate([data[i] for i in idx], data.texts, tok)
+        gen = torch.Generator().manual_seed(batch_seed(seed, epoch, pos, rank))
+        b.feats = spec_augment(b.feats, b.feat_lens, AUG, gen)
+        out.append(b)
+    return out
+
+
+def assert_same(a, b):
+    assert a.indices == b.indices
+    for k in ("feats", "feat_lens", "targets", "target_lens"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+@pytest.fixture
+def loader_setup(tmp_path):
+    data = FeatureSet(make_feature_dir(tmp_path / "d", 24, TEXTS, seed=3, shards=3))
+    sampler = BucketBatchSampler(data.num_frames, max_frames=800, max_utts=3, rank=1, size=2, seed=5)
+    return data, sampler, CharTokenizer()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_equals_main_thread_batches(loader_setup, workers):
+    data, sampler, tok = loader_setup
+    for epoch in (0, 1):
+        ref = main_thread_batches(data, sampler, tok, seed=11, rank=1, epoch=epoch)
+        got = list(make_loader(data, sampler, tok, AUG, seed=11, rank=1, epoch=epoch, num_workers=workers))
+        assert len(got) == len(ref) == len(sampler) > 3
+        for pos, (a, b) in enumerate(zip(got, ref)):
+            assert a.position == pos
+            assert_same(a, b)
+        assert not torch.equal(got[0].feats, collate([data[i] for i in got[0].indices], data.texts, tok).feats)
+
+
+def test_loader_resume_from_start_batch_gives_the_tail(loader_setup):
+    data, sampler, tok = loader_setup
+    full = list(make_loader(data, sampler, tok, AUG, seed=2, rank=1, epoch=3, num_workers=1))
+    tail = list(make_loader(data, sampler, tok, AUG, seed=2, rank=1, epoch=3, start_batch=2, num_workers=2))
+    assert [b.position for b in tail] == list(range(2, len(full)))
+    for a, b in zip(tail, full[2:]):
+        assert_same(a, b)
+
+
+def test_loader_index_map_reads_the_kept_subset(loader_setup):
+    data, _, tok = loader_setup
+    keep = np.arange(0, len(data), 2)
+    sampler = BucketBatchSampler(data.num_frames[keep], max_frames=800, max_utts=3, seed=1)
+    ref = main_thread_batches(data, sampler, tok, 0, 0, 0, index_map=keep)
+    got = list(make_loader(data, sampler, tok, AUG, 0, 0, 0, num_workers=1, index_map=keep))
+    assert sorted(i for b in got for i in b.indices) == keep.tolist()
+    for a, b in zip(got, ref):
+        assert_same(a, b)
+
+
+def test_eval_loader_is_plain_collate(loader_setup):
+    data, _, tok = loader_setup
+    batches = [[0, 1, 2], [5], [7, 3]]
+    got = list(make_eval_loader(data, batches, tok, num_workers=2))
+    for b, idx in zip(got, batches, strict=True):
+        assert_same(b, collate([data[i] for i in idx], data.texts, tok))
+
+
+def test_spec_augment_draws_differ_per_utterance():
+    feats = torch.randn(6, 200, 80)
+    lens = torch.full((6,), 200)
+    out = spec_augment(feats, lens, SpecAugConfig(freq_width=20, time_width=0.2), torch.Generator().manual_seed(0))
+    masks = [(out[i] != feats[i]) for i in range(6)]
+    assert len({m.sum().item() for m in masks}) > 1, "every utterance got the same mask"
