@@ -9,6 +9,7 @@ that silently falls back to a default wastes a cluster allocation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,36 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or carries a bad value."""
 
 
+_RANGES = {
+    ">0": (lambda v: v > 0, "> 0"),
+    ">=0": (lambda v: v >= 0, ">= 0"),
+    ">=1": (lambda v: v >= 1, ">= 1"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def validate(obj: Any, section: str, **rules: str | tuple[str, ...]) -> None:
+    """Check every field's type (floats must be finite) and each ``key=rule``: a range from
+    ``_RANGES`` or a tuple of allowed strings. The message names ``section.key`` and the value."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v, typ = getattr(obj, f.name), hints[f.name]
+        ok = (isinstance(v, typ) and not (typ is int and isinstance(v, bool))) if typ in (bool, int, str) else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if typ is float else True)
+        if not ok:
+            raise ConfigError(f"{section}.{f.name} must be a finite {typ.__name__}, got {v!r}")
+    for key, rule in rules.items():
+        v = getattr(obj, key)
+        if isinstance(rule, tuple):
+            if v not in rule:
+                raise ConfigError(f"{section}.{key} must be one of {'|'.join(rule)}, got {v!r}")
+            continue
+        check, text = _RANGES[rule]
+        if not check(v):
+            raise ConfigError(f"{section}.{key} must be {text}, got {v!r}")
+
+
 @dataclass
 class FeatureConfig:
     """Kaldi-compatible log-mel filterbank settings; stored in every HDF5 shard."""
@@ -51,8 +82,10 @@ class FeatureConfig:
     max_duration: float = 60.0  # seconds; longer audio is rejected at prep (0 = no limit)
 
     def __post_init__(self) -> None:
-        if self.num_mel_bins <= 0 or self.frame_shift_ms <= 0 or self.frame_length_ms <= 0:
-            raise ConfigError(f"features: bins/frame sizes must be > 0, got {self}")
+        validate(self, "features", sample_rate=">0", num_mel_bins=">0", frame_length_ms=">0",
+                 frame_shift_ms=">0", dither=">=0", low_freq=">=0")
+        if self.frame_shift_ms > self.frame_length_ms:
+            raise ConfigError(f"features.frame_shift_ms={self.frame_shift_ms} > frame_length_ms={self.frame_length_ms}")
         if self.backend not in ("torch", "kaldi_native", "torchaudio"):
             raise ConfigError(f"features.backend: {self.backend!r}, expected torch, kaldi_native or torchaudio")
 
@@ -68,6 +101,9 @@ class DataConfig:
     max_utts: int = 64  # per batch per rank
     bucket_size: int = 400  # utterances sorted by length within buckets of this size
 
+    def __post_init__(self) -> None:
+        validate(self, "data", max_frames=">0", max_utts=">0", bucket_size=">0")
+
 
 @dataclass
 class SpecAugConfig:
@@ -79,6 +115,10 @@ class SpecAugConfig:
     time_masks: int = 2
     time_width: float = 0.05  # fraction of the utterance length
     freq_warp: float = 0.0  # max relative stretch of the mel axis per utterance (0 = off)
+
+    def __post_init__(self) -> None:
+        validate(self, "specaug", freq_masks=">=0", freq_width=">=0", time_masks=">=0", time_width="[0,1]",
+                 freq_warp="[0,1)")
 
 
 @dataclass
@@ -98,6 +138,8 @@ class ModelConfig:
     vocab_size: int = 0
 
     def __post_init__(self) -> None:
+        validate(self, "model", d_model=">0", n_heads=">0", n_layers=">0", ff_mult=">0", conv_kernel=">0",
+                 subsample_channels=">0", dropout="[0,1)", vocab_size=">=0")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} not divisible by n_heads={self.n_heads}")
         if self.subsampling not in ("conv2d", "conv1d"):
@@ -139,6 +181,22 @@ class TrainConfig:
     bpe_vocab_size: int = 256
     compile: bool = False  # torch.compile the model (measure first: off unless it pays)
 
+    def __post_init__(self) -> None:
+        validate(self, "train", epochs=">=1", lr=">0", lr_scaling=("none", "linear", "sqrt"),
+                 ref_batch_frames=">0", warmup_steps=">=0", weight_decay=">=0", grad_clip=">0",
+                 accum_steps=">=1", precision=("fp32", "fp16", "bf16"), seed=">=0", log_every=">=1",
+                 threads=">=0", max_steps=">=0", ckpt_every_steps=">=0", keep_last=">=1", average_last=">=0",
+                 tokenizer=("char", "bpe"), bpe_vocab_size=">=1")
+        if self.out_dir == "":
+            raise ConfigError("train.out_dir must not be empty")
+        if self.average_last > self.keep_last:
+            raise ConfigError(f"train.average_last={self.average_last} > train.keep_last={self.keep_last}: "
+                              "only the last keep_last step checkpoints exist to average")
+        if self.average_last and not self.ckpt_every_steps:
+            raise ConfigError("train.average_last needs train.ckpt_every_steps > 0 (it averages step checkpoints)")
+        if self.precision != "fp32" and self.amp:
+            raise ConfigError(f"train.amp=true conflicts with train.precision={self.precision!r}; set one")
+
 @dataclass
 class DistConfig:
     """Distributed engine and Horovod knobs; rank detection lives in hpc_asr.dist.
@@ -171,6 +229,9 @@ class ExportConfig:
     opset: int = 17
     atol: float = 1e-3  # max abs log-prob difference accepted between PyTorch and ONNX Runtime
 
+    def __post_init__(self) -> None:
+        validate(self, "export", opset=">=1", atol=">0")
+
 
 @dataclass
 class DecodeConfig:
@@ -200,6 +261,12 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
+    def __post_init__(self) -> None:
+        # dist's numeric knobs all mean "0 = the default": types checked, negatives refused.
+        hints = typing.get_type_hints(type(self.dist))
+        validate(self.dist, "dist", **{f.name: ">=0" for f in dataclasses.fields(self.dist)
+                                       if hints[f.name] in (int, float)})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -214,7 +281,10 @@ class Config:
         for name, f in sections.items():
             section_cls = f.default_factory  # type: ignore[misc]
             built[name] = _build_section(section_cls, raw.get(name) or {}, f"{where}: {name}")
-        return cls(**built)
+        try:
+            return cls(**built)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _build_section(section_cls: type, raw: Any, where: str) -> Any:
@@ -229,7 +299,7 @@ def _build_section(section_cls: type, raw: Any, where: str) -> Any:
     try:
         return section_cls(**values)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where.rpartition(': ')[0] or where}: {e}") from None
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

@@ -144,3 +144,96 @@ def test_train_cli_names_missing_prepared_data(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope' / 'index.json'}: no feature index "
                                                 "(run data_prep.fbank first)"]
+
+
+# ---- every numeric field and enum is validated, naming section.key and the value ----------
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.accum_steps", "0", ">= 1, got 0"),
+    ("train.accum_steps", "-1", ">= 1, got -1"),
+    ("train.epochs", "0", ">= 1"),
+    ("train.lr", "0", "> 0"),
+    ("train.lr", "-1e-3", "> 0"),
+    ("train.lr", ".nan", "finite"),
+    ("train.lr", ".inf", "finite"),
+    ("train.warmup_steps", "-5", ">= 0"),
+    ("train.weight_decay", "-0.1", ">= 0"),
+    ("train.grad_clip", "0", "> 0"),
+    ("train.log_every", "0", ">= 1"),
+    ("train.threads", "-2", ">= 0"),
+    ("train.max_steps", "-1", ">= 0"),
+    ("train.seed", "-1", ">= 0"),
+    ("train.ckpt_every_steps", "-3", ">= 0"),
+    ("train.keep_last", "0", ">= 1"),
+    ("train.ref_batch_frames", "0", "> 0"),
+    ("train.bpe_vocab_size", "0", ">= 1"),
+    ("train.precision", "fp8", "fp32|fp16|bf16, got 'fp8'"),
+    ("train.lr_scaling", "cubic", "none|linear|sqrt"),
+    ("train.tokenizer", "word", "char|bpe"),
+    ("data.max_frames", "0", "> 0"),
+    ("data.max_utts", "-4", "> 0"),
+    ("data.bucket_size", "0", "> 0"),
+    ("specaug.freq_masks", "-1", ">= 0"),
+    ("specaug.time_width", "1.5", r"in \[0, 1\]"),
+    ("specaug.freq_warp", "1", r"in \[0, 1\)"),
+    ("model.d_model", "0", "> 0"),
+    ("model.n_heads", "-4", "> 0"),
+    ("model.n_layers", "0", "> 0"),
+    ("model.ff_mult", "0", "> 0"),
+    ("model.dropout", "1.0", r"in \[0, 1\)"),
+    ("model.dropout", "-0.1", r"in \[0, 1\)"),
+    ("model.conv_norm", "group", "layer|batch"),
+    ("features.num_mel_bins", "0", "> 0"),
+    ("features.sample_rate", "-16000", "> 0"),
+    ("features.dither", "-1", ">= 0"),
+    ("features.frame_shift_ms", "0", "> 0"),
+    ("export.atol", "0", "> 0"),
+    ("export.opset", "0", ">= 1"),
+    ("dist.engine", "mpi", "dist.engine"),
+])
+def test_every_field_is_validated(key, value, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [f"--{key}", value])
+    assert key in str(e.value)
+
+
+def test_dist_numeric_knobs_refuse_negatives():
+    from hpc_asr.config import DistConfig
+
+    defaults = vars(DistConfig())
+    numeric = [k for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    assert numeric  # fusion threshold, cycle time, predivide factor, ...
+    for name in numeric:
+        with pytest.raises(ConfigError, match=f"dist.{name}"):
+            load_config(None, [f"--dist.{name}", "-1"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match=r"average_last=5 > train\.keep_last=3"):
+        load_config(None, ["--train.average_last", "5", "--train.ckpt_every_steps", "10"])
+    with pytest.raises(ConfigError, match="ckpt_every_steps"):
+        load_config(None, ["--train.average_last", "2"])
+    with pytest.raises(ConfigError, match=r"train\.amp=true conflicts"):
+        load_config(None, ["--train.amp", "true", "--train.precision", "bf16"])
+
+
+def test_sections_validate_when_built_in_code():
+    from hpc_asr.config import DataConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train\.accum_steps must be >= 1, got 0"):
+        TrainConfig(accum_steps=0)
+    with pytest.raises(ConfigError, match=r"data\.max_frames must be a finite int, got '100'"):
+        DataConfig(max_frames="100")
+
+
+def test_valid_presets_load():
+    for p in sorted((Path(__file__).resolve().parents[1] / "hpc_asr" / "configs").glob("*.yaml")):
+        load_config(p)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_train_cli_rejects_bad_accum_steps_in_one_line(value):
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr.train", "--train.accum_steps", value],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: defaults: train.accum_steps must be >= 1, got {value}"]
