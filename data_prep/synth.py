@@ -1,4 +1,5 @@
-"""Synthesize a voice-assistant speech corpus with espeak-ng and write JSONL manifests.
+"""Synthesize a voice-assistant speech corpus with espeak-ng (and a festival test split) and
+write JSONL manifests.
 
 Usage::
 
@@ -8,14 +9,19 @@ Usage::
 Layout under OUT::
 
     wav/<split>/<id>.wav        16 kHz, mono, 16-bit PCM
-    train.jsonl dev.jsonl test.jsonl
+    train.jsonl dev.jsonl test.jsonl test_festival.jsonl
     corpus.json                 summary (hours/utterances/speakers per split, vocabulary, args)
 
 Manifest lines are JSON objects ``{"id", "audio", "duration", "text", "speaker"}``.
 ``audio`` is a path **relative to the directory holding the manifest** (e.g.
 ``wav/train/train_000001.wav``), so a corpus can be moved or copied as one folder.
 ``duration`` is in seconds, ``text`` uses only ``[a-z' ]`` and ``speaker`` is
-``"<accent>+<variant>"`` (an espeak-ng voice plus a voice variant).
+``"<accent>+<variant>"`` (an espeak-ng voice plus a voice variant) or ``"festival+<voice>"``.
+
+Cross-synthesizer split: ``test_festival`` holds further held-out sentences spoken by Debian's
+``festival`` (diphone and HTS voices: another synthesis engine and other voices). Only espeak-ng
+ever speaks training audio, so this split measures what a model does on an engine it never heard
+(``--festival-utts 0`` leaves it out).
 
 Held-out splits: dev and test use speakers (accent+variant pairs) never seen in training and
 sentences never seen in training.  Whole accents or variants are never held out, only
@@ -42,6 +48,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -53,21 +60,35 @@ import numpy as np
 from data_prep import grammar
 from hpc_asr.dist import detect_world
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: wider voices/ranges, word gaps, test_festival
 SAMPLE_RATE = 16000
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "test_festival")
 
-# English espeak-ng voices (accents).  MBROLA voices (en-uk, us-mbrola-*) are left out: they
-# need extra packages and ignore variants.  Missing ones are dropped at run time.
+# Every English espeak-ng voice (accent).  MBROLA voices (en-uk, us-mbrola-*, en-german-*...)
+# are left out: they need extra packages and ignore variants.  Missing ones are dropped at run
+# time.
 ACCENTS = ("en-us", "en-us-nyc", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd", "en-029")
-# Voice variants that stay intelligible: the classic male/female sets, the Klatt synthesizer
-# family, and a few community variants with moderate formant changes.  Whisper, croak and
-# the robot/novelty variants are left out.
+# Every espeak-ng voice variant (file names) except those that stop sounding like speech:
+# whisper, croak, the robots (robosoft*, UniRobot, anikaRobot), Demonic, the announcer echo,
+# the RicishayMax/Tweaky squeaks and fast_test.  The six Klatt synthesizer variants are in.
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-            "klatt", "klatt2", "klatt3", "Annie", "linda", "john", "michel")
-SPEED_RANGE = (130, 200)      # words per minute (espeak-ng -s)
-PITCH_RANGE = (25, 75)        # espeak-ng -p, 0..99
+            "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6",
+            "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "AnxiousAndy", "antonio", "aunty",
+            "belinda", "benjamin", "boris", "caleb", "david", "Denis", "Diogo", "ed", "edward",
+            "edward2", "Gene", "Gene2", "grandma", "grandpa", "gustave", "Henrique", "Hugo", "iven",
+            "iven2", "iven3", "iven4", "Jacky", "john", "kaukovalta", "Lee", "linda", "marcelo",
+            "Marco", "Mario", "max", "Michael", "michel", "miguel", "Mike", "Mr", "Nguyen", "norbert",
+            "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph",
+            "steph2", "steph3", "Storm", "travis", "victor", "zac", "anika")
+SPEED_RANGE = (115, 235)      # words per minute (espeak-ng -s)
+PITCH_RANGE = (10, 90)        # espeak-ng -p, 0..99
+WORD_GAP_RANGE = (0, 6)       # espeak-ng -g: extra pause between words, units of 10 ms
+# festival voices for the cross-synthesizer test (Debian festvox-kallpc16k, festvox-kdlpc16k,
+# festvox-us-slt-hts); those not installed are skipped, none at all is an error.
+FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
+STRETCH_RANGE = (0.85, 1.2)   # festival Duration_Stretch (diphone voices)
+FESTIVAL_BATCH = 25           # utterances per festival process (start-up costs ~0.3 s)
 LEAD_SILENCE = (0.05, 0.25)   # seconds of padding before / after speech (after trimming espeak's own)
 TRAIL_SILENCE = (0.05, 0.30)
 PEAK_RANGE = (0.25, 0.90)     # output peak level, so loudness varies between utterances
@@ -183,22 +204,24 @@ class Utt:
     speaker: str
     speed: int
     pitch: int
+    gap: int
     lead: float
     trail: float
     peak: float
     snr_db: float | None
 
 
-def estimate_seconds(text: str, speed: int, lead: float = 0.0, trail: float = 0.0) -> float:
+def estimate_seconds(text: str, speed: int, lead: float = 0.0, trail: float = 0.0, gap: int = 0) -> float:
     """Rough audio length, used only to pick how many training sentences reach --hours."""
-    return SECONDS_PER_CHAR_WPM * len(text) / speed + ESPEAK_OVERHEAD_S + lead + trail
+    words_gap = 0.01 * gap * text.count(" ")
+    return SECONDS_PER_CHAR_WPM * len(text) / speed + ESPEAK_OVERHEAD_S + lead + trail + words_gap
 
 
 def _make_utt(index: int, split: str, n: int, text: str, speaker: str,
               rng: random.Random) -> Utt:
     return Utt(index=index, id=f"{split}_{n:06d}", split=split, text=text, speaker=speaker,
                speed=rng.randint(*SPEED_RANGE), pitch=rng.randint(*PITCH_RANGE),
-               lead=round(rng.uniform(*LEAD_SILENCE), 3),
+               gap=rng.randint(*WORD_GAP_RANGE), lead=round(rng.uniform(*LEAD_SILENCE), 3),
                trail=round(rng.uniform(*TRAIL_SILENCE), 3),
                peak=round(rng.uniform(*PEAK_RANGE), 3),
                snr_db=round(rng.uniform(*SNR_RANGE_DB), 1) if rng.random() < NOISE_PROB
@@ -214,15 +237,16 @@ def _speaker_cycle(speakers: list[str], rng: random.Random):
 
 
 def plan_corpus(speakers: dict[str, list[str]], hours: float, dev_utts: int, test_utts: int,
-                seed: int) -> list[Utt]:
-    """Texts and voice settings for all utterances; dev/test texts never occur in train."""
+                seed: int, festival_utts: int = 0) -> list[Utt]:
+    """Texts and voice settings for all utterances; dev/test/test_festival texts never occur in
+    train. ``speakers["test_festival"]`` holds ``festival+<voice>`` ids."""
     text_rng = random.Random(f"text-{seed}")
     voice_rng = random.Random(f"voice-{seed}")
     stream = grammar.sentence_stream(text_rng)
     utts: list[Utt] = []
     heldout_texts: set[str] = set()
-    for split, count in (("dev", dev_utts), ("test", test_utts)):
-        cycle = _speaker_cycle(speakers[split], voice_rng)
+    for split, count in (("dev", dev_utts), ("test", test_utts), ("test_festival", festival_utts)):
+        cycle = _speaker_cycle(speakers.get(split, []), voice_rng) if count else None
         for n in range(1, count + 1):
             text = next(stream)
             heldout_texts.add(text)
@@ -236,7 +260,7 @@ def plan_corpus(speakers: dict[str, list[str]], hours: float, dev_utts: int, tes
         n += 1
         utt = _make_utt(len(utts), "train", n, text, next(cycle), voice_rng)
         utts.append(utt)
-        budget -= estimate_seconds(text, utt.speed, utt.lead, utt.trail)
+        budget -= estimate_seconds(text, utt.speed, utt.lead, utt.trail, utt.gap)
     return utts
 
 
@@ -347,18 +371,14 @@ def write_wav(path: Path, x: np.ndarray) -> None:
 def espeak_command(utt: Utt) -> list[str]:
     accent, variant = utt.speaker.split("+", 1)
     return ["espeak-ng", "-v", f"{accent}+{variant}", "-s", str(utt.speed),
-            "-p", str(utt.pitch), "--stdout", utt.text]
+            "-p", str(utt.pitch), "-g", str(utt.gap), "--stdout", utt.text]
 
 
-def synthesize(utt: Utt, out: Path, seed: int) -> dict:
-    """Render one utterance; returns a manifest row or {"id", "error"} instead of raising."""
+def _finish(utt: Utt, wav: bytes, out: Path, seed: int) -> dict:
+    """Synthesizer WAV bytes → trimmed, padded, levelled 16 kHz file and its manifest row, or
+    {"id", "error"} instead of raising."""
     try:
-        res = subprocess.run(espeak_command(utt), capture_output=True, check=False,
-                             stdin=subprocess.DEVNULL, timeout=ESPEAK_TIMEOUT_S)
-        if res.returncode != 0:
-            raise RuntimeError(f"espeak-ng exit {res.returncode}: "
-                               f"{res.stderr.decode(errors='replace').strip()[:200]}")
-        x, rate = parse_wav(res.stdout)
+        x, rate = parse_wav(wav)
         x = resample(x, rate, SAMPLE_RATE)
         if len(x) < SAMPLE_RATE // 20 or float(np.max(np.abs(x), initial=0.0)) < 1e-4:
             raise RuntimeError("empty audio")
@@ -370,6 +390,64 @@ def synthesize(utt: Utt, out: Path, seed: int) -> dict:
     return {"id": utt.id, "split": utt.split, "audio": rel.as_posix(),
             "duration": round(len(x) / SAMPLE_RATE, 4), "text": utt.text,
             "speaker": utt.speaker}
+
+
+def synthesize(utt: Utt, out: Path, seed: int) -> dict:
+    """Render one utterance with espeak-ng; returns a manifest row or {"id", "error"}."""
+    try:
+        res = subprocess.run(espeak_command(utt), capture_output=True, check=False,
+                             stdin=subprocess.DEVNULL, timeout=ESPEAK_TIMEOUT_S)
+        if res.returncode != 0:
+            raise RuntimeError(f"espeak-ng exit {res.returncode}: "
+                               f"{res.stderr.decode(errors='replace').strip()[:200]}")
+    except Exception as exc:
+        return {"id": utt.id, "split": utt.split, "error": f"{type(exc).__name__}: {exc}"}
+    return _finish(utt, res.stdout, out, seed)
+
+
+def festival_script(utts: list[Utt], wav_dir: Path) -> str:
+    """A festival (Scheme) batch script rendering ``utts`` to ``wav_dir/<id>.wav``; the espeak
+    speed drawn for each utterance becomes a duration stretch (diphone voices honour it)."""
+    lines = []
+    for u in utts:
+        stretch = min(max(165 / u.speed, STRETCH_RANGE[0]), STRETCH_RANGE[1])
+        lines += [f"(voice_{u.speaker.split('+', 1)[1]})",
+                  f"(Parameter.set 'Duration_Stretch {stretch:.3f})",
+                  f'(utt.save.wave (utt.synth (Utterance Text "{u.text}")) "{wav_dir / u.id}.wav" \'riff)']
+    return "\n".join(lines) + "\n"
+
+
+def synthesize_festival(utts: list[Utt], out: Path, seed: int) -> list[dict]:
+    """Render a batch with one festival process; rows as `synthesize` returns them."""
+    with tempfile.TemporaryDirectory(prefix="festival-") as tmp:
+        script = Path(tmp) / "batch.scm"
+        script.write_text(festival_script(utts, Path(tmp)))
+        try:
+            res = subprocess.run(["festival", "-b", str(script)], capture_output=True, check=False,
+                                 stdin=subprocess.DEVNULL, timeout=ESPEAK_TIMEOUT_S * 5)
+            problem = res.stderr.decode(errors="replace").strip()[:200] if res.returncode else ""
+        except subprocess.TimeoutExpired:
+            problem = "festival timed out"
+        rows = []
+        for u in utts:
+            wav = Path(tmp) / f"{u.id}.wav"
+            rows.append(_finish(u, wav.read_bytes(), out, seed) if wav.is_file() else
+                        {"id": u.id, "split": u.split, "error": f"festival wrote no audio {problem}".strip()})
+        return rows
+
+
+def festival_voices() -> list[str]:
+    """FESTIVAL_VOICES that this festival installation has."""
+    if shutil.which("festival") is None:
+        raise CliError("festival not found on PATH for the test_festival split (apt-get install festival "
+                       "festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts), or pass --festival-utts 0")
+    res = subprocess.run(["festival", "-b", "(begin (print (voice.list)))"], capture_output=True, text=True,
+                         check=False, timeout=ESPEAK_TIMEOUT_S)
+    have = set(res.stdout.replace("(", " ").replace(")", " ").split())
+    voices = [v for v in FESTIVAL_VOICES if v in have]
+    if not voices:
+        raise CliError(f"festival has none of the voices {FESTIVAL_VOICES} (apt-get install festvox-kallpc16k)")
+    return voices
 
 
 class Progress:
@@ -394,12 +472,23 @@ class Progress:
 
 def synthesize_all(utts: list[Utt], out: Path, seed: int, jobs: int,
                    progress: Progress) -> list[dict]:
-    """Run espeak-ng for `utts` on a thread pool (the work is in the subprocesses)."""
+    """Run espeak-ng (one process per utterance) and festival (one per batch) for `utts` on a
+    thread pool (the work is in the subprocesses)."""
+    fest = [u for u in utts if u.speaker.startswith("festival+")]
+    tasks: list = [[u] for u in utts if not u.speaker.startswith("festival+")]
+    tasks += [fest[i:i + FESTIVAL_BATCH] for i in range(0, len(fest), FESTIVAL_BATCH)]
+
+    def render(task: list[Utt]) -> list[dict]:
+        if task[0].speaker.startswith("festival+"):
+            return synthesize_festival(task, out, seed)
+        return [synthesize(task[0], out, seed)]
+
     rows = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for row in pool.map(lambda u: synthesize(u, out, seed), utts):
-            rows.append(row)
-            progress.update(row)
+        for part in pool.map(render, tasks):
+            for row in part:
+                rows.append(row)
+                progress.update(row)
     return rows
 
 
@@ -481,12 +570,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dev-utts", type=int, default=200)
     p.add_argument("--test-utts", type=int, default=200)
+    p.add_argument("--festival-utts", type=int, default=200,
+                   help="held-out sentences spoken by festival (split test_festival; 0 = none)")
     p.add_argument("--jobs", type=int, default=None,
                    help="parallel espeak-ng processes per rank (default: cores / local ranks)")
     p.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = p.parse_args(argv)
-    if args.hours < 0 or args.dev_utts < 0 or args.test_utts < 0:
-        p.error("--hours, --dev-utts and --test-utts must be >= 0")
+    if min(args.hours, args.dev_utts, args.test_utts, args.festival_utts) < 0:
+        p.error("--hours, --dev-utts, --test-utts and --festival-utts must be >= 0")
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be >= 1")
     return args
@@ -496,7 +587,7 @@ def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: C
     start = time.monotonic()
     out: Path = args.out.resolve()
     key = {"hours": args.hours, "seed": args.seed, "dev_utts": args.dev_utts,
-           "test_utts": args.test_utts, "format_version": FORMAT_VERSION}
+           "test_utts": args.test_utts, "festival_utts": args.festival_utts, "format_version": FORMAT_VERSION}
     if not args.force and is_up_to_date(out, key):
         if rank == 0:
             print("corpus up to date", file=sys.stderr)
@@ -505,7 +596,9 @@ def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: C
         raise CliError("espeak-ng not found on PATH (apt-get install espeak-ng)")
     accents, variants = available_voices()
     speakers = split_speakers(accents, variants, args.seed)
-    utts = plan_corpus(speakers, args.hours, args.dev_utts, args.test_utts, args.seed)
+    fest_voices = festival_voices() if args.festival_utts else []
+    speakers["test_festival"] = [f"festival+{v}" for v in fest_voices]
+    utts = plan_corpus(speakers, args.hours, args.dev_utts, args.test_utts, args.seed, args.festival_utts)
     problem = None
     if rank == 0:
         try:

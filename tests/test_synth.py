@@ -22,10 +22,10 @@ from data_prep import grammar, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARSET = re.compile(r"^[a-z']+( [a-z']+)*$")
-TINY_ARGS = ["--hours", "0.01", "--dev-utts", "4", "--test-utts", "4", "--seed", "3",
-             "--jobs", "2"]
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed")
+TINY_ARGS = ["--hours", "0.01", "--dev-utts", "4", "--test-utts", "4", "--festival-utts", "6",
+             "--seed", "3", "--jobs", "2"]
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("festival") is None,
+                                  reason="espeak-ng or festival is not installed")
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @needs_espeak
 def test_manifests_and_audio(corpus: Path):
-    for split, expected in (("train", None), ("dev", 4), ("test", 4)):
+    for split, expected in (("train", None), ("dev", 4), ("test", 4), ("test_festival", 6)):
         rows = read_manifest(corpus / f"{split}.jsonl")
         assert rows and (expected is None or len(rows) == expected)
         for row in rows:
@@ -66,10 +66,31 @@ def test_heldout_speakers_and_texts_are_unseen(corpus: Path):
     train = read_manifest(corpus / "train.jsonl")
     train_speakers = {r["speaker"] for r in train}
     train_texts = {r["text"] for r in train}
-    for split in ("dev", "test"):
+    for split in ("dev", "test", "test_festival"):
         rows = read_manifest(corpus / f"{split}.jsonl")
         assert not train_speakers & {r["speaker"] for r in rows}
         assert not train_texts & {r["text"] for r in rows}
+
+
+@needs_espeak
+def test_festival_split_is_another_engine_never_in_training(corpus: Path):
+    """test_festival: festival voices only, no espeak-ng voice; no other split holds festival."""
+    rows = read_manifest(corpus / "test_festival.jsonl")
+    voices = {r["speaker"] for r in rows}
+    assert len(rows) == 6 and voices and all(v.startswith("festival+") for v in voices)
+    assert {v.split("+")[1] for v in voices} <= set(synth.FESTIVAL_VOICES)
+    for split in ("train", "dev", "test"):
+        assert not any(r["speaker"].startswith("festival+") for r in read_manifest(corpus / f"{split}.jsonl"))
+    other = {r["text"] for s in ("dev", "test") for r in read_manifest(corpus / f"{s}.jsonl")}
+    assert not other & {r["text"] for r in rows}
+
+
+def test_festival_script_speaks_each_text_with_its_voice(tmp_path: Path):
+    utt = synth.Utt(0, "test_festival_000001", "test_festival", "what's the time", "festival+kal_diphone",
+                    300, 50, 0, 0.1, 0.1, 0.5, None)
+    script = synth.festival_script([utt], tmp_path)
+    assert "(voice_kal_diphone)" in script and '"what\'s the time"' in script
+    assert f"Duration_Stretch {synth.STRETCH_RANGE[0]:.3f}" in script  # fast speech, clamped stretch
 
 
 @needs_espeak
@@ -126,20 +147,31 @@ def test_split_speakers_tiny_grid():
 
 def test_plan_corpus_splits_are_disjoint_and_deterministic():
     speakers = synth.split_speakers(list(synth.ACCENTS), list(synth.VARIANTS), 0)
-    plan = synth.plan_corpus(speakers, 1.0, 200, 200, 0)
+    speakers["test_festival"] = [f"festival+{v}" for v in synth.FESTIVAL_VOICES]
+    plan = synth.plan_corpus(speakers, 1.0, 200, 200, 0, festival_utts=100)
     by_split = {s: [u for u in plan if u.split == s] for s in synth.SPLITS}
-    assert len(by_split["dev"]) == len(by_split["test"]) == 200
+    assert len(by_split["dev"]) == len(by_split["test"]) == 200 and len(by_split["test_festival"]) == 100
     train_texts = {u.text for u in by_split["train"]}
     for split in synth.SPLITS:
         assert {u.speaker for u in by_split[split]} <= set(speakers[split])
         if split != "train":
             assert not train_texts & {u.text for u in by_split[split]}
-    estimated = sum(synth.estimate_seconds(u.text, u.speed, u.lead, u.trail)
+    estimated = sum(synth.estimate_seconds(u.text, u.speed, u.lead, u.trail, u.gap)
                     for u in by_split["train"])
     assert 3600 <= estimated < 3600 + 20
     assert len({u.id for u in plan}) == len(plan)
     assert [u.index for u in plan] == list(range(len(plan)))
-    assert plan == synth.plan_corpus(speakers, 1.0, 200, 200, 0)
+    assert plan == synth.plan_corpus(speakers, 1.0, 200, 200, 0, festival_utts=100)
+
+
+@needs_espeak
+def test_voice_coverage_every_english_accent_and_wide_ranges():
+    """Every non-MBROLA English espeak-ng voice, the six Klatt variants, wide prosody ranges."""
+    accents, variants = synth.available_voices()
+    assert set(accents) == set(synth.ACCENTS)
+    assert {f"klatt{i}" for i in ("", 2, 3, 4, 5, 6)} <= set(variants) and len(variants) >= 60
+    assert synth.SPEED_RANGE[1] - synth.SPEED_RANGE[0] >= 100 and synth.PITCH_RANGE[1] - synth.PITCH_RANGE[0] >= 70
+    assert synth.WORD_GAP_RANGE[1] > 0
 
 
 def test_mpi_rank_size_from_environment():
@@ -174,7 +206,7 @@ def test_parse_wav_ignores_streaming_sizes():
 @needs_espeak
 def test_failed_synthesis_is_reported_not_raised(tmp_path: Path):
     utt = synth.Utt(index=0, id="train_000001", split="train", text="", speaker="en-us+m1",
-                    speed=160, pitch=50, lead=0.1, trail=0.1, peak=0.5, snr_db=None)
+                    speed=160, pitch=50, gap=0, lead=0.1, trail=0.1, peak=0.5, snr_db=None)
     (tmp_path / "wav" / "train").mkdir(parents=True)
     row = synth.synthesize(utt, tmp_path, seed=0)
     assert row["id"] == "train_000001" and "error" in row
