@@ -7,14 +7,20 @@ import pytest
 from hpc_asr import report
 
 
-def _stage_files(run, wer=0.1, match=True):
+def _stage_files(run, wer=0.05, match=True, extra=True):
     (run / "export").mkdir(parents=True)
     (run / "train_summary.json").write_text(json.dumps({
         "train_hours": 3.0, "train_wall_s": 100.0, "steps": 10, "params": 1000, "ranks": 2,
         "engine": "horovod", "compression": "fp16",
         "history": [{"step": 5, "loss": 50.0}, {"step": 10, "loss": 5.0}],
         "dev": [{"epoch": 0, "step": 10, "loss": 6.0, "wer": 0.2, "cer": 0.05}]}))
-    (run / "eval.json").write_text(json.dumps({"wer": wer, "cer": 0.03, "utterances": 200}))
+    (run / "eval.json").write_text(json.dumps({
+        "wer": wer, "cer": 0.03, "utterances": 200, "decoder": "beam+lm", "lm_weight": 0.5, "word_score": 1.0,
+        "substitutions": 5, "deletions": 2, "insertions": 1, "frequent_errors": [{"ref": "a", "hyp": "", "count": 2}]}))
+    if extra:
+        for name, w, n in (("greedy", 0.09, 200), ("festival", 0.25, 200), ("real", 1.017, 4)):
+            (run / f"eval_{name}.json").write_text(json.dumps({"wer": w, "cer": w / 3, "utterances": n,
+                                                                "decoder": "greedy"}))
     (run / "export" / "export.json").write_text(json.dumps({
         "onnx_max_abs_diff": 1e-5, "onnx_transcripts_match": match, "torchscript_max_abs_diff": 0.0,
         "utterances": 200}))
@@ -22,24 +28,37 @@ def _stage_files(run, wer=0.1, match=True):
                                                   "rtf": 0.01, "threads": 1}))
 
 
-REQUIRED = ["wer", "cer", "test_utterances", "train_hours", "train_wall_s", "ranks", "engine", "compression",
+REQUIRED = ["wer", "wer_greedy", "wer_festival", "real_fixture_wer", "decoder",
+            "cer", "test_utterances", "train_hours", "train_wall_s", "ranks", "engine", "compression",
             "onnx_max_abs_diff", "onnx_transcripts_match", "latency_ms_p50", "latency_ms_p95", "rtf"]
 
 
 def test_report_has_every_field_and_plot(tmp_path, capsys):
     _stage_files(tmp_path)
-    assert report.main(["--run", str(tmp_path), "--bar-wer", "0.15"]) == 0
+    assert report.main(["--run", str(tmp_path)]) == 0  # default bar: 10 %
     data = json.loads((tmp_path / "report.json").read_text())
     assert all(k in data for k in REQUIRED)
-    assert data["wer"] == 0.1 and data["engine"] == "horovod" and data["onnx_transcripts_match"] is True
+    assert data["wer"] == 0.05 and data["engine"] == "horovod" and data["onnx_transcripts_match"] is True
+    assert (data["wer_greedy"], data["wer_festival"], data["real_fixture_wer"]) == (0.09, 0.25, 1.017)
+    assert data["test_substitutions"] == 5 and data["test_frequent_errors"][0]["count"] == 2
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "WER 10.00%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WER 5.00%" in out and "beam+lm" in out and "WER 9.00%" in out and "greedy" in out
+    assert "WER 25.00%" in out and "WER 101.70%" in out
 
 
-@pytest.mark.parametrize("wer,match", [(0.2, True), (0.1, False)])
+def test_report_without_the_extra_evaluations_says_not_run(tmp_path, capsys):
+    _stage_files(tmp_path, extra=False)
+    assert report.main(["--run", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["wer_festival"] is None and data["real_fixture_wer"] is None and data["wer_greedy"] is None
+    assert "not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wer,match", [(0.11, True), (0.05, False)])
 def test_report_fails_above_bar_or_on_mismatch(tmp_path, wer, match, capsys):
     _stage_files(tmp_path, wer=wer, match=match)
-    assert report.main(["--run", str(tmp_path), "--bar-wer", "0.15"]) == 1
+    assert report.main(["--run", str(tmp_path)]) == 1
     assert "error:" in capsys.readouterr().err
 
 
