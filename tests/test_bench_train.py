@@ -1,0 +1,65 @@
+"""bench_train with tiny sizes (real mpirun runs, real Horovod timelines) and the scaling model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpc_asr import scaling
+from hpc_asr.bench_train import main, timeline_allreduce_bytes
+from hpc_asr.config import ModelConfig
+
+
+def test_ring_allreduce_alpha_beta():
+    c = scaling.Cluster(gpus_per_node=8, nvlink_GBps=100, nvlink_alpha_s=1e-6, ib_GBps=10, ib_alpha_s=1e-5)
+    assert scaling.ring_allreduce_s(1e9, 1, c) == 0.0
+    assert scaling.ring_allreduce_s(1e9, 8, c) == pytest.approx(14e-6 + 2 * 7 / 8 * 1e9 / 100e9)
+    assert scaling.ring_allreduce_s(1e9, 16, c) == pytest.approx(30e-5 + 2 * 15 / 16 * 1e9 / 10e9)  # IB-bound
+
+
+def test_step_flops_counts_the_model():
+    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=1, ff_mult=2, conv_kernel=5, subsampling="conv1d",
+                      vocab_size=29)
+    f1, params = scaling.step_flops(cfg, 400, 1)
+    f2, _ = scaling.step_flops(cfg, 800, 1)
+    assert params > 0 and 6 * params * 50 < f1  # >= 6 FLOPs per parameter per output frame (fwd+bwd)
+    assert 2.0 < f2 / f1 < 2.6  # ~linear in length at this size (attention adds a little)
+
+
+def test_prediction_with_and_without_fp16():
+    pred = scaling.predict(1e12, 10**8, [8, 16, 32], scaling.Cluster())
+    assert pred["fp32"]["8"]["speedup"] == pred["fp16"]["8"]["speedup"] == 1.0
+    for n in ("16", "32"):
+        assert pred["fp32"][n]["speedup"] < pred["fp16"][n]["speedup"] < int(n) / 8
+        assert pred["fp16"][n]["allreduce_s"] == pytest.approx(pred["fp32"][n]["allreduce_s"] / 2, rel=0.05)
+
+
+def test_timeline_bytes_parser(tmp_path):
+    events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "allreduce.w"}},
+              {"name": "process_name", "ph": "M", "pid": 2, "args": {"name": "broadcast.w"}},
+              {"name": "process_name", "ph": "M", "pid": 3, "args": {"name": "allreduce.noname.7"}},
+              {"ph": "E", "pid": 3, "args": {"dtype": "float64", "shape": "[1]"}},
+              {"ph": "E", "pid": 1, "args": {"dtype": "float16", "shape": "[3, 4]"}},
+              {"ph": "E", "pid": 2, "args": {"dtype": "float32", "shape": "[100]"}}]
+    (tmp_path / "t.json").write_text(json.dumps(events))
+    assert timeline_allreduce_bytes(tmp_path / "t.json") == {"float16": 24}
+
+
+def test_bench_train_tiny_writes_json_and_plot(tmp_path):
+    out = tmp_path / "bench" / "train.json"
+    assert main(["--out", str(out), "--d-model", "32", "--layers", "1", "--batch", "2", "--utt-seconds", "1",
+                 "--steps", "2", "--warmup", "1", "--no-torchaudio"]) == 0
+    res = json.loads(out.read_text())
+    for key in ("weak_scaling_efficiency_horovod", "weak_scaling_efficiency_torch"):
+        assert 0.05 < res[key] < 5
+    # Measured from Horovod's own timeline: every gradient went out as float16 with compression.
+    fp16 = res["details"]["weak_scaling"]["fp16_bytes"]
+    assert set(fp16["compressed"]) == {"float16"} and set(fp16["uncompressed"]) == {"float32"}
+    assert res["fp16_allreduce_bytes_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert res["speedup_vs_torchaudio_conformer"] is None and "skipped" in res["speedup_vs_torchaudio_note"]
+    assert list(res["predicted_speedup"]) == ["8", "16", "32", "64", "128"]
+    assert res["predicted_speedup"]["8"] == 1.0
+    pred = res["details"]["prediction"]
+    assert pred["params"] > 50e6 and pred["inputs"]["assumed"] and pred["inputs"]["measured"]
+    assert (out.parent / "scaling.png").stat().st_size > 10_000
