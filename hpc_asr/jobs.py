@@ -315,15 +315,17 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
         timer = [f"( sleep {warn} && kill -USR1 $$ ) &  # warning {plan.site.requeue_signal_s}s before walltime",
                  "TIMER=$!"]
     return stage + timer + [
-        "RANKS=''",
-        f'warn() {{ echo "[job] warning signal: ranks checkpoint and exit {EXIT_PREEMPTED}"; {forward}; }}',
+        "RANKS='' WARNED=0",
+        f'warn() {{ WARNED=1; echo "[job] warning signal: ranks checkpoint and exit {EXIT_PREEMPTED}"; {forward}; }}',
         "trap warn USR1 TERM",
         f"{cmd} &",
         "RANKS=$!",
         'rc=0; wait "$RANKS" || rc=$?',
         'while [ "$rc" -gt 128 ] && kill -0 "$RANKS" 2>/dev/null; do rc=0; wait "$RANKS" || rc=$?; done',
         *(["kill \"$TIMER\" 2>/dev/null"] if timer else []),
-        f'if [ "$rc" -eq {EXIT_PREEMPTED} ]; then',
+        # The launcher may report a rank killed after the others exited 3 (kill-on-bad-exit): after
+        # a warning any non-zero exit means "stopped at a checkpoint", and last.pt is atomic.
+        f'if [ "$rc" -eq {EXIT_PREEMPTED} ] || {{ [ "$WARNED" = 1 ] && [ "$rc" -ne 0 ]; }}; then',
         '  echo "[job] checkpointed after the warning signal: requeueing; the next run resumes from last.pt"',
         f"  {requeue} || {{ echo '[job] error: requeue refused; resubmit train to resume' >&2; "
         f"exit {EXIT_PREEMPTED}; }}",

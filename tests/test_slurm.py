@@ -1,0 +1,161 @@
+"""Rendered jobs on a real one-node SLURM (tests/slurm_cluster.py): the whole chain, the warning
+signal → checkpoint → requeue → resume path, and requests that can never start."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import helpers
+import pytest
+import slurm_cluster as sc
+from conftest import ROOT, run_env
+from helpers import make_feature_dir
+
+from hpc_asr import checkpoint
+from hpc_asr.jobs import JobError, wait
+
+slurm_cluster = sc.slurm_cluster  # the session fixture, by module attribute
+tiny_features = helpers.tiny_features
+
+TINY_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_mult": 2, "conv_kernel": 5,
+              "subsample_channels": 8, "dropout": 0.0}
+
+
+def site(tmp_path: Path, cluster: sc.SlurmCluster) -> Path:
+    p = tmp_path / "site.yaml"
+    p.write_text(json.dumps({
+        "scheduler": "slurm", "partition": cluster.partition, "node_cpus": cluster.cpus, "cpus_per_task": 1,
+        "cpu_ranks_per_node": 2, "cpu_bind": "none", "walltime": "00:30:00", "prep_walltime": "00:10:00",
+        "env": {"modules": [], "venv": str(ROOT / ".venv")}, "local_scratch": str(tmp_path / "local")}))
+    return p
+
+
+def jobs_cli(cluster: sc.SlurmCluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**run_env(), "SLURM_CONF": str(cluster.conf)}
+    return subprocess.run([sys.executable, "-m", "hpc_asr.jobs", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+
+
+def tiny_config(path: Path, data: dict[str, Path], out: Path, **train) -> Path:
+    cfg = {"data": {"train": str(data["train"]), "dev": str(data["dev"]), "test": str(data["test"]),
+                    "max_frames": 4000, "max_utts": 4},
+           "specaug": {"enabled": False}, "model": TINY_MODEL,
+           "train": {"out_dir": str(out), "epochs": 6, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                     "threads": 1, **train},
+           "dist": {"engine": "horovod", "compression": "fp16"}}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
+    corpus = tmp_path / "va"
+    synth = subprocess.run([sys.executable, "-m", "data_prep.synth", "--out", str(corpus), "--hours", "0.01",
+                                  "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"],
+                                 capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=120)
+    assert synth.returncode == 0, synth.stderr
+    feats = {s: corpus / "fbank" / s for s in ("train", "dev", "test")}
+    cfg = tiny_config(tmp_path / "tiny.yaml", feats, tmp_path / "run")
+    proc = jobs_cli(slurm_cluster, "submit", "--wait", "--site", str(site(tmp_path, slurm_cluster)),
+                    "--nodes", "1", "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"),
+                    timeout=400)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "jobs" / "logs").glob("*")))
+    assert proc.returncode == 0, f"{proc.stderr}\n{logs}"
+    ids = proc.stdout.split()
+    assert len(ids) == 4
+    deps = [slurm_cluster.job(i) for i in ids]
+    assert all(d["JobState"] == "COMPLETED" for d in deps)
+
+    for split, n in (("train", 15), ("dev", 4), ("test", 4)):  # features written by 2 MPI ranks
+        index = json.loads((feats[split] / "index.json").read_text())
+        assert index["utterances"] == n and index["ranks"] == 2, index
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["engine"] == "horovod"
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0] * 0.8, losses  # loss fell
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["position"]["step"] == summary["steps"]
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["utterances"] == 4 and 0 <= ev["cer"] and len(ev["hypotheses"]) == 4
+    assert (tmp_path / "run" / "export" / "model.onnx").is_file()
+    assert "srun: error" not in logs and "Traceback" not in logs
+
+
+def _steps(log: Path) -> list[int]:
+    text = log.read_text() if log.is_file() else ""
+    return [int(m) for m in re.findall(r" step (\d+)/", text)]
+
+
+def _until(what: str, pred, timeout: float, cluster: sc.SlurmCluster, job: str, poll: float = 0.5):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}: {cluster.job(job)}\n{cluster.log('slurmctld')[-1500:]}")
+
+
+@pytest.mark.slow
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    data = {"train": make_feature_dir(tmp_path / "train", 16, seed=0, shards=2),
+            "dev": make_feature_dir(tmp_path / "dev", 2, seed=1, shards=1)}
+    data["test"] = data["dev"]
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", data, out, epochs=100, max_steps=60, ckpt_every_steps=20)
+    cfg_raw = json.loads(cfg.read_text())
+    cfg_raw["data"]["max_utts"] = 1
+    cfg.write_text(json.dumps(cfg_raw))
+    proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--nodes", "1",
+                    "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"))
+    assert proc.returncode == 0, proc.stderr
+    jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
+    rank0 = out / "train.rank0.log"
+    _until("training to pass step 5", lambda: max(_steps(rank0), default=0) >= 5, 120, slurm_cluster, jid)
+    # What --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only.
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", jid)
+    seen = max(_steps(rank0))
+    _until("the requeue", lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING")(
+        slurm_cluster.job(jid)), 90, slurm_cluster, jid)
+    # A requeued job waits 2 min (Reason=BeginTime) before it is eligible again; skip that wait.
+    slurm_cluster.run("scontrol", "update", f"JobId={jid}", "StartTime=now")
+    _until("the requeued job to finish",
+           lambda: slurm_cluster.job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+           180, slurm_cluster, jid)
+    log = (tmp_path / "jobs" / "logs" / f"hpc_asr-train-{jid}.out").read_text()
+    assert slurm_cluster.job(jid)["JobState"] == "COMPLETED", log
+    assert f"hpc_asr-train {jid} run 0 " in log and f"hpc_asr-train {jid} run 1 " in log  # first run's log kept
+    assert "[job] warning signal" in log and "requeueing" in log
+    resumed = [int(m) for m in re.findall(r"resumed from \S+: .*?step (\d+)", rank0.read_text())]
+    assert len(resumed) == 1, rank0.read_text()
+    # The checkpoint was taken at the step boundary after the signal: nothing trained before it is
+    # lost (with ckpt_every_steps=20 alone, up to 19 steps would be).
+    assert seen <= resumed[0] < 60, (seen, resumed)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 60
+
+
+def test_request_larger_than_the_node_is_refused_not_left_pending(slurm_cluster, tmp_path, monkeypatch):
+    s = site(tmp_path, slurm_cluster)
+    raw = json.loads(s.read_text())
+    raw["node_cpus"] = 0  # staff did not fill it in: render can't check, submit asks sinfo
+    s.write_text(json.dumps(raw))
+    proc = jobs_cli(slurm_cluster, "submit", "--site", str(s), "--gpus-per-node", "0", "--cpus-per-task", "8",
+                    "--out", str(tmp_path / "jobs"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: jobs ask for 16 CPUs per node (cpus-per-task 8) but the largest node "
+                                   f"in partition debug has {slurm_cluster.cpus}")
+    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+    # A job submitted by hand with the old hard-coded 8 CPUs per task pends for ever; `wait` says why.
+    script = tmp_path / "old.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --cpus-per-task=8\n#SBATCH --ntasks-per-node=2\ntrue\n")
+    jid = slurm_cluster.run("sbatch", "--parsable", "-o", "/dev/null", str(script)).stdout.strip()
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    time.sleep(3)
+    with pytest.raises(JobError, match=rf"job {jid} can never start \(Reason=PartitionConfig\)"):
+        wait([jid], poll_s=1, timeout_s=30)
+    slurm_cluster.run("scancel", jid)
