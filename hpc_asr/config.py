@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "AugmentConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -251,6 +252,44 @@ class DecodeConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Waveform augmentation before feature prep (data_prep.augment), the Kaldi way: augmented
+    copies of the training audio plus a combined manifest. Each part switches off on its own."""
+
+    enabled: bool = False
+    copies: int = 1  # augmented copies per training utterance (the original is always kept)
+    seed: int = 0  # with the utterance's position, fixes every random choice
+    speeds: str = "0.9,1.0,1.1"  # speed factors, one drawn per copy (resampling: tempo and pitch); "" = off
+    noise_prob: float = 0.5  # share of copies with additive noise (0 = off)
+    noise_types: str = "white,pink,brown,babble"  # coloured noise, or babble of other training utterances
+    snr_db_min: float = 5.0
+    snr_db_max: float = 25.0
+    babble_speakers: int = 4  # utterances summed into one babble
+    reverb_prob: float = 0.3  # share of copies convolved with a simulated room impulse response (0 = off)
+    rt60_min: float = 0.15  # seconds, reverberation time of the simulated rooms
+    rt60_max: float = 0.7
+    rirs: int = 40  # size of the room impulse response bank (pyroomacoustics image-source rooms)
+
+    def __post_init__(self) -> None:
+        for name in ("noise_prob", "reverb_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.copies < 0 or self.babble_speakers < 1 or self.rirs < 1:
+            raise ConfigError(f"augment: copies >= 0, babble_speakers >= 1, rirs >= 1, got {self}")
+        if self.snr_db_min > self.snr_db_max or not 0 < self.rt60_min <= self.rt60_max:
+            raise ConfigError(f"augment: snr_db_min <= snr_db_max and 0 < rt60_min <= rt60_max, got {self}")
+        try:
+            bad = [f for f in (float(x) for x in self.speeds.split(",") if x.strip()) if not 0.5 <= f <= 2.0]
+        except ValueError:
+            raise ConfigError(f"augment.speeds: comma-separated numbers, got {self.speeds!r}") from None
+        if bad:
+            raise ConfigError(f"augment.speeds: factors must lie in [0.5, 2], got {bad}")
+        unknown = set(self.noise_types.split(",")) - {"white", "pink", "brown", "babble", ""}
+        if unknown:
+            raise ConfigError(f"augment.noise_types: unknown {sorted(unknown)}; use white, pink, brown, babble")
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -259,6 +298,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
