@@ -23,6 +23,8 @@ import random
 import re
 from collections.abc import Callable, Iterator
 
+from hpc_asr.text import normalize
+
 
 def _words(s: str) -> list[str]:
     """Space-separated single words; keeps the long vocabulary lists easy to edit."""
@@ -37,18 +39,14 @@ def _phrases(s: str) -> list[str]:
 MIN_WORDS = 2
 MAX_WORDS = 14
 
-_BAD_CHARS = re.compile(r"[^a-z' ]+")
-_SPACES = re.compile(r" +")
-
-
 def normalize_text(s: str) -> str:
-    """Lower-case, map anything outside [a-z' ] to a space, collapse spaces.
+    """Lower-case, map anything outside [a-z' ] to a space, collapse spaces (`hpc_asr.text`, the
+    one normaliser the tokenizer, the LM and scoring share).
 
     Hyphens and other punctuation become word breaks rather than vanishing so that
     "twenty-five" normalizes to "twenty five", not "twentyfive".
     """
-    s = _BAD_CHARS.sub(" ", s.lower())
-    return _SPACES.sub(" ", s).strip()
+    return normalize(s)
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from hpc_asr.decode import DECODERS, greedy_batch, lm_files, make_decoder
 from hpc_asr.dist import Engine, make_engine
 from hpc_asr.metrics import COUNT_KEYS, error_counts, frequent_errors, rates
 from hpc_asr.model import ConformerCTC, subsampled_lengths
-from hpc_asr.tokenizer import normalize
+from hpc_asr.text import normalize
 
 __all__ = ["eval_batches", "evaluate", "load_model_and_data", "posteriors"]
 

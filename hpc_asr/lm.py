@@ -22,7 +22,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from hpc_asr.tokenizer import normalize
+from hpc_asr.text import normalize
 
 __all__ = ["Arpa", "build_arpa", "kneser_ney", "main", "read_arpa", "write_arpa"]
 

@@ -233,3 +233,10 @@ def test_normalize_text_and_number_words():
     assert grammar.number_words(2024) == "two thousand twenty four"
     assert [grammar.ordinal_words(n) for n in (1, 3, 12, 21, 30)] == \
         ["first", "third", "twelfth", "twenty first", "thirtieth"]
+
+
+def test_one_normaliser_for_corpus_tokenizer_and_scoring():
+    from hpc_asr import text, tokenizer
+
+    for s in ["  Set a Timer: 25-minutes!  It's OK ", "ÀB--c''d\tE\nf", "", "twenty-five"]:
+        assert grammar.normalize_text(s) == text.normalize(s) == tokenizer.normalize(s)
