@@ -118,3 +118,20 @@ def test_too_short_utterance_is_scored_as_empty(tmp_path):
     res = evaluate(model, data, tok, Engine(World()), cfg, keep_hyps=True)
     assert res["utterances"] == 3
     assert res["hypotheses"][data.ids[0]]["hyp"] == ""
+
+
+def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, tmp_path):
+    """The deployable Recognizer runs beam+LM: words only from the LM's vocabulary."""
+    from hpc_asr.latency import Recognizer, measure
+    from hpc_asr.lm import build_arpa
+
+    out = tmp_path / "export"
+    run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(real_fixture["ckpt"]),
+         "--data", str(real_fixture["data"]), "--out-dir", str(out)], timeout=300)
+    build_arpa(["call mom", "play jazz", "stop"], 2, out / "lm" / "lm.arpa")
+    rec = Recognizer(out, threads=1, decoder="beam+lm")
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    assert set(rec(wave).split()) <= {"call", "mom", "play", "jazz", "stop"}
+    assert measure(rec, [wave, wave], warmup=1)["utterances"] == 2
+    with pytest.raises(FileNotFoundError):
+        Recognizer(out, decoder="beam+lm", lm=str(tmp_path / "none"))
