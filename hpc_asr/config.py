@@ -137,6 +137,7 @@ class ModelConfig:
     subsample_channels: int = 64  # conv2d only
     dropout: float = 0.1
     vocab_size: int = 0
+    attention: str = "abs"  # abs (sinusoids added to the input) | rel (Transformer-XL relative positions, as WeNet)
 
     def __post_init__(self) -> None:
         validate(self, "model", d_model=">0", n_heads=">0", n_layers=">0", ff_mult=">0", conv_kernel=">0",
@@ -151,6 +152,8 @@ class ModelConfig:
             raise ConfigError(f"model.conv_norm must be layer|batch, got {self.conv_norm!r}")
         if self.conv_kernel % 2 == 0:
             raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be odd")
+        if self.attention not in ("abs", "rel"):
+            raise ConfigError(f"model.attention must be abs|rel, got {self.attention!r}")
 
 
 @dataclass

@@ -83,7 +83,17 @@ class _Conv1dSubsampling(nn.Module):
 
 def _sinusoids(t: int | Tensor, d_model: int, device: torch.device) -> Tensor:
     """(T, D) absolute sinusoidal positions, built for the actual length (no max-length cap)."""
-    pos = torch.arange(t, device=device, dtype=torch.float32)[:, None]
+    return _sinusoid_table(torch.arange(t, device=device, dtype=torch.float32), d_model)
+
+
+def _rel_sinusoids(t: int | Tensor, d_model: int, device: torch.device) -> Tensor:
+    """(2T-1, D) sinusoids of the relative positions T-1, T-2, ..., -(T-1) (query minus key)."""
+    return _sinusoid_table(torch.arange(t - 1, -t, -1, device=device, dtype=torch.float32), d_model)
+
+
+def _sinusoid_table(positions: Tensor, d_model: int) -> Tensor:
+    device = positions.device
+    pos = positions[:, None]
     inv = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
     ang = pos * inv[None, :]
     return torch.stack([ang.sin(), ang.cos()], dim=-1).reshape(-1, d_model)
@@ -107,8 +117,20 @@ class _FeedForward(nn.Module):
         return self.net(x)
 
 
+def _rel_shift(x: Tensor) -> Tensor:
+    """(B, H, T, 2T-1) scores against relative positions T-1 … -(T-1) → (B, H, T, T) scores
+    against keys: entry (i, j) takes relative position i - j (Transformer-XL's pad-and-reshape)."""
+    b, h, t, n = x.shape
+    x = torch.cat([x.new_zeros(b, h, t, 1), x], dim=-1).reshape(b, h, n + 1, t)
+    return x[:, :, 1:].reshape(b, h, t, n)[:, :, :, : n // 2 + 1]
+
+
 class _SelfAttention(nn.Module):
-    """Pre-norm multi-head self-attention over valid frames (scaled_dot_product_attention)."""
+    """Pre-norm multi-head self-attention over valid frames (scaled_dot_product_attention).
+
+    ``attention: rel`` adds the Conformer paper's relative positions (Transformer-XL; as WeNet and
+    ESPnet): score(i, j) = (q_i + u)·k_j + (q_i + v)·W p_{i-j}, the second term passed to SDPA as an
+    additive bias, so padding stays masked and the kernel stays fused."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,12 +140,25 @@ class _SelfAttention(nn.Module):
         self.heads = cfg.n_heads
         self.dropout = cfg.dropout
         self.drop = nn.Dropout(cfg.dropout)
+        self.rel = cfg.attention == "rel"
+        if self.rel:
+            dh = cfg.d_model // cfg.n_heads
+            self.pos = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.pos_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(cfg.n_heads, dh)))
+            self.pos_v = nn.Parameter(nn.init.xavier_uniform_(torch.empty(cfg.n_heads, dh)))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x (B, T, D), mask (B, T)
+    def forward(self, x: Tensor, mask: Tensor, pos: Tensor | None = None) -> Tensor:
+        """x (B, T, D), mask (B, T), pos (2T-1, D) relative sinusoids (``rel`` only)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = mask[:, None, None, :]
+        if self.rel and pos is not None:
+            p = self.pos(pos).reshape(1, -1, self.heads, d // self.heads).transpose(1, 2)  # (1, H, 2T-1, D/H)
+            bd = _rel_shift((q + self.pos_v[:, None, :]) @ p.transpose(-1, -2)) / math.sqrt(d // self.heads)
+            bias = bd.masked_fill(~bias, float("-inf"))  # (B, H, T, T)
+            q = q + self.pos_u[:, None, :]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D/H)
         return self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
 
@@ -162,9 +197,9 @@ class _ConformerLayer(nn.Module):
         self.ff2 = _FeedForward(cfg)
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, pos: Tensor | None = None) -> Tensor:
         x = x + 0.5 * self.ff1(x)
-        x = x + self.attn(x, mask)
+        x = x + self.attn(x, mask, pos)
         x = x + self.conv(x, mask)
         x = x + 0.5 * self.ff2(x)
         return self.norm(x)
@@ -197,9 +232,14 @@ class ConformerCTC(nn.Module):
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x, lengths = self.subsample(self.cmvn(feats), lengths)  # (B, T', D)
         mask = make_pad_mask(lengths, x.shape[1])
-        x = self.drop(x * math.sqrt(self.cfg.d_model) + _sinusoids(x.shape[1], self.cfg.d_model, x.device))
+        pos = None
+        if self.cfg.attention == "rel":  # positions enter every attention layer, not the input
+            x = self.drop(x * math.sqrt(self.cfg.d_model))
+            pos = _rel_sinusoids(x.shape[1], self.cfg.d_model, x.device)
+        else:
+            x = self.drop(x * math.sqrt(self.cfg.d_model) + _sinusoids(x.shape[1], self.cfg.d_model, x.device))
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, pos)
         return F.log_softmax(self.ctc(x), dim=-1), lengths
 
     def num_params(self) -> int:

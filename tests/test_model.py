@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpc_asr.config import ModelConfig
-from hpc_asr.model import ConformerCTC, _SelfAttention, make_pad_mask, subsampled_lengths
+from hpc_asr.model import ConformerCTC, _rel_shift, _rel_sinusoids, _SelfAttention, make_pad_mask, subsampled_lengths
 
 BINS, VOCAB = 80, 29
 
@@ -19,10 +19,11 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module", params=["conv2d", "conv1d"])
+@pytest.fixture(scope="module", params=["conv2d", "conv1d", "conv2d-rel"])
 def model(request) -> ConformerCTC:
     torch.manual_seed(0)
-    m = ConformerCTC(tiny_cfg(subsampling=request.param), BINS)
+    subsampling, _, attention = request.param.partition("-")
+    m = ConformerCTC(tiny_cfg(subsampling=subsampling, attention=attention or "abs"), BINS)
     m.set_cmvn(torch.randn(BINS), torch.rand(BINS) + 0.5)  # non-trivial CMVN: padding sees it too
     return m.eval()
 
@@ -92,9 +93,9 @@ def test_train_mode_dropout_is_active_eval_is_deterministic(model):
     assert not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("subsampling", ["conv2d", "conv1d"])
-def test_gradients_reach_every_parameter(subsampling):
-    m = ConformerCTC(tiny_cfg(dropout=0.0, subsampling=subsampling), BINS)
+@pytest.mark.parametrize(("subsampling", "attention"), [("conv2d", "abs"), ("conv1d", "abs"), ("conv1d", "rel")])
+def test_gradients_reach_every_parameter(subsampling, attention):
+    m = ConformerCTC(tiny_cfg(dropout=0.0, subsampling=subsampling, attention=attention), BINS)
     lp, lens = m(torch.randn(2, 60, BINS), torch.tensor([60, 40]))
     loss = torch.nn.functional.ctc_loss(lp.transpose(0, 1), torch.tensor([[1, 2, 3], [4, 5, 0]]), lens,
                                         torch.tensor([3, 2]))
@@ -107,3 +108,69 @@ def test_gradients_reach_every_parameter(subsampling):
 def test_vocab_size_below_two_raises(vocab):
     with pytest.raises(ValueError, match="vocab_size"):
         ConformerCTC(tiny_cfg(vocab_size=vocab), BINS)
+
+
+# ---- relative-position attention ------------------------------------------------------------
+
+def test_rel_shift_puts_relative_position_i_minus_j_at_i_j():
+    t = 6
+    rel = torch.arange(t - 1, -t, -1, dtype=torch.float32)  # the columns: T-1 ... -(T-1)
+    x = rel.expand(2, 3, t, 2 * t - 1).clone()
+    want = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).float()
+    assert torch.equal(_rel_shift(x), want.expand(2, 3, t, t))
+
+
+def test_rel_attention_equals_explicit_relative_scores():
+    torch.manual_seed(3)
+    cfg = tiny_cfg(dropout=0.3, attention="rel")
+    attn = _SelfAttention(cfg).eval()
+    b, t, d, h = 2, 9, cfg.d_model, cfg.n_heads
+    dh = d // h
+    x, mask = torch.randn(b, t, d), make_pad_mask(torch.tensor([9, 4]), t)
+    pos = _rel_sinusoids(t, d, x.device)  # row r is relative position T-1-r
+    with torch.no_grad():
+        got = attn(x, mask, pos)
+        q, k, v = (z.transpose(1, 2) for z in attn.qkv(attn.norm(x)).reshape(b, t, 3, h, dh).unbind(2))
+        p = attn.pos(pos).reshape(2 * t - 1, h, dh)
+        scores = torch.empty(b, h, t, t)
+        for i in range(t):
+            for j in range(t):
+                pe = p[t - 1 - (i - j)]  # (H, Dh) for relative position i - j
+                scores[:, :, i, j] = ((q[:, :, i] + attn.pos_u) * k[:, :, j]).sum(-1) + (
+                    (q[:, :, i] + attn.pos_v) * pe).sum(-1)
+        scores = (scores / math.sqrt(dh)).masked_fill(~mask[:, None, None, :], float("-inf"))
+        want = attn.proj((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, d))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rel_position_embedding_does_not_depend_on_length():
+    t = 12
+    pos_a = _rel_sinusoids(t, 32, torch.device("cpu"))
+    pos_b = _rel_sinusoids(t + 5, 32, torch.device("cpu"))
+    # Row r of the table is relative position T-1-r: the same embedding whatever T is.
+    torch.testing.assert_close(pos_a, pos_b[5:-5])
+
+
+def test_rel_model_exports_to_onnx_with_dynamic_time(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from hpc_asr.export import export_onnx
+
+    torch.manual_seed(5)
+    m = ConformerCTC(tiny_cfg(attention="rel", subsampling="conv1d"), BINS).eval()
+    path = tmp_path / "rel.onnx"
+    export_onnx(m, path, opset=17)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for t, lens in [(97, [97, 60, 33]), (301, [301, 250, 120])]:  # neither is the traced length (240)
+        feats, lens = torch.randn(3, t, BINS), torch.tensor(lens)
+        with torch.no_grad():
+            want, want_lens = m(feats, lens)
+        got, got_lens = sess.run(None, {"feats": feats.numpy(), "feat_lens": lens.numpy()})
+        assert got_lens.tolist() == want_lens.tolist()
+        for i, n in enumerate(want_lens.tolist()):  # valid frames only; padding is undefined
+            np_close = torch.from_numpy(got[i, :n]) - want[i, :n]
+            assert np_close.abs().max() < 1e-4, (t, i)
+
+
+def test_attention_option_is_validated():
+    with pytest.raises(ValueError, match=r"model\.attention"):
+        tiny_cfg(attention="relative")
