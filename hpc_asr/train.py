@@ -15,6 +15,7 @@ resumes bitwise where it stopped.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -591,9 +592,26 @@ def _loop(run: _Run) -> None:
             return
 
 
+def _fingerprint(run: _Run) -> dict:
+    """This rank's replica state: a hash of every weight and optimizer tensor, the lr and the
+    GradScaler state. Ranks that drifted apart (defect: unsynchronised scaler or lr) differ."""
+    h = hashlib.sha256()
+    for t in list(run.model.state_dict().values()) + [
+            v for s in run.optimizer.state_dict()["state"].values() for v in s.values() if torch.is_tensor(v)]:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    finite = all(bool(torch.isfinite(v).all()) for v in run.model.parameters())
+    return {"rank": run.world.rank, "weights_sha256": h.hexdigest(), "finite": finite,
+            "lr": run.optimizer.param_groups[0]["lr"], "scaler": run.scaler.state_dict()}
+
+
 def _summary(run: _Run) -> dict:
     p = run.pos
+    replicas = run.engine.gather_object(_fingerprint(run))  # dist: every rank's state, for the record
+    same = all({**r, "rank": 0} == {**replicas[0], "rank": 0} for r in replicas)
+    if not same:
+        run.log(f"error: replicas differ at the end of training: {replicas}")
     return {
+        "replicas_identical": same, "replicas": replicas,
         "train_wall_s": round(run.wall(), 1), "ranks": run.world.size, "engine": run.engine.name,
         "compression": run.cfg.dist.compression, "steps": p["step"], "skipped_steps": p["skipped_steps"],
         "train_hours": run.train_set.index["hours"], "params": run.model.num_params(), "dev": p["dev"],

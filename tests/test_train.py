@@ -279,3 +279,78 @@ def test_sigusr1_to_one_rank_checkpoints_exits_3_and_resumes_exactly(tiny_featur
     run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(split))), timeout=240)
     assert "resumed from" in (split / "train.rank0.log").read_text()
     _assert_same_run(straight, split)
+
+
+# ---- GradScaler and lr after a Horovod resume; NaN/Inf skipping; another world size ---------
+
+def _hvd_yaml(tmp_path: Path, tiny_features, out: Path, **train) -> Path:
+    return tiny_yaml(tmp_path / f"{out.name}.yaml", tiny_features["train"], tiny_features["dev"], out,
+                     train={"epochs": 3, "warmup_steps": 2, "tensorboard": False, **train})
+
+
+def test_horovod_resume_gives_every_rank_rank0s_scaler_and_lr(tiny_features, tmp_path):
+    """fp16 autocast + GradScaler (real on CPU in torch 2.x) under 2-rank Horovod: after a resume
+    with a changed --train.lr every rank holds rank 0's scaler state and the same lr, and the
+    replicas end bitwise identical."""
+    out = tmp_path / "amp"
+    cfg = _hvd_yaml(tmp_path, tiny_features, out, precision="fp16")
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"), timeout=240)
+    state = checkpoint.load(out / "last.pt")
+    assert state["scaler"]["scale"] > 0
+    state["scaler"].update(scale=512.0, _growth_tracker=7)  # a state no fresh GradScaler has
+    checkpoint.save(out / "last.pt", state)
+
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "4",
+                   "--train.lr", "3e-3"), timeout=240)
+    logs = [(out / f"train.rank{r}.log").read_text().splitlines() for r in (0, 1)]
+    resumed = [[ln.split(") ", 1)[1] for ln in lg if ") lr " in ln][-1] for lg in logs]
+    assert resumed[0] == resumed[1], resumed
+    assert "'scale': 512.0" in resumed[1] and "'_growth_tracker': 7" in resumed[1]
+    step_lrs = [[ln.split(" lr ")[1].split()[0] for ln in lg if " step 4/" in ln] for lg in logs]
+    assert step_lrs[0] == step_lrs[1] and step_lrs[0]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["replicas_identical"], summary["replicas"]
+    assert [r["scaler"]["scale"] for r in summary["replicas"]] == [512.0, 512.0]  # 2 steps < growth interval
+    assert "train.lr 0.001 -> 0.003" in logs[0][-20:].__str__()
+
+
+def test_nonfinite_gradient_step_is_skipped_on_every_rank(tiny_features, tmp_path):
+    """A real inf in rank 1's loss at step 2: the averaged gradient is non-finite on both ranks,
+    both skip the step and count it, and the weights stay finite and equal."""
+    out = tmp_path / "inf"
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(tmp_path, tiny_features, out)),
+                              "--train.max_steps", "3"), HPC_ASR_TEST_INF_STEP="2:1")
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 1
+    assert [h["skipped_steps"] for h in summary["history"]] == [0, 1, 1]
+    assert summary["replicas_identical"] and all(r["finite"] for r in summary["replicas"])
+    for r in (0, 1):
+        assert "step 2: non-finite gradient norm, step skipped" in (out / f"train.rank{r}.log").read_text()
+    state = checkpoint.load(out / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # The skipped step never reached AdamW: 2 real steps, plus the zero-lr step Horovod's
+    # broadcast_optimizer_state takes to create the state at start.
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}
+
+
+def test_resume_on_fewer_ranks_keeps_the_lr_schedule(tiny_features, tmp_path):
+    """Preempted on 2 ranks at step 3 of 6, resumed on 1 rank: each 1-rank step is half a global
+    batch, so the schedule advances by 0.5 per step and the lr continues the 2-rank curve."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(tmp_path, tiny_features, straight))),
+        timeout=240)
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(tmp_path, tiny_features, split))),
+                   HPC_ASR_TEST_WAIT_SIGNAL="3:0")
+    os.kill(int(_wait_file(split / "waiting.rank0", proc)), signal.SIGTERM)
+    assert proc.wait(timeout=240) == train_mod.EXIT_PREEMPTED
+
+    cfg = load_config(_hvd_yaml(tmp_path, tiny_features, split), ["--dist.engine", "none"])
+    one = train_mod.train(cfg)
+    lr2 = {h["step"]: h["lr"] for h in json.loads((straight / "train_summary.json").read_text())["history"]}
+    lr1 = [h["lr"] for h in one["history"] if h["step"] > 3]
+    assert len(lr1) == 6  # 2 half-size steps left in epoch 1, 4 in epoch 2
+    assert lr1[0] == lr2[4] and lr1[2] == lr2[5] and lr1[4] == lr2[6]  # same schedule point, same lr
+    assert lr2[4] > lr1[1] > lr2[5] > lr1[3] > lr2[6] > lr1[5]  # in between: no jump, still decaying
+    assert checkpoint.load(split / "last.pt")["position"]["sched_step"] == 6.0
