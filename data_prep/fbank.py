@@ -323,6 +323,7 @@ def _parse(argv: list[str] | None):
     p.add_argument("--speed-perturb", default="", help="e.g. 0.9,1.0,1.1: extra copies with ids sp0.9-<id>")
     p.add_argument("--max-reject-fraction", type=float, default=0.01, help="exit 3 above this")
     p.add_argument("--device", default="cpu", help="torch FBANK device, e.g. cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args, rest = p.parse_known_args(argv)
     speeds = tuple(float(s) for s in args.speed_perturb.split(",") if s.strip()) or (1.0,)
     opts = PrepOptions(int(args.shard_mb * 2**20), args.shard_utts, args.unit_seconds, speeds,
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         world = World(comm.Get_rank(), comm.Get_size(), world.local_rank, world.local_size)
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    torch.set_num_threads(args.threads)  # ranks are the parallelism; one FBANK thread each is fastest
     try:
         run(args.manifest, args.out, features, world, comm, opts)
     except RejectsError as e:

@@ -149,7 +149,8 @@ def _sizes(cfg: FeatureConfig) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: float, device: str):
-    """Povey window (win,) and Kaldi mel banks (nfft // 2 + 1, bins), cached per settings."""
+    """Povey window (win,) and Kaldi mel banks, each row twice (for re and im):
+    (2 (nfft // 2 + 1), bins); cached per settings."""
     import torch
 
     n = torch.arange(win, dtype=torch.float64)
@@ -168,8 +169,8 @@ def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: 
     up = (fft_mel - left) / (center - left)
     down = (right - fft_mel) / (right - center)
     banks = torch.clamp(torch.minimum(up, down), min=0.0)  # (bins, nfft/2); Nyquist bin gets 0
-    banks = torch.nn.functional.pad(banks, (0, 1))
-    return window.float().to(device), banks.T.contiguous().float().to(device)
+    banks = torch.nn.functional.pad(banks, (0, 1)).T.repeat_interleave(2, dim=0)  # (2 (nfft/2 + 1), bins)
+    return window.float().to(device), banks.contiguous().float().to(device)
 
 
 def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.ndarray:
@@ -179,13 +180,18 @@ def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.n
     window, banks = _tables(cfg.sample_rate, win, nfft, cfg.num_mel_bins, cfg.low_freq, cfg.high_freq, device)
     with torch.no_grad():
         frames = torch.from_numpy(x).to(device).unfold(0, win, shift)  # (T, win), a view
+        buf = torch.zeros(frames.shape[0], nfft, device=device)  # (T, nfft): the FFT input, zero-padded
+        v = buf[:, :win]
+        v.copy_(frames)
         if cfg.dither > 0:
-            frames = frames + cfg.dither * torch.randn_like(frames)
-        frames = frames - frames.mean(dim=1, keepdim=True)  # DC removal
-        prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
-        frames = (frames - 0.97 * prev) * window  # pre-emphasis (x[0] -= 0.97 x[0]), povey window
-        power = torch.fft.rfft(frames, n=nfft).abs().square()  # (T, nfft/2 + 1)
-        mel = torch.matmul(power, banks).clamp_min(_FLOAT_EPS).log()  # (T, bins)
+            v += cfg.dither * torch.randn_like(v)
+        v -= v.mean(dim=1, keepdim=True)  # DC removal
+        v[:, 1:] -= 0.97 * v[:, :-1]  # pre-emphasis (the right side is evaluated first, from the old v)
+        v[:, 0] *= 1 - 0.97  # Kaldi's first sample: x[0] -= 0.97 x[0]
+        v *= window  # povey
+        spec = torch.view_as_real(torch.fft.rfft(buf)).flatten(1)  # (T, 2 (nfft/2 + 1)): re, im, re, ...
+        # |X|^2 summed into mel bins in one matmul: banks repeated for the re and im columns.
+        mel = torch.matmul(spec.square_(), banks).clamp_min_(_FLOAT_EPS).log_()  # (T, bins)
         return mel.cpu().numpy()
 
 
@@ -203,10 +209,9 @@ class CmvnStats:
         return cls(np.zeros(dim, np.float64), np.zeros(dim, np.float64), 0)
 
     def add(self, feats: np.ndarray) -> None:
-        f = feats.astype(np.float64)
-        self.sum += f.sum(0)
-        self.sumsq += (f * f).sum(0)
-        self.count += f.shape[0]
+        self.sum += feats.sum(0, dtype=np.float64)  # float64 accumulation without a float64 copy
+        self.sumsq += np.square(feats).sum(0, dtype=np.float64)
+        self.count += feats.shape[0]
 
     def mean_std(self, floor: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
