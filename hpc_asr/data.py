@@ -63,10 +63,10 @@ class FeatureSet:
         s = int(self.shard_of[i])
         path = self.dir / self.index["shards"][s]["file"]
         if s not in self._files:
-            self._files[s] = open_shard(path)
+            self._files[s] = open_shard(path)["feats"]  # the dataset handle keeps its file open
         off = int(self.offsets[i])
         with _one_line(path):
-            return self._files[s]["feats"][off : off + int(self.num_frames[i])]
+            return self._files[s][off : off + int(self.num_frames[i])]
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         return i, self.feats(i)
