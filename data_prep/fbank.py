@@ -251,6 +251,8 @@ def _finalize(out: Path, gen: str, n_units: int, n_inputs: int, features: Featur
     for old in out.glob("gen-*"):
         if old.name != gen:
             shutil.rmtree(old, ignore_errors=True)
+    for legacy in out.glob("shard-*.h5"):  # version-1 layout: shards beside the index
+        legacy.unlink(missing_ok=True)
     for claims in (out / gen).glob("claims-*"):
         shutil.rmtree(claims, ignore_errors=True)
     (out / "pending.json").unlink(missing_ok=True)

@@ -100,7 +100,8 @@ def test_mpi_run_writes_shards_index_and_rejects(prepped):
     gen = index["generation"]
     assert sorted(p.name for p in out.iterdir()) == [gen, "index.json", "rejects.jsonl"]
     assert index["ranks"] == 2 and index["units"] > 2
-    assert all(r["units"] > 0 for r in index["rank_stats"]), "both ranks should claim units"
+    # Claims are dynamic: a rank that starts late may get few or none; together, each unit once.
+    assert len(index["rank_stats"]) == 2 and sum(r["units"] for r in index["rank_stats"]) == index["units"]
     assert index["utterances"] == 6 and index["inputs"] == 14 and index["rejected"] == 8
     assert index["features"] == asdict(CFG)
     rejects = {r["id"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
