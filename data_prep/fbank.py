@@ -41,6 +41,7 @@ from hpc_asr.manifest import ManifestError, Utterance, read_manifest
 from hpc_asr.shards import DEFAULT_MAX_BYTES, ShardWriter, open_h5, read_index, write_index, write_json_atomic
 
 KILL_ENV = "HPC_ASR_TEST_KILL_AFTER_UNITS"  # "RANK:N": SIGKILL that rank after N units (tests only)
+SLOW_ENV = "HPC_ASR_TEST_SLOW_RANK"  # "RANK:SECONDS": that rank sleeps this long per unit (tests only)
 
 
 class RejectsError(RuntimeError):
@@ -163,7 +164,7 @@ class _RankWork:
                 self.audio_s += dur
         self._units.append(u)
         self.units_done += 1
-        _maybe_kill_for_test(self.world.rank, self.units_done)
+        _test_hooks(self.world.rank, self.units_done)
         if w.full:
             self._close()
 
@@ -179,10 +180,14 @@ class _RankWork:
                 self.writer.abort()
 
 
-def _maybe_kill_for_test(rank: int, units_done: int) -> None:
-    spec = os.environ.get(KILL_ENV, "")
-    if spec and spec.split(":") == [str(rank), str(units_done)]:
+def _test_hooks(rank: int, units_done: int) -> None:
+    """A rank killed mid-prep, or slower than the others: real conditions, triggered on demand."""
+    kill = os.environ.get(KILL_ENV, "")
+    if kill and kill.split(":") == [str(rank), str(units_done)]:
         os.kill(os.getpid(), signal.SIGKILL)
+    slow = os.environ.get(SLOW_ENV, "").split(":")
+    if slow[0] == str(rank):
+        time.sleep(float(slow[1]))
 
 
 # ---------------------------------------------------------------- rank 0: state on disk

@@ -202,6 +202,21 @@ def test_kill9_of_a_rank_then_rerun_redoes_only_the_rest(tmp_path, librispeech_d
     assert not list(out.glob("gen-*/claims-*")) and not (out / "pending.json").exists()
 
 
+def test_slow_rank_takes_fewer_units_and_ranks_finish_together(tmp_path, librispeech_dir, monkeypatch):
+    """Rank 1 is 0.3 s slower per unit: with a static split it would finish ~3 s after rank 0;
+    claiming units dynamically, the ranks finish within about one slow unit of each other."""
+    utts = many_utts(librispeech_dir, 24)
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts)
+    monkeypatch.setenv(fbank_mod.SLOW_ENV, "1:0.3")
+    run(mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+                   "--unit-seconds", "1"), timeout=120)
+    fast, slow = json.loads((out / "index.json").read_text())["rank_stats"]
+    assert fast["units"] + slow["units"] == 24 and fast["units"] > 2 * slow["units"], (fast, slow)
+    assert abs(fast["wall_s"] - slow["wall_s"]) < 0.6, (fast, slow)
+    assert sorted(ids_in(out)) == [u.id for u in utts]
+
+
 def test_force_killed_midway_keeps_old_index_whole(tmp_path, librispeech_dir, monkeypatch):
     utts = many_utts(librispeech_dir, 6)
     manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
