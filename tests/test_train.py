@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -253,40 +255,79 @@ def _wait_file(path: Path, proc, timeout: float = 180) -> str:
     return path.read_text()
 
 
-def test_sigusr1_to_one_rank_checkpoints_exits_3_and_resumes_exactly(tiny_features, tmp_path):
-    """SIGUSR1 sent (from outside, by pid) to rank 1 only: both ranks agree at the next optimizer
-    step, rank 0 writes last.pt at that step, both exit 3; relaunching ends bitwise equal to an
-    uninterrupted 2-rank run."""
-    def yaml_for(out: Path) -> Path:
-        return tiny_yaml(tmp_path / f"{out.name}.yaml", tiny_features["train"], tiny_features["dev"], out,
-                         train={"epochs": 3, "warmup_steps": 2}, model={"dropout": 0.1},
-                         specaug={"enabled": True})
+def _hvd_yaml(tmp_path: Path, tiny_features, out: Path, **train) -> Path:
+    """3 epochs of 2 steps on 2 ranks, dropout and SpecAugment on (a resume must redraw them)."""
+    return tiny_yaml(tmp_path / f"{out.name}.yaml", tiny_features["train"], tiny_features["dev"], out,
+                     train={"epochs": 3, "warmup_steps": 2, "tensorboard": False, **train},
+                     model={"dropout": 0.1}, specaug={"enabled": True})
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(straight))), timeout=240)
 
-    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(split))),
-                   HPC_ASR_TEST_WAIT_SIGNAL="3:1")  # rank 1 pauses before agreeing on step 3
-    pid = int(_wait_file(split / "waiting.rank1", proc))
-    os.kill(pid, signal.SIGUSR1)
+@pytest.fixture(scope="module")
+def preempted(tiny_features, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted 2-rank run, and a copy of the same run that got SIGUSR1 (sent from
+    outside, by pid) on rank 1 only while it was about to agree on step 3 (mid-epoch)."""
+    root = tmp_path_factory.mktemp("preempt")
+    straight, split = root / "straight", root / "split"
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(root, tiny_features, straight))),
+        timeout=240)
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(root, tiny_features, split))),
+                   HPC_ASR_TEST_WAIT_SIGNAL="3:1")  # rank 1 pauses before the step-3 agreement
+    os.kill(int(_wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == train_mod.EXIT_PREEMPTED, err
+    assert proc.returncode == train_mod.EXIT_PREEMPTED, err  # mpirun passes the ranks' status 3 on
+    shutil.copytree(split, root / "split_copy")
+    return {"root": root, "straight": straight, "split": split, "copy": root / "split_copy"}
+
+
+def test_sigusr1_to_one_rank_checkpoints_exits_3_and_resumes_exactly(preempted, tiny_features):
+    """Both ranks agreed at step 3, rank 0 wrote last.pt there, both exited 3; relaunching the same
+    command ends bitwise equal to the uninterrupted run."""
+    split = preempted["split"]
     assert checkpoint.load(split / "last.pt")["position"]["step"] == 3
     for r in (0, 1):
         assert "preempted (signal) at step 3" in (split / f"train.rank{r}.log").read_text()
     assert not (split / "train_summary.json").exists()
-
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(yaml_for(split))), timeout=240)
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(preempted["root"], tiny_features, split))),
+        timeout=240)
     assert "resumed from" in (split / "train.rank0.log").read_text()
-    _assert_same_run(straight, split)
+    _assert_same_run(preempted["straight"], split)
+
+
+def test_resume_on_fewer_ranks_keeps_the_lr_schedule(preempted, tiny_features):
+    """Preempted on 2 ranks at step 3 of 6, resumed on 1 rank: each 1-rank step is half a global
+    batch, so the schedule advances by 0.5 per step and the lr continues the 2-rank curve."""
+    out = preempted["copy"]
+    cfg = load_config(_hvd_yaml(preempted["root"], tiny_features, out), ["--dist.engine", "none"])
+    one = train_mod.train(cfg)
+    straight = json.loads((preempted["straight"] / "train_summary.json").read_text())
+    lr2 = {h["step"]: h["lr"] for h in straight["history"]}
+    lr1 = [h["lr"] for h in one["history"] if h["step"] > 3]
+    assert len(lr1) == 6  # 2 half-size steps left in epoch 1, 4 in epoch 2
+    assert lr1[0] == lr2[4] and lr1[2] == lr2[5] and lr1[4] == lr2[6]  # same schedule point, same lr
+    assert lr2[4] > lr1[1] > lr2[5] > lr1[3] > lr2[6] > lr1[5]  # in between: no jump, still decaying
+    assert checkpoint.load(out / "last.pt")["position"]["sched_step"] == 6.0
+    assert "config changed since the checkpoint: dist.engine" in (out / "train.rank0.log").read_text()
+
+
+def test_sigterm_in_process_checkpoints_and_raises(tiny_features, tmp_path, monkeypatch):
+    """SIGTERM (what SLURM sends first) during a single-process run: Preempted after last.pt."""
+    out = tmp_path / "one"
+    monkeypatch.setenv("HPC_ASR_TEST_WAIT_SIGNAL", "2:0")
+
+    def send_when_waiting():  # only once the handler is installed and the run waits at step 2
+        deadline = time.time() + 60
+        while not (out / "waiting.rank0").is_file() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_waiting, daemon=True).start()
+    with pytest.raises(train_mod.Preempted):
+        train_mod.train(_resume_config(tiny_features, out))
+    assert checkpoint.load(out / "last.pt")["position"]["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
 # ---- GradScaler and lr after a Horovod resume; NaN/Inf skipping; another world size ---------
-
-def _hvd_yaml(tmp_path: Path, tiny_features, out: Path, **train) -> Path:
-    return tiny_yaml(tmp_path / f"{out.name}.yaml", tiny_features["train"], tiny_features["dev"], out,
-                     train={"epochs": 3, "warmup_steps": 2, "tensorboard": False, **train})
-
 
 def test_horovod_resume_gives_every_rank_rank0s_scaler_and_lr(tiny_features, tmp_path):
     """fp16 autocast + GradScaler (real on CPU in torch 2.x) under 2-rank Horovod: after a resume
@@ -333,24 +374,3 @@ def test_nonfinite_gradient_step_is_skipped_on_every_rank(tiny_features, tmp_pat
     # The skipped step never reached AdamW: 2 real steps, plus the zero-lr step Horovod's
     # broadcast_optimizer_state takes to create the state at start.
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}
-
-
-def test_resume_on_fewer_ranks_keeps_the_lr_schedule(tiny_features, tmp_path):
-    """Preempted on 2 ranks at step 3 of 6, resumed on 1 rank: each 1-rank step is half a global
-    batch, so the schedule advances by 0.5 per step and the lr continues the 2-rank curve."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(tmp_path, tiny_features, straight))),
-        timeout=240)
-    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(tmp_path, tiny_features, split))),
-                   HPC_ASR_TEST_WAIT_SIGNAL="3:0")
-    os.kill(int(_wait_file(split / "waiting.rank0", proc)), signal.SIGTERM)
-    assert proc.wait(timeout=240) == train_mod.EXIT_PREEMPTED
-
-    cfg = load_config(_hvd_yaml(tmp_path, tiny_features, split), ["--dist.engine", "none"])
-    one = train_mod.train(cfg)
-    lr2 = {h["step"]: h["lr"] for h in json.loads((straight / "train_summary.json").read_text())["history"]}
-    lr1 = [h["lr"] for h in one["history"] if h["step"] > 3]
-    assert len(lr1) == 6  # 2 half-size steps left in epoch 1, 4 in epoch 2
-    assert lr1[0] == lr2[4] and lr1[2] == lr2[5] and lr1[4] == lr2[6]  # same schedule point, same lr
-    assert lr2[4] > lr1[1] > lr2[5] > lr1[3] > lr2[6] > lr1[5]  # in between: no jump, still decaying
-    assert checkpoint.load(split / "last.pt")["position"]["sched_step"] == 6.0
