@@ -257,7 +257,8 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, pos, i = key
-        return epoch, pos, i, self.data.feats(i)
+        j, feats = self.data[i]  # any dataset whose items are (index, frames): FeatureSet or a view of one
+        return epoch, pos, j, feats
 
 
 class _Collate:
@@ -279,8 +280,11 @@ class _Collate:
 
 def _worker_init(_worker_id: int) -> None:
     """Each worker opens its own HDF5 handles: drop any inherited through fork."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.data._files = {}
+    obj = torch.utils.data.get_worker_info().dataset.data
+    while obj is not None:  # a FeatureSet, or views wrapping one in ``.data``
+        if hasattr(obj, "_files"):
+            obj._files = {}
+        obj = getattr(obj, "data", None)
     torch.set_num_threads(1)
 
 

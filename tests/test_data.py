@@ -288,3 +288,27 @@ def test_spec_augment_draws_differ_per_utterance():
     out = spec_augment(feats, lens, SpecAugConfig(freq_width=20, time_width=0.2), torch.Generator().manual_seed(0))
     masks = [(out[i] != feats[i]) for i in range(6)]
     assert len({m.sum().item() for m in masks}) > 1, "every utterance got the same mask"
+
+
+class _View:
+    """A re-indexed subset of a FeatureSet, like train.SubsetView (items are (index, frames))."""
+
+    def __init__(self, data, keep):
+        self.data, self.keep = data, keep
+        self.texts = [data.texts[i] for i in keep]
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, j):
+        return j, self.data.feats(int(self.keep[j]))
+
+
+def test_eval_loader_reads_through_a_view(loader_setup):
+    data, _, tok = loader_setup
+    data.feats(0)  # an open handle in the parent must not leak into the workers
+    view = _View(data, [3, 9, 4, 20])
+    got = list(make_eval_loader(view, [[0, 1], [2, 3]], tok, num_workers=2))
+    ref = [collate([view[j] for j in b], view.texts, tok) for b in ([0, 1], [2, 3])]
+    for a, b in zip(got, ref, strict=True):
+        assert_same(a, b)
