@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -374,3 +375,76 @@ def test_nonfinite_gradient_step_is_skipped_on_every_rank(tiny_features, tmp_pat
     # The skipped step never reached AdamW: 2 real steps, plus the zero-lr step Horovod's
     # broadcast_optimizer_state takes to create the state at start.
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}
+
+
+# ---- lengths scanned up front; lr scaling; metrics ------------------------------------------
+
+def _feature_dir_lengths(path: Path, lengths: list[int], text: str = "yes") -> Path:
+    """A prepared directory (through the real ShardWriter/write_index) with given frame counts."""
+    from hpc_asr.config import FeatureConfig
+    from hpc_asr.shards import ShardWriter, write_index
+
+    path.mkdir(parents=True)
+    feats_cfg = FeatureConfig()
+    rng = np.random.default_rng(0)
+    w = ShardWriter(path / "shard-00000.h5", feats_cfg, {"rank": 0, "size": 1})
+    total, total_sq, count = np.zeros(80), np.zeros(80), 0
+    for i, n in enumerate(lengths):
+        f = rng.standard_normal((n, 80)).astype(np.float32)
+        w.add(f"len{n}_{i}", f, text, "spk", n / 100)
+        total, total_sq, count = total + f.sum(0), total_sq + (f.astype(np.float64) ** 2).sum(0), count + n
+    write_index(path, feats_cfg, [w.close()], (total, total_sq, count))
+    return path
+
+
+def test_too_long_dev_utterance_fails_before_training(tiny_features, tmp_path):
+    dev = _feature_dir_lengths(tmp_path / "dev", [40, 2500, 60])
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"utterance len2500_1 has 2500 frames > data\.max_frames=2000"):
+        train_mod.train(config(tiny_features["train"], dev, out, *TINY_MODEL, "--data.max_frames", "2000"))
+    assert not (out / "last.pt").exists()  # found before step 0, not after an epoch
+    proc = run([sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none", "--data.train",
+                str(tiny_features["train"]), "--data.dev", str(dev), "--train.out_dir", str(out),
+                "--data.max_frames", "2000"], check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "len2500_1" in proc.stderr and "data.max_frames" in proc.stderr and str(dev) in proc.stderr
+
+
+def test_utterances_shorter_than_the_front_end_are_skipped(tmp_path):
+    """5 frames leave nothing after two stride-2 kernel-3 convolutions: such utterances are
+    dropped (and counted) from train and dev instead of crashing the convolution."""
+    train = _feature_dir_lengths(tmp_path / "train", [5, 40, 6, 50])
+    dev = _feature_dir_lengths(tmp_path / "dev", [4, 45])
+    out = tmp_path / "run"
+    s = train_mod.train(config(train, dev, out, *TINY_MODEL, "--data.max_utts", "1", "--train.epochs", "1"))
+    assert s["steps"] == 2 and s["dev"][0]["utterances"] == 1
+    log = (out / "train.rank0.log").read_text()
+    assert f"{train}: 2 utterances shorter than the subsampling receptive field skipped" in log
+    assert f"{dev}: 1 utterances shorter than the subsampling receptive field skipped" in log
+
+
+@pytest.mark.parametrize("rule, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_rule(tiny_features, tmp_path, rule, factor):
+    """Global batch = max_frames x accum_steps x ranks = 2000 x 2 x 1 = 4x the reference 1000."""
+    assert train_mod.lr_scale(rule, 4000, 1000) == factor
+    out = tmp_path / rule
+    s = train_mod.train(config(tiny_features["train"], tiny_features["dev"], out, *TINY_MODEL,
+                               "--data.max_frames", "2000", "--train.accum_steps", "2", "--train.max_steps", "1",
+                               "--train.lr", "1e-3", "--train.warmup_steps", "4", "--train.log_every", "1",
+                               "--train.lr_scaling", rule, "--train.ref_batch_frames", "1000"))
+    assert s["history"][0]["lr"] == pytest.approx(1e-3 * factor * train_mod.lr_lambda(0, 4, 1), rel=1e-12)
+    assert f"peak lr {1e-3 * factor:.3e} (lr_scaling {rule})" in (out / "train.rank0.log").read_text()
+
+
+def test_metrics_jsonl_and_tensorboard(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.tensorboard", "true"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert next(r for r in rows if r["kind"] == "dev")["wer"] == s["dev"][0]["wer"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert "dev/wer" in acc.Tags()["scalars"]
