@@ -256,6 +256,7 @@ def _env_block(plan: Plan, job: Job) -> list[str]:
         lines.append("export MASTER_ADDR MASTER_PORT=$((20000 + ${SLURM_JOB_ID%%[!0-9]*} % 20000))")
     else:
         lines.append('NODES=$(sort -u "$PBS_NODEFILE" | wc -l)')
+        lines.append('export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"  # mpirun -x wants it set')
         lines.append('export MASTER_ADDR=$(head -n 1 "$PBS_NODEFILE")')
         lines.append("export MASTER_PORT=$((20000 + ${PBS_JOBID%%[!0-9]*} % 20000))")
     return lines
@@ -312,7 +313,8 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
         forward = 'kill -USR1 "$RANKS" 2>/dev/null'  # mpirun forwards SIGUSR1 to every rank
         requeue = 'qrerun "$PBS_JOBID"'
         warn = max(_walltime_s(job.walltime) - plan.site.requeue_signal_s, 1)
-        timer = [f"( sleep {warn} && kill -USR1 $$ ) &  # warning {plan.site.requeue_signal_s}s before walltime",
+        timer = [f"( sleep {warn} && kill -USR1 $$ ) </dev/null >/dev/null 2>&1 &  "
+                 f"# warning {plan.site.requeue_signal_s}s before walltime",
                  "TIMER=$!"]
     return stage + timer + [
         "RANKS='' WARNED=0",
@@ -322,7 +324,7 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
         "RANKS=$!",
         'rc=0; wait "$RANKS" || rc=$?',
         'while [ "$rc" -gt 128 ] && kill -0 "$RANKS" 2>/dev/null; do rc=0; wait "$RANKS" || rc=$?; done',
-        *(["kill \"$TIMER\" 2>/dev/null"] if timer else []),
+        *(['pkill -P "$TIMER" 2>/dev/null; kill "$TIMER" 2>/dev/null'] if timer else []),
         # The launcher may report a rank killed after the others exited 3 (kill-on-bad-exit): after
         # a warning any non-zero exit means "stopped at a checkpoint", and last.pt is atomic.
         f'if [ "$rc" -eq {EXIT_PREEMPTED} ] || {{ [ "$WARNED" = 1 ] && [ "$rc" -ne 0 ]; }}; then',

@@ -40,8 +40,15 @@ def _sha256(path: Path) -> str:
 
 
 def _listing(src: Path) -> dict[str, list]:
-    """name → [size, mtime_ns] for the regular files of a feature directory."""
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(src.iterdir()) if p.is_file()}
+    """relative path → [size, mtime_ns] for every regular file under a feature directory (shards
+    may sit in sub-directories); hidden files (locks, partial writes) are left out."""
+    rows = {}
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            st = p.stat()
+            rows[rel.as_posix()] = [st.st_size, st.st_mtime_ns]
+    return rows
 
 
 def _is_current(dest: Path, listing: dict) -> bool:
@@ -68,6 +75,7 @@ def stage_dir(src: Path, dest: Path) -> dict:
     sums = {}
     for name, (size, _) in listing.items():
         src_sum = _sha256(src / name)
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / name, tmp / name)
         got_size, got_sum = (tmp / name).stat().st_size, _sha256(tmp / name)
         if got_size != size or got_sum != src_sum:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import helpers
 import pytest
 from conftest import ROOT
 
+from hpc_asr import checkpoint
 from hpc_asr.jobs import load_site, parse_directives
 
 tiny_features = helpers.tiny_features
@@ -83,7 +86,7 @@ def test_pbs_directives_and_mpirun(tmp_path):
     assert 'mpirun -np $((NODES*8)) --hostfile "$PBS_NODEFILE" -bind-to none -map-by slot' in text
     assert "-x NCCL_IB_DISABLE" in text and "-x MASTER_ADDR" in text
     assert 'export MASTER_ADDR=$(head -n 1 "$PBS_NODEFILE")' in text
-    assert "( sleep 43080 && kill -USR1 $$ ) &" in text  # the warning 120 s before 12 h
+    assert "( sleep 43080 && kill -USR1 $$ ) </dev/null >/dev/null 2>&1 &" in text  # 120 s before 12 h
     assert parse_directives(scripts["prep"])["l"][0] == "select=4:ncpus=64:mpiprocs=8"
 
 
@@ -153,8 +156,10 @@ def test_stage_once_per_node_under_mpirun(tiny_features, tmp_path):
                           str(tiny_features["dev"])), timeout=120)
     assert proc.stderr.count("sha256 verified") == 2 and proc.stderr.count("up to date") == 2  # one copier
     for split in ("train", "dev"):
-        src = {p.name: p.read_bytes() for p in tiny_features[split].iterdir()}
-        got = {p.name: p.read_bytes() for p in (dest / split).iterdir() if p.name != ".staged.json"}
+        src = {p.relative_to(tiny_features[split]): p.read_bytes() for p in tiny_features[split].rglob("*")
+               if p.is_file()}
+        got = {p.relative_to(dest / split): p.read_bytes() for p in (dest / split).rglob("*")
+               if p.is_file() and p.name != ".staged.json"}
         assert got == src
     from hpc_asr.data import FeatureSet
 
@@ -170,7 +175,8 @@ def test_stage_recopies_changed_source_and_rejects_bad_copy(tmp_path, monkeypatc
 
     src = make_feature_dir(tmp_path / "shared" / "train", 4, seed=2, shards=2)
     rows = st.stage([src], tmp_path / "local")
-    assert rows[0]["copied"] == 3 and not rows[0]["reused"]
+    n_files = sum(1 for p in src.rglob("*") if p.is_file())
+    assert rows[0]["copied"] == n_files >= 3 and not rows[0]["reused"]
     assert st.stage([src], tmp_path / "local")[0]["reused"]
     make_feature_dir(src, 6, seed=3, shards=2)  # the shared copy was re-prepared
     assert not st.stage([src], tmp_path / "local")[0]["reused"]
@@ -190,3 +196,93 @@ def test_stage_recopies_changed_source_and_rejects_bad_copy(tmp_path, monkeypatc
                               str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: staging: {tmp_path / 'nope'}: source directory not found"
+
+
+# ---- PBS, run the way a MOM runs a job ------------------------------------------------------
+# No PBS server is packaged for Debian: the scripts are run by bash with the environment a PBS
+# MOM gives a job ($PBS_NODEFILE with one line per MPI slot, $PBS_O_WORKDIR, $PBS_JOBID,
+# $TMPDIR), so hostfile handling, the mpirun line and staging execute for real.
+
+def pbs_site(tmp_path: Path, **over) -> Path:
+    return site_file(tmp_path, scheduler="pbs", partition="workq", account="", node_cpus=os.cpu_count(),
+                     cpus_per_task=1, cpu_ranks_per_node=2, cpu_bind="none", local_scratch="${TMPDIR:-/tmp}",
+                     env={"modules": [], "venv": str(ROOT / ".venv")}, **over)
+
+
+def run_like_mom(script: Path, tmp_path: Path, job_id: str, slots: int = 2, path_extra: Path | None = None,
+                 timeout: float = 240) -> subprocess.CompletedProcess:
+    from conftest import run_env
+
+    nodefile = tmp_path / f"nodefile.{job_id}"
+    nodefile.write_text(f"{socket.gethostname()}\n" * slots)
+    scratch = tmp_path / "mom-tmp"
+    scratch.mkdir(exist_ok=True)
+    env = {**run_env(), "PBS_NODEFILE": str(nodefile), "PBS_O_WORKDIR": str(ROOT), "PBS_JOBID": job_id,
+           "PBS_JOBNAME": script.stem, "PBS_ENVIRONMENT": "PBS_BATCH", "TMPDIR": str(scratch)}
+    if path_extra:
+        env["PATH"] = f"{path_extra}:{env['PATH']}"
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=Path.home(),
+                          timeout=timeout)
+
+
+def _pbs_config(tmp_path: Path, feats: dict[str, Path], out: Path, **train) -> Path:
+    cfg = {"data": {**{k: str(v) for k, v in feats.items()}, "max_frames": 4000, "max_utts": 2},
+           "specaug": {"enabled": False},
+           "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_mult": 2, "conv_kernel": 5,
+                     "subsample_channels": 8, "dropout": 0.0},
+           "train": {"out_dir": str(out), "epochs": 3, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                     "threads": 1, **train}}
+    p = tmp_path / "tiny.yaml"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.mark.slow
+def test_pbs_chain_runs_under_mom_environment(tmp_path):
+    corpus = tmp_path / "va"
+    synth = subprocess.run([sys.executable, "-m", "data_prep.synth", "--out", str(corpus), "--hours", "0.01",
+                            "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+    assert synth.returncode == 0, synth.stderr
+    feats = {s: corpus / "fbank" / s for s in ("train", "dev", "test")}
+    out = tmp_path / "run"
+    cfg = _pbs_config(tmp_path, feats, out)
+    jobs("render", "--site", str(pbs_site(tmp_path)), "--out", str(tmp_path / "jobs"), "--gpus-per-node", "0",
+         "--config", str(cfg), "--stage")
+    for n, stage in enumerate(("prep", "train", "evaluate", "export")):
+        proc = run_like_mom(tmp_path / "jobs" / f"{stage}.pbs", tmp_path, f"{100 + n}.pbs-server")
+        assert proc.returncode == 0, f"{stage}: {proc.stdout}\n{proc.stderr}"
+        if stage == "train":
+            staged = tmp_path / "mom-tmp" / "hpc_asr-101.pbs-server"
+            assert proc.stderr.count("sha256 verified") == 2, proc.stderr  # one copier on the one node
+            state = checkpoint.load(out / "last.pt")
+            assert state["config"]["data"]["train"] == str(staged / "train")  # trained on the copy
+            assert (staged / "train" / "index.json").read_bytes() == (feats["train"] / "index.json").read_bytes()
+    assert json.loads((feats["train"] / "index.json").read_text())["ranks"] == 2  # prep: mpirun -np 2
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["engine"] == "horovod"
+    assert json.loads((out / "eval.json").read_text())["utterances"] == 4
+    assert (out / "export" / "model.onnx").is_file()
+
+
+def test_pbs_walltime_warning_checkpoints_and_asks_for_rerun(tiny_features, tmp_path):
+    """PBS has no warning-signal directive; the rendered job's own timer sends USR1 120 s before
+    the walltime, mpirun forwards it, the ranks checkpoint and exit 3, and the job asks qrerun."""
+    out = tmp_path / "run"
+    cfg = _pbs_config(tmp_path, {"train": tiny_features["train"], "dev": tiny_features["dev"],
+                                 "test": tiny_features["dev"]}, out, epochs=100000)
+    jobs("render", "--site", str(pbs_site(tmp_path, requeue_signal_s=120)), "--out", str(tmp_path / "jobs"),
+         "--gpus-per-node", "0", "--config", str(cfg), "--walltime", "00:02:25")  # warning after 25 s
+    bin_dir = tmp_path / "bin"  # the PBS server's qrerun, recording its call
+    bin_dir.mkdir()
+    (bin_dir / "qrerun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'qrerun.args'}\n")
+    (bin_dir / "qrerun").chmod(0o755)
+    text = (tmp_path / "jobs" / "train.pbs").read_text().replace("sleep 300", "sleep 0")
+    (tmp_path / "jobs" / "train.pbs").write_text(text)  # the MOM would end the job at qrerun
+    proc = run_like_mom(tmp_path / "jobs" / "train.pbs", tmp_path, "7.pbs-server", path_extra=bin_dir, timeout=120)
+    assert "[job] warning signal" in proc.stdout, proc.stdout + proc.stderr
+    assert "requeueing" in proc.stdout
+    assert proc.returncode == 3 and (tmp_path / "qrerun.args").read_text().strip() == "7.pbs-server"
+    state = checkpoint.load(out / "last.pt")
+    assert "preempted (signal)" in (out / "train.rank0.log").read_text()
+    assert state["position"]["step"] > 0
