@@ -14,7 +14,7 @@ from hpc_asr.config import FeatureConfig, SpecAugConfig
 from hpc_asr.shards import ShardError, open_shard, read_index
 from hpc_asr.tokenizer import CharTokenizer
 
-__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "batch_seed", "collate", "make_eval_loader",
+__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "augment_batch", "batch_seed", "collate", "make_eval_loader",
            "make_loader", "spec_augment"]
 
 
@@ -174,6 +174,7 @@ def _freq_warp(feats: torch.Tensor, width: float, gen: torch.Generator | None) -
     b, t, f = feats.shape
     alpha = 1 + (torch.rand(b, generator=gen) * 2 - 1) * width
     src = (torch.arange(f, dtype=torch.float32)[None, :] * alpha[:, None]).clamp(0, f - 1)  # (B, F)
+    src = src.to(feats.device)  # drawn on the CPU generator; applied where the batch lives
     lo = src.floor().long()
     hi = (lo + 1).clamp(max=f - 1)
     w = (src - lo)[:, None, :]
@@ -229,6 +230,16 @@ def batch_seed(seed: int, epoch: int, position: int, rank: int) -> int:
     return seed * 1_000_003 + epoch * 100_003 + position * 31 + rank
 
 
+def augment_batch(batch: Batch, cfg: SpecAugConfig, seed: int, epoch: int, rank: int) -> Batch:
+    """SpecAugment of one batch with its (seed, epoch, position, rank) draws, on whatever device
+    ``batch`` lives: the loader calls it in its workers; on a GPU node the loop may instead build
+    the loader with ``specaug=None`` and call it after ``batch.to(device)`` (same draws)."""
+    if cfg.enabled:
+        gen = torch.Generator().manual_seed(batch_seed(seed, epoch, batch.position, rank))
+        batch.feats = spec_augment(batch.feats, batch.feat_lens, cfg, gen)
+    return batch
+
+
 class _Positioned:
     """Batch sampler adaptor: the bucketed sampler's batches from ``start`` on, each index tagged
     with (epoch, position) so the worker that collates it knows its augmentation seed."""
@@ -271,10 +282,9 @@ class _Collate:
     def __call__(self, items) -> Batch:
         epoch, pos = items[0][0], items[0][1]
         batch = collate([(i, f) for _, _, i, f in items], self.texts, self.tok)
-        if self.specaug is not None and self.specaug.enabled:
-            gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, pos, self.rank))
-            batch.feats = spec_augment(batch.feats, batch.feat_lens, self.specaug, gen)
         batch.position = pos
+        if self.specaug is not None:
+            augment_batch(batch, self.specaug, self.seed, epoch, self.rank)
         return batch
 
 

@@ -14,6 +14,7 @@ from hpc_asr.config import SpecAugConfig
 from hpc_asr.data import (
     BucketBatchSampler,
     FeatureSet,
+    augment_batch,
     batch_seed,
     collate,
     make_eval_loader,
@@ -312,3 +313,13 @@ def test_eval_loader_reads_through_a_view(loader_setup):
     ref = [collate([view[j] for j in b], view.texts, tok) for b in ([0, 1], [2, 3])]
     for a, b in zip(got, ref, strict=True):
         assert_same(a, b)
+
+
+def test_augment_on_gpu_draws_the_same_masks(loader_setup):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU SpecAugment is checked on GPU nodes")
+    data, sampler, tok = loader_setup
+    cpu = list(make_loader(data, sampler, tok, AUG, 4, 1, 2, num_workers=0))
+    for ref, plain in zip(cpu, make_loader(data, sampler, tok, None, 4, 1, 2, num_workers=0)):
+        gpu = augment_batch(plain.to("cuda"), AUG, 4, 2, 1)
+        torch.testing.assert_close(gpu.feats.cpu(), ref.feats, atol=1e-4, rtol=1e-5)
