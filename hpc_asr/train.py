@@ -192,6 +192,30 @@ class MetricsWriter:
             self.tb.close()
 
 
+class Progress:
+    """One self-overwriting status line on stderr, on rank 0 of an interactive run only (a batch
+    job's log gets the periodic log lines, not carriage returns)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total, self.t0, self.last = total, time.time(), ""
+
+    def update(self, step: int, epoch: int, loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        if loss is not None:
+            self.last = f" loss {loss:.3f}"
+        rate = step / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        sys.stderr.write(f"\r[train] epoch {epoch} step {step}/{self.total}{self.last} "
+                         f"{rate:.2f} steps/s eta {eta:.0f}s\x1b[K")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
 # ---- the run's state ---------------------------------------------------------------------
 
 @dataclass
@@ -215,6 +239,7 @@ class _Run:
     pos: dict = field(default_factory=dict)
     win: dict = field(default_factory=dict)
     flag: _SignalFlag | None = None
+    progress: Progress | None = None
     ctc: nn.Module | None = None
     sched_inc: float = 1.0  # schedule steps per optimizer step (global batch / the first run's)
     steps_per_epoch: int = 0
@@ -242,7 +267,9 @@ def _open_log(out: Path, world) -> Callable[[str], None]:
 
     def log(msg: str) -> None:
         log_file.write(f"{time.strftime('%H:%M:%S')} {world.tag} {msg}\n")
-        log0(world, f"[train] {msg}")
+        log0(world, f"{erase}[train] {msg}")
+
+    erase = "\r\x1b[K" if sys.stderr.isatty() else ""  # over a progress line, if one is shown
 
     log.close = log_file.close  # type: ignore[attr-defined]
     return log
@@ -555,8 +582,10 @@ def _train_epoch(run: _Run, epoch: int, start: int) -> bool:
         signalled = _optimizer_step(run)
         _advance(run, epoch, bi)
         done = bool(cfg.train.max_steps) and p["step"] >= cfg.train.max_steps
-        if p["step"] % cfg.train.log_every == 0 or done or signalled:
+        logged = p["step"] % cfg.train.log_every == 0 or done or signalled
+        if logged:
             _log_step(run, epoch)
+        run.progress.update(p["step"], epoch, p["history"][-1]["loss"] if logged else None)
         if signalled:
             _save(run)
             run.log(f"preempted (signal) at step {p['step']}: checkpoint {run.out / 'last.pt'}; "
@@ -643,6 +672,8 @@ def train(cfg: Config) -> dict:
                 f"{run.world.size} ranks, engine {run.engine.name}, compression {cfg.dist.compression}, "
                 f"device {run.engine.device}, peak lr {run.peak_lr:.3e} (lr_scaling {cfg.train.lr_scaling})")
         run.t_start, run.wall0 = time.time(), run.pos["wall_s"]
+        run.progress = Progress(run.world.is_main and cfg.train.progress,
+                                cfg.train.max_steps or run.steps_per_epoch * cfg.train.epochs)
         _reset_window(run)
         _loop(run)
         summary = _finish(run)
@@ -652,6 +683,8 @@ def train(cfg: Config) -> dict:
         run.engine.barrier()  # dist: rank 0 has written last.pt
         raise
     finally:
+        if run.progress is not None:
+            run.progress.close()
         run.flag.close()
         run.metrics.close()
         run.engine.shutdown()

@@ -448,3 +448,29 @@ def test_metrics_jsonl_and_tensorboard(tiny_features, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     assert "dev/wer" in acc.Tags()["scalars"]
+
+
+def test_progress_bar_only_on_a_terminal(tiny_features, tmp_path):
+    import pty
+
+    args = [sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none", "--data.train", str(tiny_features["train"]),
+            "--data.dev", str(tiny_features["dev"]), *TINY_MODEL, "--train.max_steps", "2", "--train.threads", "1",
+            "--train.tensorboard", "false"]
+    piped = run([*args, "--train.out_dir", str(tmp_path / "piped")])
+    assert "\r" not in piped.stderr and "steps/s" not in piped.stderr
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*args, "--train.out_dir", str(tmp_path / "tty")], stderr=follower,
+                            stdout=subprocess.DEVNULL, env=run_env(), cwd=ROOT)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # EIO once the child has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    tty = b"".join(chunks).decode()
+    assert "\r[train] epoch 1 step 2/2 loss" in tty and "steps/s" in tty
