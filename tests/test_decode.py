@@ -113,3 +113,19 @@ def test_bad_decoder_and_missing_lm_are_clear_errors(tmp_path):
 
 def test_empty_posterior_decodes_to_empty():
     assert BeamDecoder(TOK, 4).decode_one(np.zeros((0, V), np.float32)) == ""
+
+
+def test_bpe_tokenizer_decodes_with_and_without_lm(tmp_path):
+    """BPE marks word starts inside its pieces; the blank stands in as the word separator."""
+    from hpc_asr.tokenizer import train_bpe
+
+    texts = ["set a timer for ten minutes", "call mom", "play some jazz", "turn the lights off"] * 20
+    tok = train_bpe(texts, 40)
+    build_arpa(texts, 2, tmp_path / "lm.arpa")
+    ids = tok.encode("call mom")
+    p = np.full((2 * len(ids), tok.vocab_size), 1e-4)
+    for t, i in enumerate(ids):
+        p[2 * t, i], p[2 * t + 1, 0] = 0.9, 0.9
+    lp = np.log(p / p.sum(1, keepdims=True)).astype(np.float32)
+    assert BeamDecoder(tok, 16).decode_one(lp) == "call mom"
+    assert BeamDecoder(tok, 16, lm=LmFiles(tmp_path / "lm.arpa")).decode_one(lp) == "call mom"
