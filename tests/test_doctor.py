@@ -1,0 +1,80 @@
+"""``python -m hpc_asr.doctor``: real checks under ``mpirun -np 2``, clear failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import helpers
+from conftest import ROOT, mpirun_cmd, run, run_env
+
+from hpc_asr.doctor import Check, _merge, horovod_build_checks, nccl_checks
+
+tiny_features = helpers.tiny_features
+
+
+def lines(out: str, status: str, name: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith(f"{status.upper():4s}  {name} ")]
+
+
+def test_passes_under_mpirun_and_says_there_is_no_gpu(tiny_features):
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.doctor", "--data", str(tiny_features["train"]), "--allreduce-mb", "4"),
+               timeout=120)
+    out = proc.stdout
+    assert "hpc_asr doctor: 2 rank(s) on 1 node(s)" in out
+    assert lines(out, "pass", "horovod MPI") and lines(out, "pass", "horovod Gloo")
+    reduce = lines(out, "pass", "allreduce")
+    assert len(reduce) == 1 and "4 MB over 2 ranks" in reduce[0] and "sum correct" in reduce[0]
+    assert "GB/s" in reduce[0]
+    cuda = lines(out, "warn", "cuda")
+    assert len(cuda) == 1 and "no CUDA GPU visible" in cuda[0] and "->" in cuda[0]  # honest, with the fix
+    assert lines(out, "pass", "data") and "8 utterances" in lines(out, "pass", "data")[0]
+    for name in ("hdf5 locking", "lustre striping", "disk shared", "disk node-local", "nccl env",
+                 "out of memory", "i/o bottleneck", "slow gradient sync", "unstable convergence"):
+        assert [ln for ln in out.splitlines() if f"  {name} " in ln], name
+    assert out.count("hpc_asr doctor:") == 1  # rank 0 prints, once
+    assert "0 fail" in out.splitlines()[-1]
+
+
+def test_missing_data_dir_fails_with_the_fix(tmp_path):
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.doctor", "--data", str(tmp_path / "nope"), "--allreduce-mb", "1"),
+               timeout=120, check=False)
+    assert proc.returncode != 0
+    fail = lines(proc.stdout, "fail", "data")
+    assert fail == [f"FAIL  data                   {tmp_path / 'nope'}: directory does not exist  -> prepare "
+                    "features (python -m data_prep.fbank --manifest ... --out DIR) or fix --data"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_expect_gpu_fails_here():
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr.doctor", "--expect-gpu", "--allreduce-mb", "1"],
+                          capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert len(lines(proc.stdout, "fail", "cuda")) == 1
+
+
+def test_horovod_without_mpi_is_a_failure():
+    # Built-flag results injected for this one unit (a Horovod build without MPI is not installed here).
+    checks = horovod_build_checks({"mpi": False, "gloo": True, "nccl": False}, gpus=0)
+    bad = [c for c in checks if c.status == "fail"]
+    assert [c.name for c in bad] == ["horovod MPI"]
+    assert "WITHOUT MPI" in bad[0].detail and "HOROVOD_WITH_MPI=1" in bad[0].fix
+    gpu = horovod_build_checks({"mpi": True, "gloo": True, "nccl": False}, gpus=8)
+    assert [c.name for c in gpu if c.status == "fail"] == ["horovod NCCL"]
+    assert horovod_build_checks(None, gpus=0)[0].status == "fail"
+
+
+def test_nccl_variables_on_gpu_nodes(monkeypatch):
+    monkeypatch.setenv("NCCL_IB_DISABLE", "1")
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    warns = nccl_checks(gpus=8, nodes=2)
+    assert [c.status for c in warns] == ["warn", "warn"]
+    assert "TCP" in warns[0].detail and "NCCL_SOCKET_IFNAME" in warns[1].detail
+    assert nccl_checks(gpus=0, nodes=2)[0].status == "pass"
+
+
+def test_merge_names_the_ranks_that_differ():
+    a, b = Check("pass", "cuda", "ok"), Check("fail", "cuda", "no GPU")
+    merged = _merge([[a], [a], [b]], ["n1", "n1", "n2"])
+    assert [m.line() for m in merged] == [a.line().replace(" ok", " [n1/0, n1/1] ok"),
+                                          Check("fail", "cuda", "[n2/2] no GPU").line()]
