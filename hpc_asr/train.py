@@ -39,7 +39,8 @@ from hpc_asr.dist import Engine, log0, make_engine
 from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "lr_lambda", "lr_scale", "main", "train"]
+__all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
+           "main", "train"]
 
 EXIT_PREEMPTED = 3  # exit status of every rank after a SIGUSR1/SIGTERM checkpoint: requeue me
 _TEST_INF_STEP = "HPC_ASR_TEST_INF_STEP"  # test hook: "STEP[:RANK]" multiplies that step's loss by inf
@@ -77,6 +78,21 @@ def autocast_dtype(tc, device: torch.device) -> torch.dtype | None:
     if p == "fp32" and tc.amp:
         p = "fp16" if device.type == "cuda" else "bf16"
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+
+def flops_per_audio_second(model_cfg, num_mel_bins: int = 80, seconds: float = 1.0,
+                           frame_shift_ms: float = 10.0) -> float:
+    """Forward FLOPs of the model per second of audio, counted by torch.utils.flop_counter on
+    one utterance of ``seconds`` (a multiply-add is 2 FLOPs; matmuls and convolutions only).
+    Attention grows with length, so longer utterances cost a little more per second; a
+    training step costs about 3x the forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = ConformerCTC(model_cfg, num_mel_bins).eval()
+    frames = round(seconds * 1000 / frame_shift_ms)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, frames, num_mel_bins), torch.tensor([frames]))
+    return counter.get_total_flops() / seconds
 
 
 # ---- preemption signals --------------------------------------------------------------------

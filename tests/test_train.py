@@ -474,3 +474,50 @@ def test_progress_bar_only_on_a_terminal(tiny_features, tmp_path):
     assert proc.wait(timeout=120) == 0
     tty = b"".join(chunks).decode()
     assert "\r[train] epoch 1 step 2/2 loss" in tty and "steps/s" in tty
+
+
+# ---- presets ------------------------------------------------------------------------------
+
+PRESETS = {  # name: (min, max) parameters, as documented in the file header and the README
+    "demo": (1.9e6, 2.2e6), "small": (12e6, 14e6), "medium": (29e6, 31e6), "seed": (103e6, 106e6),
+    "librispeech100": (103e6, 106e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_with_documented_size_and_flops(name):
+    import re
+
+    from hpc_asr.model import ConformerCTC
+
+    path = ROOT / "hpc_asr" / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    if name == "librispeech100":  # the recipe trains the seed model: no need to build it twice
+        assert cfg.model == load_config(path.with_name("seed.yaml")).model
+        return
+    cfg.model.vocab_size = 29 if cfg.train.tokenizer == "char" else cfg.train.bpe_vocab_size + 1
+    params = ConformerCTC(cfg.model, cfg.features.num_mel_bins).num_params()
+    lo, hi = PRESETS[name]
+    assert lo <= params <= hi, f"{name}: {params / 1e6:.2f}M"
+    header = path.read_text()
+    m = re.search(r"~(\d+) M parameters", header)
+    if m:
+        assert abs(params / 1e6 - int(m.group(1))) <= 1, f"{name}: header says {m.group(0)}, model has {params}"
+    flops = train_mod.flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
+    m = re.search(r"~([\d.]+) GFLOPs forward per audio second", header)
+    if m:
+        assert flops / 1e9 == pytest.approx(float(m.group(1)), rel=0.02), f"{name}: {flops / 1e9:.3f} GFLOPs"
+    if name == "seed":
+        assert (cfg.model.n_layers, cfg.model.d_model) == (16, 512)
+
+
+def test_flops_counter_counts_a_known_layer():
+    """A 1-layer check of the counter itself: the CTC head alone is 2 * T' * D * V FLOPs."""
+    from hpc_asr.config import ModelConfig
+
+    small = ModelConfig(d_model=32, n_heads=2, n_layers=1, ff_mult=2, conv_kernel=5, subsample_channels=8,
+                        vocab_size=29)
+    big = ModelConfig(**{**vars(small), "vocab_size": 129})
+    t_out = 24  # 100 frames -> ((100 - 1) // 2 - 1) // 2
+    diff = train_mod.flops_per_audio_second(big) - train_mod.flops_per_audio_second(small)
+    assert diff == 2 * t_out * 32 * 100
