@@ -74,8 +74,8 @@ PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info.major}{sys.version_info.
 FLAVOUR=$([ "$GPU" = 1 ] && echo cuda || echo cpu)
 
 REQ_HASH=$(cat "$ROOT/env/requirements.txt" "$ROOT/setup.py" | sha1sum | cut -c1-12)
-MODE=$([ "$EDITABLE" = 1 ] && echo dev || echo "copy-$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo src)")
-STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH-$MODE"
+MODE=$([ "$EDITABLE" = 1 ] || echo "-copy-$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo src)")
+STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH$MODE"
 if [ ! -f "$STAMP" ]; then
   say "installing Python packages (torch $TORCH_VERSION, $FLAVOUR)"
   pipq install -q --upgrade pip setuptools wheel

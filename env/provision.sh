@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# What HPC staff run once per version: a self-contained install of hpc_asr plus its modulefiles.
+#
+#   env/provision.sh --prefix /opt/apps/hpc_asr/0.1.0 [--modulefiles DIR] [--gpu] [--site FILE]
+#   env/provision.sh --prefix DIR --modulefiles-only      # rewrite the modulefiles of an install
+#
+# The install is a virtualenv at PREFIX (torch, the cached Horovod build from env/setup-local.sh,
+# checked with `horovodrun --check-build`, and the toolkit copied in, not linked to this checkout).
+# The modulefiles are DIR/hpc_asr/VERSION.lua (Lmod) and DIR/hpc_asr/VERSION (Tcl); DIR defaults to
+# PREFIX/modulefiles. They load the site's dependencies (env/site.yaml: modulefile.deps on GPU
+# installs, modulefile.cpu_deps otherwise), put PREFIX/bin on PATH (no PYTHONPATH) and set the
+# NCCL/HDF5 presets of env/nccl.env; `module unload hpc_asr` restores the environment.
+#   Users: module use DIR && module load hpc_asr && python -m hpc_asr.doctor
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PREFIX="" MODDIR="" GPU=0 SITE=${HPC_ASR_SITE:-$ROOT/env/site.yaml} ONLY_MODULES=0
+while (($#)); do
+  case "$1" in
+    --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
+    --modulefiles) MODDIR=${2:?--modulefiles needs a directory}; shift ;;
+    --site) SITE=${2:?--site needs a file}; shift ;;
+    --gpu) GPU=1 ;;
+    --modulefiles-only) ONLY_MODULES=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "provision: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -n "$PREFIX" ] || { echo "provision: --prefix DIR is required" >&2; exit 2; }
+[ -f "$SITE" ] || { echo "provision: site file $SITE not found" >&2; exit 2; }
+mkdir -p "$PREFIX"
+PREFIX=$(cd "$PREFIX" && pwd)
+MODDIR=${MODDIR:-$PREFIX/modulefiles}
+VERSION=$(sed -n 's/^ *version="\([^"]*\)".*/\1/p' "$ROOT/setup.py")
+say() { printf '[provision] %s\n' "$*"; }
+
+# ---- 1. the install: one code path with env/setup-local.sh, into PREFIX, non-editable ---------
+if [ "$ONLY_MODULES" = 0 ]; then
+  say "installing hpc_asr $VERSION into $PREFIX ($([ "$GPU" = 1 ] && echo GPU || echo CPU))"
+  bash "$ROOT/env/setup-local.sh" --venv "$PREFIX" --no-editable --no-apt $([ "$GPU" = 1 ] && echo --gpu)
+  "$PREFIX/bin/horovodrun" --check-build | sed 's/^/[provision]   /'
+fi
+[ -x "$PREFIX/bin/python" ] || { echo "provision: $PREFIX/bin/python missing (install first)" >&2; exit 2; }
+
+# ---- 2. modulefiles, rendered from env/modulefiles/*.in with the site's choices ---------------
+mkdir -p "$MODDIR/hpc_asr"
+"$PREFIX/bin/python" - "$ROOT" "$SITE" "$PREFIX" "$MODDIR/hpc_asr" "$VERSION" "$GPU" <<'PY'
+import datetime, sys
+from pathlib import Path
+
+import yaml
+
+root, site_path, prefix, out, version, gpu = sys.argv[1:]
+site = yaml.safe_load(Path(site_path).read_text()) or {}
+mf = site.get("modulefile") or {}
+deps = mf.get("deps" if gpu == "1" else "cpu_deps") or []
+nccl = Path(site.get("nccl_env") or "env/nccl.env")
+nccl = nccl if nccl.is_absolute() else Path(root) / nccl
+env = [ln.split("=", 1) for ln in nccl.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+try:
+    import horovod, torch
+    torch_v, hvd_v = torch.__version__, horovod.__version__
+except ImportError:
+    torch_v = hvd_v = "?"
+subs = {
+    "@VERSION@": version, "@PREFIX@": prefix, "@DATE@": datetime.date.today().isoformat(),
+    "@FLAVOUR@": "GPU, NCCL" if gpu == "1" else "CPU", "@TORCH@": torch_v, "@HOROVOD@": hvd_v,
+    # pushenv: unload puts back whatever value the user had before loading.
+    "@DEPS_LUA@": "\n".join(f'depends_on("{d}")' for d in deps),
+    "@DEPS_TCL@": "\n".join(f"module load {d}" for d in deps),
+    "@ENV_LUA@": "\n".join(f'pushenv("{k.strip()}", "{v.strip()}")' for k, v in env),
+    "@ENV_TCL@": "\n".join(f'pushenv {k.strip()} "{v.strip()}"' for k, v in env),
+}
+for src, name in (("hpc_asr.lua.in", f"{version}.lua"), ("hpc_asr.tcl.in", version)):
+    text = (Path(root) / "env" / "modulefiles" / src).read_text()
+    for k, v in subs.items():
+        text = text.replace(k, v)
+    (Path(out) / name).write_text(text)
+    print(f"[provision] wrote {Path(out) / name}")
+PY
+say "done: module use $MODDIR && module load hpc_asr/$VERSION && python -m hpc_asr.doctor"
