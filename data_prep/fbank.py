@@ -286,6 +286,7 @@ def run(manifest: Path, out: Path, features: FeatureConfig, world: World, comm,
     if world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         decision = _decide(out, fingerprint, opts.force)
+    _idle_wait(comm)  # dist: rank 0 may scan many shards first
     if comm is not None:
         decision = comm.bcast(decision, root=0)  # dist: every rank takes the same branch
     if decision["noop"]:
@@ -302,6 +303,7 @@ def run(manifest: Path, out: Path, features: FeatureConfig, world: World, comm,
     work = _RankWork(gen_dir, gen_dir / decision["attempt"], features, opts, world)
     work.run(units, todo)
     mine = (round(time.time() - t0, 3), work.units_done, round(work.audio_s, 2))
+    _idle_wait(comm)
     ranks = [mine] if comm is None else comm.gather(mine, root=0)  # dist: all ranks finished
     index = {}
     if world.rank == 0:
@@ -311,11 +313,20 @@ def run(manifest: Path, out: Path, features: FeatureConfig, world: World, comm,
         index = _finalize(out, decision["generation"], len(units), len(utts) * len(opts.speeds), features, extra)
         log0(world, f"[fbank] wrote {out}: {index['utterances']} utterances, {index['hours']:.2f} h, "
                     f"{len(index['shards'])} shards, {index['rejected']} rejected, {index['wall_s']}s")
-    if comm is not None:
-        comm.barrier()  # dist: nobody exits before the index exists
+    _idle_wait(comm)  # dist: nobody exits before the index exists
     if world.rank == 0:
         check_rejects(index, out, opts.max_reject_fraction)
     return index
+
+
+def _idle_wait(comm) -> None:
+    """Wait for every rank without busy-polling: a rank that finished early must not take the
+    core of one still working (MPI's blocking calls spin; the cores are often oversubscribed)."""
+    if comm is None:
+        return
+    req = comm.Ibarrier()  # dist
+    while not req.Test():
+        time.sleep(0.01)
 
 
 def _parse(argv: list[str] | None):
