@@ -127,7 +127,7 @@ def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, 
 
     out = tmp_path / "export"
     run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(real_fixture["ckpt"]),
-         "--data", str(real_fixture["data"]), "--out-dir", str(out)], timeout=300)
+         "--data", str(real_fixture["data"]), "--out-dir", str(out), "--max-utts", "1"], timeout=300)
     build_arpa(["call mom", "play jazz", "stop"], 2, out / "lm" / "lm.arpa")
     rec = Recognizer(out, threads=1, decoder="beam+lm")
     wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
