@@ -180,7 +180,8 @@ def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.n
     window, banks = _tables(cfg.sample_rate, win, nfft, cfg.num_mel_bins, cfg.low_freq, cfg.high_freq, device)
     with torch.no_grad():
         frames = torch.from_numpy(x).to(device).unfold(0, win, shift)  # (T, win), a view
-        buf = torch.zeros(frames.shape[0], nfft, device=device)  # (T, nfft): the FFT input, zero-padded
+        buf = torch.empty(frames.shape[0], nfft, device=device)  # (T, nfft): the FFT input
+        buf[:, win:] = 0  # zero padding
         v = buf[:, :win]
         v.copy_(frames)
         if cfg.dither > 0:
