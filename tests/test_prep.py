@@ -22,6 +22,7 @@ from data_prep import fbank as fbank_mod
 from data_prep import librispeech
 from data_prep.fbank import run as fbank_run
 from data_prep.verify import verify
+from hpc_asr import shards as shards_mod
 from hpc_asr.config import FeatureConfig
 from hpc_asr.data import FeatureSet
 from hpc_asr.dist import World
@@ -264,9 +265,10 @@ def _peak_bytes(tmp: Path, utts: list[Utterance]) -> int:
     return peak
 
 
-def test_memory_does_not_grow_with_corpus(tmp_path, librispeech_dir):
-    """Frames stream to disk: 8x the corpus (one shard) must not mean more memory. Buffering a
-    shard in memory, as before, adds ~330 KB per utterance here (~9 MB for 28 more)."""
+def test_memory_does_not_grow_with_corpus(tmp_path, librispeech_dir, monkeypatch):
+    """Frames stream to disk in blocks (1 MB here): 8x the corpus (one shard) must not mean more
+    memory. Buffering a shard in memory, as before, adds ~330 KB per utterance (~9 MB for 28 more)."""
+    monkeypatch.setattr(shards_mod, "_WRITE_BLOCK", 1 << 20)
     small = _peak_bytes(tmp_path / "s", many_utts(librispeech_dir, 4))
     large = _peak_bytes(tmp_path / "l", many_utts(librispeech_dir, 32))
     assert large < small + 2_000_000, (small, large)
