@@ -159,3 +159,40 @@ def test_request_larger_than_the_node_is_refused_not_left_pending(slurm_cluster,
     with pytest.raises(JobError, match=rf"job {jid} can never start \(Reason=PartitionConfig\)"):
         wait([jid], poll_s=1, timeout_s=30)
     slurm_cluster.run("scancel", jid)
+
+
+@pytest.mark.slow
+def test_time_limit_warning_requeues_instead_of_timeout(slurm_cluster, tmp_path):
+    """The reported failure: a job at its time limit ended TIMEOUT with Restarts=0. Now SLURM
+    itself sends the warning (--signal=B:USR1@90 with --time=00:02:00), the job requeues, resumes."""
+    data = {"train": make_feature_dir(tmp_path / "train", 16, seed=0, shards=2),
+            "dev": make_feature_dir(tmp_path / "dev", 2, seed=1, shards=1)}
+    data["test"] = data["dev"]
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", data, out, epochs=100000, max_steps=100000)
+    s = site(tmp_path, slurm_cluster)
+    raw = json.loads(s.read_text())
+    raw["requeue_signal_s"] = 90
+    s.write_text(json.dumps(raw))
+    proc = jobs_cli(slurm_cluster, "render", "--site", str(s), "--gpus-per-node", "0", "--config", str(cfg),
+                    "--walltime", "00:02:00", "--out", str(tmp_path / "jobs"))
+    assert proc.returncode == 0, proc.stderr
+    jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
+    _until("the time-limit warning and requeue", lambda: (lambda j: j.get("Restarts") == "1" and j.get(
+        "JobState") == "PENDING")(slurm_cluster.job(jid)), 150, slurm_cluster, jid, poll=1)
+    rank0 = out / "train.rank0.log"
+    stopped = [int(m) for m in re.findall(r"preempted \(signal\) at step (\d+)", rank0.read_text())]
+    assert len(stopped) == 1 and stopped[0] > 0, rank0.read_text()
+    # Let the second run finish: stop after a few more steps, no further time limit in the way.
+    slurm_cluster.run("scontrol", "update", f"JobId={jid}", "TimeLimit=00:10:00", "StartTime=now")
+    cfg_raw = json.loads(cfg.read_text())
+    cfg_raw["train"]["max_steps"] = stopped[0] + 3
+    cfg.write_text(json.dumps(cfg_raw))
+    _until("the requeued job to finish",
+           lambda: slurm_cluster.job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+           150, slurm_cluster, jid)
+    log = (tmp_path / "jobs" / "logs" / f"hpc_asr-train-{jid}.out").read_text()
+    assert slurm_cluster.job(jid)["JobState"] == "COMPLETED", log
+    resumed = [int(m) for m in re.findall(r"resumed from \S+: .*?step (\d+)", rank0.read_text())]
+    assert resumed == [stopped[0]], rank0.read_text()
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == stopped[0] + 3
