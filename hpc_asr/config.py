@@ -101,9 +101,10 @@ class DataConfig:
     max_frames: int = 12000  # per batch per rank, input frames incl. padding
     max_utts: int = 64  # per batch per rank
     bucket_size: int = 400  # utterances sorted by length within buckets of this size
+    num_workers: int = 0  # loader processes reading/collating/augmenting training batches (0 = in-process)
 
     def __post_init__(self) -> None:
-        validate(self, "data", max_frames=">0", max_utts=">0", bucket_size=">0")
+        validate(self, "data", max_frames=">0", max_utts=">0", bucket_size=">0", num_workers=">=0")
 
 
 @dataclass
@@ -301,8 +302,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         # dist's numeric knobs all mean "0 = the default": types checked, negatives refused.

@@ -34,7 +34,7 @@ from torch import nn
 from hpc_asr import checkpoint
 from hpc_asr import tokenizer as tokenizers
 from hpc_asr.config import Config, ConfigError, parse_cli
-from hpc_asr.data import BucketBatchSampler, FeatureSet, collate, spec_augment
+from hpc_asr.data import BucketBatchSampler, FeatureSet, make_loader
 from hpc_asr.dist import Engine, log0, make_engine
 from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
@@ -452,16 +452,13 @@ def _set_lr(run: _Run) -> None:
 # ---- batches -----------------------------------------------------------------------------
 
 def epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[tuple[int, Any]]:
-    """This rank's batches of ``epoch`` from local batch ``start`` on, collated and augmented:
-    the one place the loop gets data from (a DataLoader can replace it)."""
-    run.sampler.set_epoch(epoch)  # dist: same shuffle on every rank, different slices
-    mine = list(run.sampler)
-    cfg, ts = run.cfg, run.train_set
-    for bi in range(start, len(mine)):
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 100_003 + bi * 31 + run.world.rank)
-        batch = collate([ts[int(run.keep[i])] for i in mine[bi]], ts.texts, run.tok)
-        batch.feats = spec_augment(batch.feats, batch.feat_lens, cfg.specaug, gen)
-        yield bi, batch
+    """This rank's batches of ``epoch`` from local batch ``start`` on, collated and augmented (in
+    ``data.num_workers`` loader processes): the one place the loop gets data from."""
+    cfg = run.cfg
+    loader = make_loader(run.train_set, run.sampler, run.tok, cfg.specaug, cfg.train.seed, run.world.rank, epoch,
+                         start, num_workers=cfg.data.num_workers, index_map=run.keep)  # dist: set_epoch inside
+    for batch in loader:
+        yield batch.position, batch
 
 
 # ---- one step ----------------------------------------------------------------------------
