@@ -230,7 +230,7 @@ class HorovodEngine(Engine):
         hvd.init()  # dist: rendezvous over MPI (mpirun/srun) or Gloo (horovodrun)
         self.hvd = hvd
         real = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
-        if real.size != world.size:
+        if real.size != world.size and os.environ.get("HOROVOD_ELASTIC") != "1":
             raise LaunchError(f"the launcher started {world.size} ranks but Horovod sees {real.size} "
                               f"(a Horovod built without this launcher's MPI/Gloo?): check "
                               f"`horovodrun --check-build`, or pass --dist.engine torch", world.rank)
@@ -254,6 +254,22 @@ class HorovodEngine(Engine):
             op=hvd.Average,
             gradient_predivide_factor=self.predivide_factor(),
         )
+
+    def elastic_state(self, model, optimizer, **counters):
+        """``hvd.elastic.TorchState`` for ``horovodrun --min-np/--max-np --host-discovery-script``:
+        when ranks leave or join, every rank rolls back to the last ``state.commit()`` (model,
+        optimizer, ``counters``) and ``self.world`` follows the new ranks."""
+        state = self.hvd.elastic.TorchState(model=model, optimizer=optimizer, **counters)
+        state.register_reset_callbacks([self._refresh_world])
+        return state
+
+    def elastic_run(self, fn):
+        """Decorator: run ``fn(state)``, restarting it from the last commit after each reset."""
+        return self.hvd.elastic.run(fn)
+
+    def _refresh_world(self) -> None:
+        hvd = self.hvd
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
     def broadcast_state(self, model, optimizer):
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # dist
