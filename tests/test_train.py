@@ -527,3 +527,18 @@ def test_flops_counter_counts_a_known_layer():
     t_out = 24  # 100 frames -> ((100 - 1) // 2 - 1) // 2
     diff = train_mod.flops_per_audio_second(big) - train_mod.flops_per_audio_second(small)
     assert diff == 2 * t_out * 32 * 100
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tiny_features, tmp_path, precision):
+    """bf16 autocast without a scaler; fp16 autocast with a real GradScaler (both run on CPU)."""
+    out = tmp_path / precision
+    s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.precision", precision))
+    assert s["steps"] == 2 and all(r["finite"] for r in s["replicas"])
+    scaler = checkpoint.load(out / "last.pt")["scaler"]
+    if precision == "fp16":  # early overflows are skipped steps, and each halves the scale
+        assert scaler["scale"] == 65536.0 * 0.5 ** s["skipped_steps"]
+    else:
+        assert scaler == {} and s["skipped_steps"] == 0
+    assert train_mod.autocast_dtype(load_config(None, ["--train.precision", precision]).train,
+                                    torch.device("cpu")) == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -1,0 +1,78 @@
+"""GPU training paths: AMP fp16 (GradScaler) and bf16 steps, fused AdamW, torch.compile, and
+GradScaler with Horovod's synchronize → unscale → clip → skip_synchronize order on 2 ranks.
+Skipped without CUDA (the CPU versions of the same paths run in test_train.py)."""
+
+from __future__ import annotations
+
+import json
+
+import helpers
+import pytest
+import torch
+from conftest import mpirun_cmd, run
+from helpers import tiny_yaml
+from test_train import TINY_MODEL, _launch, config
+
+import hpc_asr.train as train_mod
+from hpc_asr import checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+tiny_features = helpers.tiny_features
+
+
+def _one_gpu_run(tiny_features, out, *extra):
+    return train_mod.train(config(tiny_features["train"], tiny_features["dev"], out, *TINY_MODEL,
+                                  "--data.max_utts", "2", "--train.max_steps", "4", "--train.log_every", "1",
+                                  "--train.tensorboard", "false", *extra))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_amp_steps_on_cuda(tiny_features, tmp_path, precision):
+    s = _one_gpu_run(tiny_features, tmp_path / precision, "--train.precision", precision)
+    assert s["steps"] == 4 and all(r["finite"] for r in s["replicas"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in s["history"])
+    scaler = checkpoint.load(tmp_path / precision / "last.pt")["scaler"]
+    assert (scaler != {}) == (precision == "fp16")  # GradScaler only for fp16
+    assert "device cuda" in (tmp_path / precision / "train.rank0.log").read_text()
+
+
+def test_fused_adamw_matches_the_reference_step():
+    model = torch.nn.Linear(64, 64).cuda()
+    cfg = train_mod.Config()
+    fused = train_mod._build_optimizer(cfg, model, torch.device("cuda"))
+    assert fused.defaults["fused"] is True
+    ref_model = torch.nn.Linear(64, 64).cuda()
+    ref_model.load_state_dict(model.state_dict())
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    x = torch.randn(8, 64, device="cuda")
+    for m, opt in ((model, fused), (ref_model, ref)):
+        m(x).square().sum().backward()
+        opt.step()
+    torch.testing.assert_close(model.weight, ref_model.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_model_trains(tiny_features, tmp_path):
+    s = _one_gpu_run(tiny_features, tmp_path / "compiled", "--train.compile", "true", "--train.precision", "bf16")
+    assert s["steps"] == 4 and all(r["finite"] for r in s["replicas"])
+
+
+def test_horovod_gradscaler_order_and_inf_skip_on_gpus(tiny_features, tmp_path):
+    """2 ranks (one GPU each, or sharing one): fp16 autocast + GradScaler through Horovod's
+    synchronize/skip_synchronize; an inf at step 2 on rank 1 is skipped on both ranks, the scale
+    backs off, and the replicas stay identical."""
+    out = tmp_path / "hvd"
+    cfg = tiny_yaml(tmp_path / "hvd.yaml", tiny_features["train"], tiny_features["dev"], out,
+                    train={"epochs": 2, "precision": "fp16", "tensorboard": False})
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "3"),
+                   HPC_ASR_TEST_INF_STEP="2:1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["skipped_steps"] >= 1 and s["replicas_identical"], s["replicas"]  # fp16 may overflow early too
+    scales = [r["scaler"]["scale"] for r in s["replicas"]]
+    assert scales[0] == scales[1] <= 2.0**15  # 65536 backed off at least once, alike on both ranks
+    for r in (0, 1):
+        assert "step 2: non-finite gradient norm, step skipped" in (out / f"train.rank{r}.log").read_text()
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "4"), timeout=300)
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["replicas_identical"] and s["steps"] == 4
