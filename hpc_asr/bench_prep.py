@@ -6,7 +6,8 @@
   lhotse's own ``compute_and_store_features`` (Fbank, num_jobs=1, 1 thread) on the same corpus;
   stored with its NumpyHdf5Writer (float32 HDF5, like ours).
 - scaling_2_ranks: the same prep under ``mpirun -np 2`` over ``-np 1`` (prep wall time from the
-  index, MPI start-up excluded), on 2 cores.
+  index, MPI start-up excluded), on 2 cores; machine_parallel_capacity_2_procs says what the
+  machine allowed at the time (two independent 1-process preps at once vs one alone: 2.0 idle).
 - loader_vs_model: audio seconds per second that the DataLoader (1 worker, demo SpecAugment)
   delivers, over what the demo model trains per second on one rank (1 thread).
 - loader_audio_s_per_core: the same loader work in the calling thread (one core, no worker).
@@ -97,6 +98,20 @@ def _mpi_wall(manifest: Path, out: Path, np_: int) -> float:
     return json.loads((out / "index.json").read_text())["wall_s"]
 
 
+def _capacity(manifest: Path, tmp: Path) -> float:
+    """How much faster two independent 1-process preps finish than one run twice: the parallelism
+    the machine really offers right now (2.0 on two idle cores; less when others share them)."""
+    code = ("import sys, torch; torch.set_num_threads(1); from pathlib import Path; "
+            "from hpc_asr.bench_prep import _ours; print(_ours(Path(sys.argv[1]), Path(sys.argv[2])))")
+    def cmd(o):
+        return [sys.executable, "-c", code, str(manifest), str(o)]
+    alone = float(subprocess.run(cmd(tmp / "cap-a"), capture_output=True, text=True, check=True).stdout.split()[-1])
+    procs = [subprocess.Popen(cmd(tmp / f"cap-{i}"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for i in range(2)]
+    both = max(float(q.communicate()[0].split()[-1]) for q in procs)
+    return 2 * alone / both
+
+
 def bench_prep(tmp: Path, manifest: Path, audio_s: float) -> dict:
     ours, lh, one, two = [], {"hdf5": []}, [], []
     for i in range(3):  # interleaved, best of 3: other load on the machine hits both sides alike
@@ -105,11 +120,13 @@ def bench_prep(tmp: Path, manifest: Path, audio_s: float) -> dict:
         one.append(_mpi_wall(manifest, tmp / f"np1-{i}", 1))
         two.append(_mpi_wall(manifest, tmp / f"np2-{i}", 2))
     ours, one, two, lh = min(ours), min(one), min(two), {k: min(v) for k, v in lh.items()}
+    capacity = _capacity(manifest, tmp)
     return {"audio_s": round(audio_s, 1), "ours_wall_s": round(ours, 3),
             "lhotse_wall_s": {k: round(v, 3) for k, v in lh.items()},
             "speedup_vs_lhotse": round(min(lh.values()) / ours, 3),
             "pipeline_xrt_per_core": round(audio_s / ours, 1),
-            "mpi_wall_s": {"np1": one, "np2": two}, "scaling_2_ranks": round(one / two, 3)}
+            "mpi_wall_s": {"np1": one, "np2": two}, "scaling_2_ranks": round(one / two, 3),
+            "machine_parallel_capacity_2_procs": round(capacity, 3)}
 
 
 def _rate(fn, min_time: float = 1.0) -> float:
