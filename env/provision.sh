@@ -58,10 +58,10 @@ deps = mf.get("deps" if gpu == "1" else "cpu_deps") or []
 nccl = Path(site.get("nccl_env") or "env/nccl.env")
 nccl = nccl if nccl.is_absolute() else Path(root) / nccl
 env = [ln.split("=", 1) for ln in nccl.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+from importlib.metadata import PackageNotFoundError, version as dist_version
 try:
-    import horovod, torch
-    torch_v, hvd_v = torch.__version__, horovod.__version__
-except ImportError:
+    torch_v, hvd_v = dist_version("torch"), dist_version("horovod")
+except PackageNotFoundError:
     torch_v = hvd_v = "?"
 subs = {
     "@VERSION@": version, "@PREFIX@": prefix, "@DATE@": datetime.date.today().isoformat(),

@@ -74,8 +74,7 @@ PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info.major}{sys.version_info.
 FLAVOUR=$([ "$GPU" = 1 ] && echo cuda || echo cpu)
 
 REQ_HASH=$(cat "$ROOT/env/requirements.txt" "$ROOT/setup.py" | sha1sum | cut -c1-12)
-MODE=$([ "$EDITABLE" = 1 ] || echo "-copy-$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo src)")
-STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH$MODE"
+STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH"
 if [ ! -f "$STAMP" ]; then
   say "installing Python packages (torch $TORCH_VERSION, $FLAVOUR)"
   pipq install -q --upgrade pip setuptools wheel
@@ -89,14 +88,27 @@ if [ ! -f "$STAMP" ]; then
       || pipq install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
   pipq install -q -r "$ROOT/env/requirements.txt" "torch==$TORCH_VERSION"
+  rm -f "$VENV"/.hpc_asr-deps-*
+  touch "$STAMP"
+fi
+
+# The toolkit itself: editable for development; for shared installs a copy in site-packages,
+# redone only when the sources changed, so the install works without this checkout.
+if [ "$EDITABLE" = 1 ]; then
+  SRC_STAMP="$VENV/.hpc_asr-src-editable"
+else
+  SRC_STAMP="$VENV/.hpc_asr-src-$(cd "$ROOT" && find setup.py hpc_asr data_prep -name '*.py' -o -name '*.yaml' \
+    | sort | xargs cat | sha1sum | cut -c1-12)"
+fi
+if [ ! -f "$SRC_STAMP" ]; then
   if [ "$EDITABLE" = 1 ]; then
     pipq install -q --no-deps -e "$ROOT"
-  else  # a copy in site-packages: the install works from any directory, without the checkout
+  else
     BUILD_SRC=$(mktemp -d) && cp -r "$ROOT/setup.py" "$ROOT/hpc_asr" "$ROOT/data_prep" "$BUILD_SRC/"
     pipq install -q --no-deps --no-build-isolation "$BUILD_SRC" && rm -rf "$BUILD_SRC"
   fi
-  rm -f "$VENV"/.hpc_asr-deps-*
-  touch "$STAMP"
+  rm -f "$VENV"/.hpc_asr-src-*
+  touch "$SRC_STAMP"
 fi
 
 # ---- 3. Horovod, built once per (horovod, torch, python, flavour) and cached outside the repo -
