@@ -386,7 +386,7 @@ def _restore_rank0(run: _Run, last: Path) -> tuple[dict, list[str]]:
         run.model.load_state_dict(state["model"], strict=True)
         run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ResumeError(f"strict load failed: {str(e).splitlines()[0]}") from None
+        raise ResumeError(f"strict load failed: {' '.join(str(e).split())}") from None  # one line
     if "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
     saved = state["position"]

@@ -342,7 +342,7 @@ def test_horovod_resume_gives_every_rank_rank0s_scaler_and_lr(tiny_features, tmp
     replicas end bitwise identical."""
     out = tmp_path / "amp"
     cfg = _hvd_yaml(tmp_path, tiny_features, out, precision="fp16")
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"), timeout=240)
+    train_mod.train(load_config(cfg, ["--train.max_steps", "2", "--dist.engine", "none"]))  # a checkpoint
     state = checkpoint.load(out / "last.pt")
     assert state["scaler"]["scale"] > 0
     state["scaler"].update(scale=512.0, _growth_tracker=7)  # a state no fresh GradScaler has
@@ -542,3 +542,38 @@ def test_mixed_precision_on_cpu(tiny_features, tmp_path, precision):
         assert scaler == {} and s["skipped_steps"] == 0
     assert train_mod.autocast_dtype(load_config(None, ["--train.precision", precision]).train,
                                     torch.device("cpu")) == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ---- a checkpoint that cannot continue this run ---------------------------------------------
+
+def test_resume_with_another_model_is_one_line_naming_the_keys(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "1"))
+    with pytest.raises(train_mod.ResumeError, match=r"model\.d_model 32 -> 48; model\.n_layers 1 -> 2"):
+        train_mod.train(_resume_config(tiny_features, out, "--model.d_model", "48", "--model.n_layers", "2"))
+    proc = run([sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none", "--data.train",
+                str(tiny_features["train"]), "--data.dev", str(tiny_features["dev"]), "--train.out_dir", str(out),
+                *TINY_MODEL, "--model.conv_kernel", "7"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {out / 'last.pt'}: checkpoint was trained with a different model/features: "
+        "model.conv_kernel 5 -> 7"]
+
+
+def test_failed_strict_load_on_rank0_ends_every_rank(tiny_features, tmp_path):
+    """Rank 0 cannot load last.pt (a tensor is missing): it tells the others through the resume
+    broadcast, so both ranks exit 2 with the message instead of rank 1 waiting forever."""
+    out = tmp_path / "hvd"
+    cfg = tiny_yaml(tmp_path / "t.yaml", tiny_features["train"], tiny_features["dev"], out,
+                    train={"tensorboard": False})
+    train_mod.train(load_config(cfg, ["--train.max_steps", "1", "--dist.engine", "none"]))  # a checkpoint
+    state = checkpoint.load(out / "last.pt")
+    del state["model"]["ctc.weight"]
+    checkpoint.save(out / "last.pt", state)
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"),
+               timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr  # one per rank, the same
+    assert "strict load failed" in errors[0] and "ctc.weight" in errors[0]
+    assert "Traceback" not in proc.stderr
