@@ -32,8 +32,10 @@ _LAUNCHER_VARS = [
     ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-    ("PMIX_RANK", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    # srun: the STEP variables exist only inside a job step; an sbatch script itself also has
+    # SLURM_PROCID=0 and SLURM_NTASKS=N but is one process (checked on a real SLURM).
+    ("PMIX_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 ]
 ENGINES = ("auto", "horovod", "torch", "none")
@@ -85,7 +87,7 @@ def detect_launcher(env: dict[str, str] | None = None) -> str:
         return "torchrun"
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
         return "mpirun"
-    if "PMIX_RANK" in env or "SLURM_PROCID" in env:
+    if "SLURM_STEP_NUM_TASKS" in env and ("PMIX_RANK" in env or "SLURM_PROCID" in env):
         return "srun"
     return "python"
 

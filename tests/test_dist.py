@@ -13,9 +13,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import slurm_cluster as sc
 import torch
 from conftest import ROOT, mpirun_cmd, run, run_env
 
@@ -34,6 +36,7 @@ from hpc_asr.dist import (
     torch_backend,
 )
 
+slurm_cluster = sc.slurm_cluster  # the session fixture (a real one-node SLURM), by module attribute
 PROBE = str(ROOT / "tests" / "mpi_scripts" / "dist_probe.py")
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
 TWO = World(0, 2, 0, 2)
@@ -53,7 +56,8 @@ def states(out: Path) -> list[dict]:
     ({}, "python"),
     ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, "mpirun"),
     ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "mpirun"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "PMIX_RANK": "0"}, "srun"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "8"}, "srun"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}, "python"),  # an sbatch script itself
     ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovodrun"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "TORCHELASTIC_RUN_ID": "x"}, "torchrun"),
 ])
@@ -273,3 +277,22 @@ def test_horovod_elastic_2_to_1_to_2(tmp_path):
     # whatever the world size: a rank that restarted from scratch would break the line.
     deltas = [b - a for a, b in itertools.pairwise(weights)]
     assert max(deltas) - min(deltas) < 1e-4, deltas
+
+
+def test_world_inside_sbatch_and_srun(slurm_cluster, tmp_path):
+    """On a real SLURM: the batch script itself is one process (it has SLURM_PROCID=0 and
+    SLURM_NTASKS=2 all the same), ``srun`` inside it starts the 2-rank world."""
+    code = ("from hpc_asr.dist import detect_launcher, detect_world; w = detect_world(); "
+            "print(detect_launcher(), w.rank, w.size, w.local_size)")
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\nexport PYTHONPATH={ROOT}\n{sys.executable} -c '{code}' > {tmp_path}/batch.txt\n"
+                      f"srun -n 2 bash -c \"{sys.executable} -c '{code}' > {tmp_path}/step.\\$SLURM_PROCID.txt\"\n"
+                      f"touch {tmp_path}/done\n")
+    slurm_cluster.run("sbatch", "-n", "2", "-o", str(tmp_path / "job.out"), str(script))
+    deadline = time.time() + 120
+    while not (tmp_path / "done").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (tmp_path / "done").exists(), (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert (tmp_path / "batch.txt").read_text().split() == ["python", "0", "1", "1"]
+    assert sorted((tmp_path / f"step.{r}.txt").read_text().split()[1] for r in (0, 1)) == ["0", "1"]
+    assert (tmp_path / "step.1.txt").read_text().split() == ["srun", "1", "2", "2"]
