@@ -37,6 +37,9 @@ class CharTokenizer:
     def state_dict(self) -> dict:
         return {"type": "char", "symbols": self.symbols}
 
+    def json_state(self) -> dict:
+        return self.state_dict()
+
     @classmethod
     def from_state_dict(cls, state: dict) -> CharTokenizer:
         if state.get("type") != "char":
@@ -69,6 +72,12 @@ class BpeTokenizer:
     def state_dict(self) -> dict:
         return {"type": "bpe", "model_proto": self.proto}
 
+    def json_state(self) -> dict:
+        """The state with the proto as base64 text, for JSON sidecars (export metadata)."""
+        import base64
+
+        return {"type": "bpe", "model_proto_b64": base64.b64encode(self.proto).decode()}
+
 
 def train_bpe(texts: list[str], vocab_size: int) -> BpeTokenizer:
     """Train BPE on the normalised transcripts. The vocabulary is capped at what the text
@@ -91,10 +100,14 @@ def train_bpe(texts: list[str], vocab_size: int) -> BpeTokenizer:
 
 
 def from_state_dict(state: dict):
-    """The tokenizer a checkpoint was trained with (``char`` or ``bpe``)."""
+    """The tokenizer a checkpoint (or a JSON sidecar: ``json_state``) was saved with."""
     kind = state.get("type")
     if kind == "char":
         return CharTokenizer.from_state_dict(state)
     if kind == "bpe":
+        if "model_proto_b64" in state:
+            import base64
+
+            return BpeTokenizer(base64.b64decode(state["model_proto_b64"]))
         return BpeTokenizer(state["model_proto"])
     raise ValueError(f"unknown tokenizer type {kind!r}")

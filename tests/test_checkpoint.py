@@ -84,3 +84,13 @@ def test_tokenizer_travels_in_the_checkpoint(tiny_features, tmp_path, kind):
     if kind == "bpe":
         assert len(ids) < len(text)  # pieces longer than one character were learned
         assert isinstance(state["tokenizer"]["model_proto"], bytes)
+
+
+def test_tokenizer_json_sidecar_round_trip():
+    import json
+
+    from hpc_asr.tokenizer import CharTokenizer, from_state_dict, train_bpe
+
+    for tok in (CharTokenizer(), train_bpe(["set a timer", "turn it up", "set the alarm"], 40)):
+        again = from_state_dict(json.loads(json.dumps(tok.json_state())))
+        assert again.encode("set it up") == tok.encode("set it up") and again.vocab_size == tok.vocab_size
