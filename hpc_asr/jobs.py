@@ -254,11 +254,13 @@ def _env_block(plan: Plan, job: Job) -> list[str]:
         lines.append("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun no longer inherits it (22.05+)")
         lines.append('MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
         lines.append("export MASTER_ADDR MASTER_PORT=$((20000 + ${SLURM_JOB_ID%%[!0-9]*} % 20000))")
+        lines.append('echo "[job] nodes $SLURM_JOB_NODELIST, MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT"')
     else:
         lines.append('NODES=$(sort -u "$PBS_NODEFILE" | wc -l)')
         lines.append('export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"  # mpirun -x wants it set')
         lines.append('export MASTER_ADDR=$(head -n 1 "$PBS_NODEFILE")')
         lines.append("export MASTER_PORT=$((20000 + ${PBS_JOBID%%[!0-9]*} % 20000))")
+        lines.append('echo "[job] $NODES node(s), MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT"')
     return lines
 
 

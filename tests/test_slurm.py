@@ -196,3 +196,22 @@ def test_time_limit_warning_requeues_instead_of_timeout(slurm_cluster, tmp_path)
     resumed = [int(m) for m in re.findall(r"resumed from \S+: .*?step (\d+)", rank0.read_text())]
     assert resumed == [stopped[0]], rank0.read_text()
     assert json.loads((out / "train_summary.json").read_text())["steps"] == stopped[0] + 3
+
+
+@pytest.mark.slow
+def test_torch_engine_rendezvous_at_first_host(slurm_cluster, tiny_features, tmp_path):
+    """--dist.engine torch under srun: MASTER_ADDR/PORT come from the job script (first host)."""
+    data = {"train": tiny_features["train"], "dev": tiny_features["dev"], "test": tiny_features["dev"]}
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", data, out, max_steps=2)
+    proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--gpus-per-node", "0",
+                    "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--", "--dist.engine", "torch")
+    assert proc.returncode == 0, proc.stderr
+    done = slurm_cluster.run("sbatch", "--wait", "--parsable", str(tmp_path / "jobs" / "train.sbatch"),
+                             check=False, timeout=240)
+    jid = done.stdout.strip()
+    log = (tmp_path / "jobs" / "logs" / f"hpc_asr-train-{jid}.out").read_text()
+    assert done.returncode == 0, log
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["ranks"], summary["engine"], summary["steps"]) == (2, "torch", 2)
+    assert f"MASTER_ADDR={slurm_cluster.node}:" in log and "engine torch" in log
