@@ -22,7 +22,8 @@ def main() -> int:
     import torch
 
     r, dev = engine.world.rank, engine.device
-    probes = {"cuda_f32": torch.full((3,), r + 1.0, device=dev), "cpu_f64": torch.tensor([1e300 * (r + 1)], dtype=torch.float64),
+    probes = {"cuda_f32": torch.full((3,), r + 1.0, device=dev),
+              "cpu_f64": torch.tensor([1e300 * (r + 1)], dtype=torch.float64),
               "cuda_f64": torch.tensor([1 / 3 + r], dtype=torch.float64, device=dev),
               "cuda_bool": torch.tensor([True], device=dev), "cpu_i64": torch.tensor([r + 5])}
     reduced = {k: engine.allreduce_sum(v) for k, v in probes.items()}
