@@ -63,7 +63,7 @@ def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
     cfg = tiny_config(tmp_path / "tiny.yaml", feats, tmp_path / "run")
     proc = jobs_cli(slurm_cluster, "submit", "--wait", "--site", str(site(tmp_path, slurm_cluster)),
                     "--nodes", "1", "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"),
-                    timeout=400)
+                    "--stage", timeout=400)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "jobs" / "logs").glob("*")))
     assert proc.returncode == 0, f"{proc.stderr}\n{logs}"
     ids = proc.stdout.split()
@@ -71,16 +71,21 @@ def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
     deps = [slurm_cluster.job(i) for i in ids]
     assert all(d["JobState"] == "COMPLETED" for d in deps)
 
-    for split, n in (("train", 15), ("dev", 4), ("test", 4)):  # features written by 2 MPI ranks
+    for split in ("train", "dev", "test"):  # features written by 2 MPI ranks
+        n = len((corpus / f"{split}.jsonl").read_text().splitlines())
         index = json.loads((feats[split] / "index.json").read_text())
         assert index["utterances"] == n and index["ranks"] == 2, index
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["ranks"] == 2 and summary["engine"] == "horovod"
     losses = [h["loss"] for h in summary["history"]]
     assert losses[-1] < losses[0] * 0.8, losses  # loss fell
-    assert checkpoint.load(tmp_path / "run" / "last.pt")["position"]["step"] == summary["steps"]
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert state["position"]["step"] == summary["steps"]
+    staged = tmp_path / "local" / f"hpc_asr-{ids[1]}" / "train"  # --stage: trained on the node-local copy
+    assert state["config"]["data"]["train"] == str(staged) and (staged / ".staged.json").is_file()
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert ev["utterances"] == 4 and 0 <= ev["cer"] and len(ev["hypotheses"]) == 4
+    n_test = len((corpus / "test.jsonl").read_text().splitlines())
+    assert ev["utterances"] == n_test and 0 <= ev["cer"] and len(ev["hypotheses"]) == n_test
     assert (tmp_path / "run" / "export" / "model.onnx").is_file()
     assert "srun: error" not in logs and "Traceback" not in logs
 
