@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(onnx_tmp, args.out_dir / "model.onnx")
     os.replace(ts_tmp, args.out_dir / "model.ts")
     (args.out_dir / "model.json").write_text(json.dumps(
-        {"tokenizer": tok.state_dict(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
+        {"tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
          "outputs": OUTPUTS, "blank": tok.blank}, indent=1) + "\n")
     print(f"[export] {args.out_dir}/model.onnx + model.ts: {res['utterances']} utts, max |Δ| onnx "
           f"{res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts identical",

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import re
+from hpc_asr.text import normalize  # the one normaliser; re-exported for callers of tokenizer.normalize
 
 __all__ = ["BpeTokenizer", "CharTokenizer", "from_state_dict", "normalize", "train_bpe"]
 
 DEFAULT_SYMBOLS = list(" 'abcdefghijklmnopqrstuvwxyz")
-
-
-def normalize(text: str) -> str:
-    """Lower-case, keep letters, apostrophes and single spaces (LibriSpeech and VA transcripts)."""
-    return re.sub(r" +", " ", re.sub(r"[^a-z' ]", " ", text.lower())).strip()
 
 
 class CharTokenizer:

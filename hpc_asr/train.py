@@ -35,7 +35,7 @@ from hpc_asr import checkpoint
 from hpc_asr import tokenizer as tokenizers
 from hpc_asr.config import Config, ConfigError, parse_cli
 from hpc_asr.data import BucketBatchSampler, FeatureSet, make_loader
-from hpc_asr.dist import Engine, log0, make_engine
+from hpc_asr.dist import Engine, compute_threads, log0, make_engine
 from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
 
@@ -314,9 +314,9 @@ def _build_optimizer(cfg: Config, model: nn.Module, device: torch.device):
 
 
 def _setup(cfg: Config) -> _Run:
-    engine = make_engine(cfg.dist.engine, cfg.dist.compression)  # dist: init + pin device
+    engine = make_engine(cfg.dist)  # dist: init + pin device; Horovod knobs set before hvd.init()
     world, device = engine.world, engine.device
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    torch.set_num_threads(compute_threads(cfg.train.threads, engine))  # dist: collective (affinity per host)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out, world)
