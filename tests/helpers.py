@@ -9,14 +9,13 @@ with different seeds describe the same "language".
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hpc_asr.config import FeatureConfig
-from hpc_asr.shards import FORMAT, VERSION, ShardWriter, write_json_atomic
+from hpc_asr.shards import ShardWriter, write_index
 from hpc_asr.tokenizer import DEFAULT_SYMBOLS, normalize
 
 __all__ = ["TEXTS", "char_patterns", "make_feature_dir", "tiny_features", "tiny_yaml"]
@@ -66,23 +65,8 @@ def make_feature_dir(path: str | Path, n_utts: int, texts: list[str] | None = No
         total_sq += (feats.astype(np.float64) ** 2).sum(0)
         count += len(feats)
     rows = [w.close() for w in writers]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-10))
-    write_json_atomic(out / "index.json", {
-        "format": FORMAT,
-        "version": VERSION,
-        "fingerprint": f"synthetic-{seed}",
-        "manifest": "synthetic",
-        "features": asdict(features),
-        "shards": rows,
-        "utterances": sum(r["utterances"] for r in rows),
-        "frames": sum(r["frames"] for r in rows),
-        "hours": round(sum(r["frames"] for r in rows) * features.frame_shift_ms / 3.6e6, 4),
-        "cmvn": {"mean": mean.tolist(), "std": std.tolist(), "frames": count},
-        "skipped": [],
-        "ranks": shards,
-        "wall_s": 0.0,
-    })
+    write_index(out, features, rows, (total, total_sq, count), fingerprint=f"synthetic-{seed}",
+                manifest="synthetic", ranks=shards, wall_s=0.0)  # the same builder data_prep.fbank uses
     return out
 
 
