@@ -6,12 +6,15 @@ HOURS   ?= 5.0
 DATA    ?= data/va
 RUN     ?= runs/demo
 CONFIG  ?= hpc_asr/configs/demo.yaml
-BAR_WER ?= 0.15
+BAR_WER ?= 0.10
+FIXTURES ?= ../shared/fixtures
+TRAIN_ARGS ?=
+SYNTH_ARGS ?=
 # mpirun refuses root without these; --oversubscribe lets NP exceed the detected slots.
 MPIRUN  := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1) \
            mpirun --oversubscribe --bind-to none -np $(NP)
 
-.PHONY: setup setup-gpu demo test bench lint clean-demo
+.PHONY: setup setup-gpu demo test bench bench-train bench-prep lint clean-demo
 
 setup:
 	@bash env/setup-local.sh
@@ -20,13 +23,20 @@ setup-gpu:
 	@bash env/setup-local.sh --gpu
 
 demo: setup
-	$(PY) -m data_prep.synth --out $(DATA) --hours $(HOURS)
-	for split in train dev test; do \
+	$(PY) -m data_prep.synth --out $(DATA) --hours $(HOURS) $(SYNTH_ARGS)
+	$(MPIRUN) $(PY) -m data_prep.augment --config $(CONFIG) --manifest $(DATA)/train.jsonl --out $(DATA)/aug
+	$(PY) -m data_prep.librispeech --root $(FIXTURES) --subset test-clean --out $(DATA)/real.jsonl
+	for split in aug/train dev test test_festival real; do \
 	  $(MPIRUN) $(PY) -m data_prep.fbank --config $(CONFIG) --manifest $(DATA)/$$split.jsonl \
-	    --out $(DATA)/fbank/$$split || exit 1; done
+	    --out $(DATA)/fbank/$$(basename $$split) || exit 1; done
 	$(MPIRUN) $(PY) -m hpc_asr.train --config $(CONFIG) --train.out_dir $(RUN) \
-	  --data.train $(DATA)/fbank/train --data.dev $(DATA)/fbank/dev
-	$(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --out $(RUN)/eval.json
+	  --data.train $(DATA)/fbank/train --data.dev $(DATA)/fbank/dev $(TRAIN_ARGS)
+	$(PY) -m hpc_asr.lm --manifest $(DATA)/train.jsonl --order 3 --out $(RUN)/lm/lm.arpa
+	$(PY) -m hpc_asr.lm tune --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/dev --lm $(RUN)/lm
+	$(MPIRUN) $(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --decoder beam+lm --out $(RUN)/eval.json
+	$(MPIRUN) $(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --decoder greedy --out $(RUN)/eval_greedy.json
+	$(MPIRUN) $(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test_festival --decoder beam+lm --out $(RUN)/eval_festival.json
+	$(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/real --decoder greedy --out $(RUN)/eval_real.json
 	$(PY) -m hpc_asr.export --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --out-dir $(RUN)/export
 	$(PY) -m hpc_asr.latency --model-dir $(RUN)/export --manifest $(DATA)/test.jsonl --out $(RUN)/latency.json
 	$(PY) -m hpc_asr.report --run $(RUN) --bar-wer $(BAR_WER)
@@ -44,3 +54,9 @@ clean-demo:
 # Benchmarks with same-run peer comparisons; JSON under runs/bench/.
 bench: setup
 	$(PY) -m hpc_asr.bench --out runs/bench/bench.json
+
+bench-train: setup
+	$(PY) -m hpc_asr.bench_train --out runs/bench/train.json
+
+bench-prep: setup
+	$(PY) -m hpc_asr.bench_prep --out runs/bench/prep.json
