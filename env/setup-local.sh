@@ -41,7 +41,8 @@ pipq() {
 # slurm-wlm + libpmix-dev: the real one-node SLURM of the tests (srun --mpi=pmix); lmod + tcl:
 # modulefile tests (environment-modules conflicts with lmod as a package: see step 1b).
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox
-          slurm-wlm slurm-wlm-basic-plugins libpmix-dev lmod tcl festival festvox-kallpc16k)
+          slurm-wlm slurm-wlm-basic-plugins libpmix-dev lmod tcl festival festvox-kallpc16k
+          festvox-kdlpc16k festvox-us-slt-hts)
 missing=()
 [ "$APT" = 1 ] || APT_PKGS=()
 for p in "${APT_PKGS[@]}"; do

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "model.json").write_text(json.dumps(
         {"tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
          "outputs": OUTPUTS, "blank": tok.blank}, indent=1) + "\n")
+    lm_src = Path(args.checkpoint).parent / "lm"
+    if (lm_src / "lm.arpa").is_file():  # the deployable unit carries its LM + tuned weights (latency, serving)
+        shutil.copytree(lm_src, args.out_dir / "lm", dirs_exist_ok=True)
     print(f"[export] {args.out_dir}/model.onnx + model.ts: {res['utterances']} utts, max |Δ| onnx "
           f"{res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts identical",
           file=sys.stderr)

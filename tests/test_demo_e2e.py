@@ -22,7 +22,8 @@ def test_make_demo_end_to_end(tmp_path):
     cfg.write_text(TINY)
     data, run = tmp_path / "va", tmp_path / "run"
     args = ["make", "-C", str(ROOT), "demo", "HOURS=0.03", f"DATA={data}", f"RUN={run}", f"CONFIG={cfg}",
-            "BAR_WER=10"]  # a 1-epoch toy model: the bar here only checks the plumbing
+            "BAR_WER=10", "SYNTH_ARGS=--dev-utts 20 --test-utts 20 --festival-utts 10"]
+    # a 1-epoch toy model: this test checks the plumbing; the demo's own bar (10 %) checks quality
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=run_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
@@ -31,8 +32,10 @@ def test_make_demo_end_to_end(tmp_path):
     assert report["onnx_transcripts_match"] is True and report["onnx_max_abs_diff"] < 1e-3
     assert report["latency_ms_p50"] > 0 and report["rtf"] > 0
     assert (run / "loss_curve.png").stat().st_size > 1000
+    for key in ("wer", "wer_greedy", "wer_festival", "real_fixture_wer"):  # every split was scored
+        assert isinstance(report[key], float), key
     index = json.loads((data / "fbank" / "train" / "index.json").read_text())
-    assert index["ranks"] == 2 and len(index["shards"]) == 2
+    assert index["ranks"] == 2 and len(index["shards"]) >= 1  # ranks claim work units: one may take all
     # Re-running is cheap: every stage sees its outputs are up to date.
     again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=run_env())
     assert again.returncode == 0

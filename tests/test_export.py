@@ -17,6 +17,7 @@ from hpc_asr import checkpoint, export
 from hpc_asr.config import Config, load_config
 from hpc_asr.data import FeatureSet
 from hpc_asr.latency import Recognizer, measure
+from hpc_asr.lm import build_arpa
 from hpc_asr.model import ConformerCTC
 from hpc_asr.tokenizer import CharTokenizer
 
@@ -43,6 +44,8 @@ def exported(request, tiny_features, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp(f"export_{request.param}")
     ckpt = root / "tiny.pt"
     save_random_checkpoint(ckpt, tiny_features["train"], "--model.subsampling", request.param)
+    build_arpa(["turn the lights on", "set a timer"], 2, root / "lm" / "lm.arpa")  # the LM beside the model
+    (root / "lm" / "decode.json").write_text('{"lm_weight": 0.5, "word_score": 1.0}')
     out = root / "export"
     proc = run([sys.executable, "-m", "hpc_asr.export",
                 "--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir", str(out)],
@@ -58,6 +61,8 @@ def test_export_cli_writes_files_after_parity(exported):
     assert res["onnx_max_abs_diff"] < 1e-3 and res["torchscript_max_abs_diff"] < 1e-3
     assert res["onnx_transcripts_match"] and res["torchscript_transcripts_match"]
     assert (out / "model.onnx").stat().st_size > 0 and (out / "model.ts").stat().st_size > 0
+    for name in ("lm.arpa", "decode.json"):  # the deployable unit carries the LM and its tuned weights
+        assert (out / "lm" / name).read_bytes() == (exported["ckpt"].parent / "lm" / name).read_bytes()
     assert not list(out.glob("*.tmp*"))
     meta = json.loads((out / "model.json").read_text())
     assert meta["tokenizer"] == CharTokenizer().state_dict() and meta["blank"] == 0
