@@ -26,7 +26,7 @@ from torch import nn
 
 from hpc_asr import checkpoint
 from hpc_asr.config import Config, ConfigError
-from hpc_asr.data import FeatureSet, collate
+from hpc_asr.data import FeatureSet, make_eval_loader
 from hpc_asr.decode import DECODERS, greedy_batch, lm_files, make_decoder
 from hpc_asr.dist import Engine, make_engine
 from hpc_asr.metrics import COUNT_KEYS, error_counts, frequent_errors, rates
@@ -65,8 +65,10 @@ def posteriors(model: ConformerCTC, data, tok, engine: Engine, cfg: Config,
     short = sorted(set(mine) - set(ok))
     if short:
         yield short, torch.zeros(len(short), 0, tok.vocab_size), torch.zeros(len(short), dtype=torch.long), 0.0
-    for local in eval_batches(data.num_frames[ok], cfg.data.max_frames, cfg.data.max_utts):
-        batch = collate([data[ok[i]] for i in local], data.texts, tok).to(engine.device)
+    batches = [[ok[i] for i in local] for local in eval_batches(data.num_frames[ok], cfg.data.max_frames,
+                                                                 cfg.data.max_utts)]
+    for batch in make_eval_loader(data, batches, tok, num_workers=cfg.data.num_workers):  # same loader as training
+        batch = batch.to(engine.device)
         with torch.autocast(engine.device.type, dtype=dtype, enabled=amp):
             lp, lens = model(batch.feats, batch.feat_lens)
         lp = lp.float()

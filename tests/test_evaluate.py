@@ -76,6 +76,19 @@ def test_evaluate_scores_utterances_longer_than_the_checkpoints_max_frames(real_
     assert res["substitutions"] + res["deletions"] + res["insertions"] == res["word_errors"]
 
 
+def test_evaluate_reads_through_the_training_loader_in_worker_processes(real_fixture, tmp_path):
+    """Evaluation uses data.make_eval_loader: batches read in a worker process score the same."""
+    res = {}
+    for workers in ("0", "1"):
+        out = tmp_path / f"eval{workers}.json"
+        proc = run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+                    "--data", str(real_fixture["data"]), "--data.num_workers", workers, "--out", str(out)],
+                   timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        res[workers] = json.loads(out.read_text())
+    assert res["0"]["hypotheses"] == res["1"]["hypotheses"] and res["0"]["loss"] == res["1"]["loss"]
+
+
 def test_evaluate_accepts_data_max_frames_and_rejects_model_overrides(real_fixture, tmp_path):
     args = [sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
             "--data", str(real_fixture["data"])]
