@@ -15,6 +15,7 @@ import importlib.util
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,10 @@ class LaunchError(SystemExit):
 
     def __init__(self, message: str, rank: int = 0):
         self.message = message
-        # Every rank hits the same check; only rank 0 prints, so N ranks don't print N copies.
+        # Every rank hits the same check; only rank 0 prints, so N ranks don't print N copies. The
+        # others wait a moment: a launcher (torchrun) kills the job as soon as one rank exits.
+        if rank != 0:
+            time.sleep(3.0)
         super().__init__(f"error: {message}" if rank == 0 else 1)
 
 

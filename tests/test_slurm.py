@@ -169,7 +169,8 @@ def test_request_larger_than_the_node_is_refused_not_left_pending(slurm_cluster,
 @pytest.mark.slow
 def test_time_limit_warning_requeues_instead_of_timeout(slurm_cluster, tmp_path):
     """The reported failure: a job at its time limit ended TIMEOUT with Restarts=0. Now SLURM
-    itself sends the warning (--signal=B:USR1@90 with --time=00:02:00), the job requeues, resumes."""
+    itself sends the warning (--signal=B:USR1@90 with --time=00:03:00:
+    90 s of training first, so start-up on a busy machine cannot eat the window), the job requeues, resumes."""
     data = {"train": make_feature_dir(tmp_path / "train", 16, seed=0, shards=2),
             "dev": make_feature_dir(tmp_path / "dev", 2, seed=1, shards=1)}
     data["test"] = data["dev"]
@@ -180,11 +181,11 @@ def test_time_limit_warning_requeues_instead_of_timeout(slurm_cluster, tmp_path)
     raw["requeue_signal_s"] = 90
     s.write_text(json.dumps(raw))
     proc = jobs_cli(slurm_cluster, "render", "--site", str(s), "--gpus-per-node", "0", "--config", str(cfg),
-                    "--walltime", "00:02:00", "--out", str(tmp_path / "jobs"))
+                    "--walltime", "00:03:00", "--out", str(tmp_path / "jobs"))
     assert proc.returncode == 0, proc.stderr
     jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
     _until("the time-limit warning and requeue", lambda: (lambda j: j.get("Restarts") == "1" and j.get(
-        "JobState") == "PENDING")(slurm_cluster.job(jid)), 150, slurm_cluster, jid, poll=1)
+        "JobState") == "PENDING")(slurm_cluster.job(jid)), 270, slurm_cluster, jid, poll=1)
     rank0 = out / "train.rank0.log"
     stopped = [int(m) for m in re.findall(r"preempted \(signal\) at step (\d+)", rank0.read_text())]
     assert len(stopped) == 1 and stopped[0] > 0, rank0.read_text()
