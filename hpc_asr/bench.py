@@ -108,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         "model_inference": bench_model(model_cfg, 400),
         "train_step": bench_train_step(model_cfg, 8, 400),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    save_result(args.out, res)
     return 0
+
+
+def save_result(out: str | Path, res: dict) -> None:
+    """Every benchmark's JSON under runs/bench/, written and echoed the same way."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpc_asr.bench import save_result
 from hpc_asr.config import FeatureConfig, ModelConfig, load_config
 from hpc_asr.features import available_backends, fbank, load_audio
 from hpc_asr.manifest import Utterance, read_manifest, write_manifest
@@ -239,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     flat = {k: v for sec in ("prep", "loader") for k, v in res[sec].items() if not isinstance(v, dict)}
     res["summary"] = {k: flat[k] for k in ("speedup_vs_lhotse", "scaling_2_ranks", "loader_vs_model",
                                            "loader_audio_s_per_core", "a100_cores_needed", "pipeline_xrt_per_core")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    save_result(args.out, res)
     return 0
 
 
