@@ -103,9 +103,10 @@ def worker(a: argparse.Namespace) -> int:
 
 # ---- torchaudio comparison: runs inside the side environment --------------------------------
 
-def torchaudio_worker(a: argparse.Namespace) -> int:
-    """Interleaved train steps of our Conformer and torchaudio's at equal dims, same front end
-    (CMVN + conv1d subsampling + sinusoids) and CTC head; prints one JSON line."""
+def comparison_models(d_model: int, layers: int) -> dict:
+    """Our Conformer (abs and rel attention) and ``torchaudio.models.Conformer`` at equal width,
+    depth, FFN and kernel, behind the same front end (CMVN + conv1d subsampling + sinusoids) and
+    CTC head. Needs torchaudio (the side environment here; the GPU set-up on GPU nodes)."""
     import torch
     import torchaudio
     from torch import nn
@@ -113,8 +114,7 @@ def torchaudio_worker(a: argparse.Namespace) -> int:
     from hpc_asr.config import ModelConfig
     from hpc_asr.model import ConformerCTC, _sinusoids
 
-    torch.set_num_threads(a.threads)
-    cfg = ModelConfig(d_model=a.d_model, n_heads=4, n_layers=a.layers, ff_mult=4, conv_kernel=15, conv_norm="batch",
+    cfg = ModelConfig(d_model=d_model, n_heads=4, n_layers=layers, ff_mult=4, conv_kernel=15, conv_norm="batch",
                       subsampling="conv1d", dropout=0.1, vocab_size=29)
 
     class TorchaudioCTC(nn.Module):
@@ -132,46 +132,71 @@ def torchaudio_worker(a: argparse.Namespace) -> int:
             return torch.log_softmax(self.ctc(x), dim=-1), lengths
 
     rel = ModelConfig(**{**vars(cfg), "attention": "rel"})
-    models = {"ours": ConformerCTC(cfg), "ours_rel": ConformerCTC(rel), "torchaudio": TorchaudioCTC()}
+    return {"ours": ConformerCTC(cfg), "ours_rel": ConformerCTC(rel), "torchaudio": TorchaudioCTC()}
+
+
+def torchaudio_worker(a: argparse.Namespace) -> int:
+    """Interleaved train steps of our Conformer and torchaudio's at equal dims; prints one JSON line."""
+    import torch
+    import torchaudio
+
+    torch.set_num_threads(a.threads)
+    models = comparison_models(a.d_model, a.layers)
     result = {"torch": torch.__version__, "torchaudio": torchaudio.__version__, "threads": a.threads,
               "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}, "cases": {}}
     for dtype in ("fp32", "bf16"):
         for secs in (3.0, 10.0):
-            result["cases"][f"{dtype}_{secs:g}s"] = _interleaved(models, dtype, secs, a)
-    for key, suffix in (("ratio", ""), ("ratio_rel", "_rel")):
-        ratios = torch.tensor([c[key] for c in result["cases"].values()])
-        result[f"ratio{suffix}_geomean"] = float(ratios.log().mean().exp())
+            result["cases"][f"{dtype}_{secs:g}s"] = interleaved_steps(models, dtype, secs, a.batch, a.steps, a.warmup)
+    result.update(geomeans(result["cases"]))
     print(json.dumps(result))
     return 0
 
 
-def _interleaved(models: dict, dtype: str, secs: float, a: argparse.Namespace) -> dict:
-    """Median train-step seconds per model, the models alternating step by step."""
+def geomeans(cases: dict) -> dict:
+    import math
+
+    out = {}
+    for key, suffix in (("ratio", ""), ("ratio_rel", "_rel")):
+        vals = [c[key] for c in cases.values()]
+        out[f"ratio{suffix}_geomean"] = math.exp(sum(math.log(v) for v in vals) / len(vals))
+    return out
+
+
+def interleaved_steps(models: dict, dtype: str, secs: float, batch: int, steps: int, warmup: int,
+                      device: str = "cpu") -> dict:
+    """Median train-step seconds per model, the models alternating step by step (on CUDA each
+    step is timed between synchronisations)."""
     import statistics
 
     import torch
 
     g = torch.Generator().manual_seed(0)
     frames = int(secs * 100)
-    feats, lens = torch.randn(a.batch, frames, 80, generator=g), torch.full((a.batch,), frames)
-    targets = torch.randint(1, 29, (a.batch, frames // 20), generator=g)
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    feats, lens = torch.randn(batch, frames, 80, generator=g), torch.full((batch,), frames)
+    targets = torch.randint(1, 29, (batch, frames // 20), generator=g)
+    feats, lens, targets = feats.to(device), lens.to(device), targets.to(device)
+    models = {k: m.to(device) for k, m in models.items()}
+    fused = {"fused": True} if device == "cuda" else {}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, **fused) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(a.warmup + a.steps):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
         for name, model in models.items():
             model.train()
+            sync()
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
                 lp, out_lens = model(feats, lens)
             loss = torch.nn.functional.ctc_loss(lp.float().transpose(0, 1), targets, out_lens,
                                                 torch.full_like(lens, targets.shape[1]), zero_infinity=True)
             loss.backward()
             opts[name].step()
             opts[name].zero_grad()
-            if i >= a.warmup:
+            sync()
+            if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {**{f"{k}_step_s": round(v, 4) for k, v in med.items()},
+    return {**{f"{k}_step_s": round(v, 5) for k, v in med.items()},
             "ratio": med["torchaudio"] / med["ours"],  # > 1: ours is faster
             "ratio_rel": med["torchaudio"] / med["ours_rel"]}
 
