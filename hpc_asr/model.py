@@ -1,5 +1,5 @@
-"""Conformer-CTC, top to bottom: CMVN → subsampling → feed-forward → attention → convolution →
-Conformer layer → encoder → CTC head.
+"""Conformer-CTC, top to bottom: CMVN (global, optionally per utterance) → subsampling →
+feed-forward → attention → convolution → Conformer layer → encoder → CTC head.
 
 Every forward takes ``(x, lengths)`` and returns ``(y, lengths)``; shapes use B (batch),
 T (frames), F (mel bins), D (model width), V (vocabulary). Forwards avoid data-dependent Python
@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from hpc_asr.config import ModelConfig
 
-__all__ = ["ConformerCTC", "make_pad_mask", "subsampled_lengths"]
+__all__ = ["CMVN_MODES", "ConformerCTC", "make_pad_mask", "subsampled_lengths"]
+
+CMVN_MODES = ("global", "utterance_mean", "utterance")  # model.cmvn
 
 
 def make_pad_mask(lengths: Tensor, max_len: int | Tensor) -> Tensor:
@@ -41,6 +43,26 @@ class _GlobalCMVN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, F)
         return (x - self.mean) * self.istd
+
+
+class _UtteranceCMVN(nn.Module):
+    """Per-utterance (instance) normalisation over each utterance's valid frames, per mel bin:
+    mean subtraction (``norm_vars=False``, cepstral mean normalisation) or mean and variance.
+
+    It removes what is constant over an utterance — channel, loudness, a synthesiser's spectral
+    tilt — which global CMVN keeps. Padded frames come out as 0. (B, T, F), (B,) → (B, T, F)."""
+
+    def __init__(self, norm_vars: bool, eps: float = 1e-5):
+        super().__init__()
+        self.norm_vars, self.eps = norm_vars, eps
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        mask = make_pad_mask(lengths, x.shape[1])[..., None].to(x.dtype)  # (B, T, 1)
+        n = mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1, 1)
+        y = (x - (x * mask).sum(1, keepdim=True) / n) * mask
+        if self.norm_vars:
+            y = y * torch.rsqrt((y * y).sum(1, keepdim=True) / n + self.eps)
+        return y
 
 
 class _Conv2dSubsampling(nn.Module):
@@ -217,6 +239,10 @@ class ConformerCTC(nn.Module):
             raise ValueError(f"model.vocab_size must be >= 2 (blank + symbols), got {cfg.vocab_size}")
         self.cfg = cfg
         self.cmvn = _GlobalCMVN(num_bins)
+        mode = getattr(cfg, "cmvn", "global")  # global | utterance_mean | utterance (after global)
+        if mode not in CMVN_MODES:
+            raise ValueError(f"model.cmvn must be {'|'.join(CMVN_MODES)}, got {mode!r}")
+        self.utt_cmvn = _UtteranceCMVN(norm_vars=mode == "utterance") if mode != "global" else None
         if cfg.subsampling == "conv1d":
             self.subsample = _Conv1dSubsampling(num_bins, cfg.d_model, cfg.subsample_factor)
         else:
@@ -230,7 +256,10 @@ class ConformerCTC(nn.Module):
         self.cmvn.istd.copy_(1.0 / torch.as_tensor(std, dtype=torch.float32))
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        x, lengths = self.subsample(self.cmvn(feats), lengths)  # (B, T', D)
+        x = self.cmvn(feats)  # (B, T, F)
+        if self.utt_cmvn is not None:
+            x = self.utt_cmvn(x, lengths)
+        x, lengths = self.subsample(x, lengths)  # (B, T', D)
         mask = make_pad_mask(lengths, x.shape[1])
         pos = None
         if self.cfg.attention == "rel":  # positions enter every attention layer, not the input

@@ -174,3 +174,73 @@ def test_rel_model_exports_to_onnx_with_dynamic_time(tmp_path):
 def test_attention_option_is_validated():
     with pytest.raises(ValueError, match=r"model\.attention"):
         tiny_cfg(attention="relative")
+
+
+def _cmvn_model(mode: str, seed: int = 6) -> ConformerCTC:
+    torch.manual_seed(seed)
+    cfg = tiny_cfg(subsampling="conv1d")
+    cfg.cmvn = mode  # model.cmvn (ModelConfig field; set as an attribute so the test also runs before it)
+    m = ConformerCTC(cfg, BINS).eval()
+    m.set_cmvn(torch.randn(BINS), torch.rand(BINS) + 0.5)
+    return m
+
+
+@pytest.mark.parametrize("mode", ["utterance", "utterance_mean"])
+def test_utterance_cmvn_normalises_each_utterance_over_its_valid_frames(mode):
+    m = _cmvn_model(mode)
+    feats, lens = torch.randn(3, 90, BINS) * 4 + 7, torch.tensor([90, 41, 12])
+    y = m.utt_cmvn(feats, lens)
+    assert y.shape == feats.shape and y.dtype == feats.dtype
+    for b, n in enumerate(lens.tolist()):
+        torch.testing.assert_close(y[b, :n].mean(0), torch.zeros(BINS), atol=1e-4, rtol=0)
+        assert (y[b, n:] == 0).all()  # padding
+        if mode == "utterance":
+            torch.testing.assert_close(y[b, :n].var(0, unbiased=False), torch.ones(BINS), atol=1e-3, rtol=0)
+        else:
+            torch.testing.assert_close(y[b, :n], feats[b, :n] - feats[b, :n].mean(0), atol=1e-4, rtol=0)
+
+
+def test_utterance_cmvn_ignores_a_constant_channel_offset_global_does_not():
+    """A per-bin offset over the whole utterance (a channel / synthesiser tilt) leaves the
+    utterance-normalised model's output unchanged, padded in a batch or alone."""
+    torch.manual_seed(7)
+    feats, lens = torch.randn(2, 110, BINS), torch.tensor([110, 64])
+    tilt = torch.linspace(-3, 3, BINS)
+    shifted = feats + tilt
+    shifted[1, 64:] = 1e3  # garbage in the padding must not matter either
+    for mode, same in (("utterance", True), ("utterance_mean", True), ("global", False)):
+        m = _cmvn_model(mode)
+        with torch.no_grad():
+            a, _ = m(feats, lens)
+            b, _ = m(shifted, lens)
+            alone, _ = m(feats[1:, :64], lens[1:])
+        assert torch.allclose(a, b, atol=1e-4) is same, mode
+        if mode != "global":
+            torch.testing.assert_close(a[1, : alone.shape[1]], alone[0], atol=1e-4, rtol=0)
+
+
+def test_global_cmvn_mode_is_the_default_and_adds_nothing():
+    assert ConformerCTC(tiny_cfg(), BINS).utt_cmvn is None
+    assert _cmvn_model("global").utt_cmvn is None
+    assert set(_cmvn_model("global").state_dict()) == set(_cmvn_model("utterance").state_dict())
+
+
+def test_bad_cmvn_mode_names_the_key():
+    with pytest.raises(ValueError, match=r"model\.cmvn"):
+        _cmvn_model("speaker")
+
+
+def test_utterance_cmvn_model_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from hpc_asr.export import export_onnx
+
+    m = _cmvn_model("utterance")
+    export_onnx(m, tmp_path / "m.onnx", opset=17)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    feats, lens = torch.randn(2, 133, BINS) + 2, torch.tensor([133, 70])
+    with torch.no_grad():
+        want, want_lens = m(feats, lens)
+    got, got_lens = sess.run(None, {"feats": feats.numpy(), "feat_lens": lens.numpy()})
+    assert got_lens.tolist() == want_lens.tolist()
+    for i, n in enumerate(want_lens.tolist()):
+        assert (torch.from_numpy(got[i, :n]) - want[i, :n]).abs().max() < 1e-4
