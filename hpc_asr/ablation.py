@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "all_warp0.2": ("augment.enabled=true", "specaug.freq_warp=0.2"),
     "all_speed_wide": ("augment.enabled=true", "augment.speeds=0.8,0.9,1.0,1.1,1.2"),
     "all_utt_cmvn": ("augment.enabled=true", "model.cmvn=utterance"),
+    "all_utt_mean": ("augment.enabled=true", "model.cmvn=utterance_mean"),
+    "all_copies2": ("augment.enabled=true", "augment.copies=2"),
 }
 DEFAULT_VARIANTS = "none,speed,noise,reverb,all"
 PREP_SECTIONS = ("augment.",)  # the overrides data_prep.augment takes
