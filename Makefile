@@ -14,7 +14,7 @@ SYNTH_ARGS ?=
 MPIRUN  := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1) \
            mpirun --oversubscribe --bind-to none -np $(NP)
 
-.PHONY: setup setup-gpu demo test bench bench-train bench-prep lint clean-demo
+.PHONY: setup setup-gpu demo test bench bench-train bench-prep bench-gpu gpu-check lint clean-demo
 
 setup:
 	@bash env/setup-local.sh
@@ -60,3 +60,11 @@ bench-train: setup
 
 bench-prep: setup
 	$(PY) -m hpc_asr.bench_prep --out runs/bench/prep.json
+
+# GPU nodes, after `make setup-gpu` (docs/gpu.md): the seed step, torch.compile, torchaudio, FBANK.
+bench-gpu:
+	$(PY) -m hpc_asr.bench_gpu --out runs/bench/gpu.json
+
+# GPU node acceptance: every CUDA test, bench-gpu and the doctor, logs under runs/gpu-check/.
+gpu-check:
+	PYTHON=$(PY) bash env/gpu-check.sh --out runs/gpu-check

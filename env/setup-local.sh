@@ -120,26 +120,8 @@ if ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
     say "building Horovod $HOROVOD_VERSION against torch $TORCH_FULL ($FLAVOUR); takes ~3-5 min"
     BUILD=$(mktemp -d)
     pipq download -q --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
-    tar -xzf "$BUILD"/horovod-"$HOROVOD_VERSION".tar.gz -C "$BUILD"
-    SRC="$BUILD/horovod-$HOROVOD_VERSION"
-    # torch >= 2.1 headers need C++17; Horovod 0.28.1 (last release) still asks for C++14.
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-      "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt" \
-      || { echo "setup-local: C++17 patch did not apply to $SRC" >&2; exit 1; }
-    pipq install -q psutil pyyaml cloudpickle packaging cffi
-    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
-    export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-    export MAKEFLAGS="-j$(nproc)"
-    if [ "$GPU" = 1 ]; then
-      export HOROVOD_GPU_OPERATIONS=NCCL
-    else
-      export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI}
-    fi
-    mkdir -p "$WHEEL_DIR"
-    "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$BUILD/dist" "$SRC" \
+    PYTHON="$PY" bash "$ROOT/env/build-horovod.sh" "$BUILD/horovod-$HOROVOD_VERSION.tar.gz" "$WHEEL_DIR" "$FLAVOUR" \
       > "$BUILD/build.log" 2>&1 || { tail -40 "$BUILD/build.log" >&2; exit 1; }
-    mv "$BUILD"/dist/horovod-*.whl "$WHEEL_DIR/"
     rm -rf "$BUILD"
   fi
   say "installing cached Horovod wheel from $WHEEL_DIR"

@@ -1,5 +1,5 @@
 """GPU training paths: AMP fp16 (GradScaler) and bf16 steps, fused AdamW, torch.compile, and
-GradScaler with Horovod's synchronize → unscale → clip → skip_synchronize order on 2 ranks.
+GradScaler with Horovod's synchronize → unscale → clip → skip_synchronize order (one rank per GPU).
 Skipped without CUDA (the CPU versions of the same paths run in test_train.py)."""
 
 from __future__ import annotations
@@ -57,22 +57,24 @@ def test_compiled_model_trains(tiny_features, tmp_path):
 
 
 def test_horovod_gradscaler_order_and_inf_skip_on_gpus(tiny_features, tmp_path):
-    """2 ranks (one GPU each, or sharing one): fp16 autocast + GradScaler through Horovod's
-    synchronize/skip_synchronize; an inf at step 2 on rank 1 is skipped on both ranks, the scale
-    backs off, and the replicas stay identical."""
+    """fp16 autocast + GradScaler through Horovod's synchronize/skip_synchronize on one rank per GPU
+    (NCCL refuses two ranks on one GPU: 2 ranks where there are 2 GPUs, else 1): an inf at step 2
+    on the last rank is skipped on every rank, the scale backs off, and the replicas stay identical."""
+    pytest.importorskip("horovod.torch")
+    n = min(2, torch.cuda.device_count())
     out = tmp_path / "hvd"
     cfg = tiny_yaml(tmp_path / "hvd.yaml", tiny_features["train"], tiny_features["dev"], out,
                     train={"epochs": 2, "precision": "fp16", "tensorboard": False})
-    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "3"),
-                   HPC_ASR_TEST_INF_STEP="2:1")
+    proc = _launch(mpirun_cmd(n, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "3"),
+                   HPC_ASR_TEST_INF_STEP=f"2:{n - 1}")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     s = json.loads((out / "train_summary.json").read_text())
     assert s["skipped_steps"] >= 1 and s["replicas_identical"], s["replicas"]  # fp16 may overflow early too
     scales = [r["scaler"]["scale"] for r in s["replicas"]]
-    assert scales[0] == scales[1] <= 2.0**15  # 65536 backed off at least once, alike on both ranks
-    for r in (0, 1):
+    assert len(set(scales)) == 1 and scales[0] <= 2.0**15  # 65536 backed off at least once, alike on all ranks
+    for r in range(n):
         assert "step 2: non-finite gradient norm, step skipped" in (out / f"train.rank{r}.log").read_text()
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "4"), timeout=300)
+    run(mpirun_cmd(n, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "4"), timeout=300)
     s = json.loads((out / "train_summary.json").read_text())
     assert s["replicas_identical"] and s["steps"] == 4
