@@ -39,6 +39,9 @@ demo: setup
 	$(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/real --decoder greedy --out $(RUN)/eval_real.json
 	$(PY) -m hpc_asr.export --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --out-dir $(RUN)/export
 	$(PY) -m hpc_asr.latency --model-dir $(RUN)/export --manifest $(DATA)/test.jsonl --out $(RUN)/latency.json
+	$(MPIRUN) $(PY) -m hpc_asr.peer --manifest $(DATA)/test.jsonl --out $(RUN)/peer_test.json
+	$(MPIRUN) $(PY) -m hpc_asr.peer --manifest $(DATA)/test_festival.jsonl --out $(RUN)/peer_festival.json
+	$(PY) -m hpc_asr.peer --manifest $(DATA)/real.jsonl --out $(RUN)/peer_real.json
 	$(PY) -m hpc_asr.report --run $(RUN) --bar-wer $(BAR_WER)
 
 # TEST_ARGS=--runslow adds the end-to-end tests (CI runs them).

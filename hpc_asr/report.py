@@ -42,7 +42,7 @@ def build_report(run: Path) -> dict:
     greedy, fest, real = (_optional(run / f"eval_{k}.json") for k in ("greedy", "festival", "real"))
     if greedy is None and ev.get("decoder", "greedy") == "greedy":
         greedy = ev
-    return {
+    report = {
         "wer": round(ev["wer"], 4),
         "cer": round(ev["cer"], 4),
         "decoder": ev.get("decoder", "greedy"),
@@ -78,8 +78,21 @@ def build_report(run: Path) -> dict:
         "latency_ms_p95": lat["latency_ms_p95"],
         "rtf": lat["rtf"],
         "latency_threads": lat["threads"],
+        **_peer(run),
         "dev_curve": [{k: d[k] for k in ("epoch", "step", "loss", "wer", "cer")} for d in train["dev"]],
     }
+    report["beats_peer_on"] = beaten(report) if report["peer"] else None
+    return report
+
+
+def _peer(run: Path) -> dict:
+    """The peer recognizer (hpc_asr.peer) on the same splits, where the demo ran it."""
+    peer = {k: _optional(run / f"peer_{k}.json") for k in ("test", "festival", "real")}
+    done = [p for p in peer.values() if p is not None]
+    return {"peer": done[0]["peer"] if done else None,
+            "peer_wer": _rate(peer["test"]), "peer_wer_festival": _rate(peer["festival"]),
+            "peer_real_fixture_wer": _rate(peer["real"]),
+            "peer_rtf": max((p["rtf"] for p in done if p["rtf"] is not None), default=None)}
 
 
 def plot_curves(train_summary: dict, path: Path) -> None:
@@ -125,7 +138,19 @@ def _wer_lines(r: dict) -> str:
                 f"engine never heard in training ({r['festival_decoder']})")
     rows.append(f"  real      WER {_pct(r['real_fixture_wer'])}   {r['real_fixture_utterances'] or 0} LibriSpeech "
                 f"fixture utterances ({r['real_fixture_decoder']})")
+    if r.get("peer"):
+        rows.append(f"  peer      WER {_pct(r['peer_wer'])} test, {_pct(r['peer_wer_festival'])} festival, "
+                    f"{_pct(r['peer_real_fixture_wer'])} real, RTF {r['peer_rtf']}: {r['peer']}")
+        rows.append(f"            we beat it on: {', '.join(r['beats_peer_on']) or 'nothing'}")
     return "\n".join(rows)
+
+
+def beaten(r: dict) -> list[str]:
+    """Where our number is better than the peer's on the same utterances (lower is better)."""
+    pairs = {"test": ("wer", "peer_wer"), "festival": ("wer_festival", "peer_wer_festival"),
+             "real": ("real_fixture_wer", "peer_real_fixture_wer"), "speed": ("rtf", "peer_rtf")}
+    return [name for name, (ours, peer) in pairs.items()
+            if r.get(ours) is not None and r.get(peer) is not None and r[ours] < r[peer]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,3 +67,25 @@ def test_missing_stage_is_named(tmp_path, capsys):
     (tmp_path / "latency.json").unlink()
     assert report.main(["--run", str(tmp_path)]) == 2
     assert "latency.json" in capsys.readouterr().err
+
+
+def test_report_puts_the_peer_beside_ours(tmp_path, capsys):
+    _stage_files(tmp_path)
+    for name, w, rtf in (("test", 0.766, 0.2), ("festival", 0.2, 0.19), ("real", 0.31, 0.19)):
+        (tmp_path / f"peer_{name}.json").write_text(json.dumps({"peer": "pocketsphinx en-us", "wer": w,
+                                                                "rtf": rtf, "utterances": 4}))
+    assert report.main(["--run", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert (data["peer_wer"], data["peer_wer_festival"], data["peer_real_fixture_wer"]) == (0.766, 0.2, 0.31)
+    assert data["peer_rtf"] == 0.2
+    # ours: test 5 % < 76.6 %, festival 25 % > 20 %, real 101.7 % > 31 %, RTF 0.01 < 0.2
+    assert data["beats_peer_on"] == ["test", "speed"]
+    out = capsys.readouterr().out
+    assert "peer      WER 76.60% test, 20.00% festival, 31.00% real" in out and "we beat it on: test, speed" in out
+
+
+def test_report_without_peer_runs_has_no_peer_lines(tmp_path, capsys):
+    _stage_files(tmp_path)
+    assert report.main(["--run", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["beats_peer_on"] is None
+    assert "  peer  " not in capsys.readouterr().out
