@@ -5,6 +5,8 @@
 - fbank: our FBANK (kaldi-native-fbank) vs lhotse's torch Kaldi FBANK, audio seconds per second.
 - model: Conformer-CTC inference, ONNX Runtime vs PyTorch eager, same input, one thread.
 - train_step: forward+backward throughput of the demo model, conv1d vs conv2d front end.
+- vs_pocketsphinx: waveform → text on the real LibriSpeech fixture, one thread: our pipeline
+  (FBANK + the demo-size model in ONNX Runtime + greedy CTC) vs PocketSphinx (``hpc_asr.peer``).
 """
 
 from __future__ import annotations
@@ -93,11 +95,49 @@ def bench_train_step(model_cfg: ModelConfig, batch: int, frames: int) -> dict:
     return out
 
 
+def bench_vs_pocketsphinx(model_cfg: ModelConfig, fixtures: Path) -> dict:
+    """Real-time factor of the whole recognizer on the same waveforms; speed only (the weights
+    are random: accuracy is the demo report's business)."""
+    import onnxruntime as ort
+
+    from hpc_asr import peer
+    from hpc_asr.export import export_onnx
+    from hpc_asr.features import load_audio
+
+    waves = [load_audio(str(f), 16000) for f in sorted(fixtures.glob("LibriSpeech/*/*/*/*.flac"))]
+    if not waves:
+        return {"skipped": f"no LibriSpeech fixture under {fixtures}"}
+    audio_s = sum(len(w) for w in waves) / 16000
+    model_cfg.vocab_size = 29
+    model = ConformerCTC(model_cfg).eval()
+    cfg = FeatureConfig()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.onnx"
+        export_onnx(model, path, 17)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def ours():
+            for w in waves:
+                f = fbank(w, cfg)[None]
+                lp = sess.run(None, {"feats": f, "feat_lens": np.array([f.shape[1]])})[0]
+                lp[0].argmax(-1)
+
+        ours_rate = _rate(ours, audio_s)
+    decoder = peer._decoder()
+    peer_rate = _rate(lambda: [peer.decode(decoder, w) for w in waves], audio_s)
+    return {"audio_s": round(audio_s, 2), "utterances": len(waves), "ours_rtf": round(1 / ours_rate, 4),
+            "pocketsphinx_rtf": round(1 / peer_rate, 4), "speedup_vs_pocketsphinx": round(ours_rate / peer_rate, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench/bench.json")
     p.add_argument("--config", default="hpc_asr/configs/demo.yaml")
     p.add_argument("--seconds", type=float, default=60.0, help="audio length for the FBANK benchmark")
+    p.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"),
+                   help="folder holding LibriSpeech/ (the real utterances of the speed comparison)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per rank, as in training and serving
     model_cfg = load_config(args.config).model
@@ -107,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "fbank": bench_fbank(args.seconds),
         "model_inference": bench_model(model_cfg, 400),
         "train_step": bench_train_step(model_cfg, 8, 400),
+        "vs_pocketsphinx": bench_vs_pocketsphinx(load_config(args.config).model, Path(args.fixtures)),
     }
     save_result(args.out, res)
     return 0

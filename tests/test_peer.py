@@ -60,3 +60,13 @@ def test_bad_manifest_and_unreadable_audio(tmp_path):
     proc = run([sys.executable, "-m", "hpc_asr.peer", "--manifest", str(m), "--out", str(tmp_path / "o.json")])
     assert "skipped" in proc.stderr and "broken.wav" in proc.stderr
     assert json.loads((tmp_path / "o.json").read_text())["utterances"] == 0
+
+
+def test_bench_times_both_recognizers_on_the_same_waveforms(librispeech_dir):
+    from hpc_asr.bench import bench_vs_pocketsphinx
+    from hpc_asr.config import ModelConfig
+
+    res = bench_vs_pocketsphinx(ModelConfig(d_model=32, n_heads=2, n_layers=1), librispeech_dir.parent)
+    assert res["utterances"] == 4 and 20 < res["audio_s"] < 25
+    assert res["ours_rtf"] > 0 and res["pocketsphinx_rtf"] > 0
+    assert res["speedup_vs_pocketsphinx"] == pytest.approx(res["pocketsphinx_rtf"] / res["ours_rtf"], rel=0.05)
