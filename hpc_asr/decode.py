@@ -12,8 +12,11 @@ read the ARPA files that ``hpc_asr.lm`` writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +120,8 @@ class BeamDecoder:
         wdict = Dictionary()
         for w in self.words:
             wdict.add_entry(w)
-        self._kenlm = KenLM(str(self.lm.arpa), wdict)
+        with _kenlm_hint_filtered():
+            self._kenlm = KenLM(str(self.lm.arpa), wdict)
         start = self._kenlm.start(False)
         self.trie = fl.Trie(self.tok.vocab_size, self.sil)
         hot = set(hotwords)
@@ -161,6 +165,30 @@ class BeamDecoder:
     def decode_batch(self, log_probs, lengths) -> list[str]:
         lp, ln = _numpy(log_probs), _numpy(lengths)
         return [self.decode_one(lp[b, : int(ln[b])]) for b in range(lp.shape[0])]
+
+
+@contextlib.contextmanager
+def _kenlm_hint_filtered():
+    """KenLM writes "Loading the LM will be faster if you build a binary file." (and a progress
+    ruler) to the C-level stderr on every ARPA load: swallow exactly that, pass anything else on."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+    hint = ("Loading the LM will be faster if you build a binary file.", "Reading ", "----5---10",
+            "****************************************************************************************************")
+    rest = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(hint)]
+    if rest:
+        print("\n".join(rest), file=sys.stderr)
 
 
 def _biased_lm(fl, base, hot: set[int], bonus: float):

@@ -129,3 +129,11 @@ def test_bpe_tokenizer_decodes_with_and_without_lm(tmp_path):
     lp = np.log(p / p.sum(1, keepdims=True)).astype(np.float32)
     assert BeamDecoder(tok, 16).decode_one(lp) == "call mom"
     assert BeamDecoder(tok, 16, lm=LmFiles(tmp_path / "lm.arpa")).decode_one(lp) == "call mom"
+
+
+def test_loading_the_arpa_lm_prints_nothing(lm_dir, capfd):
+    """KenLM's "build a binary file" hint and progress ruler went to stderr on every evaluation."""
+    capfd.readouterr()
+    BeamDecoder(TOK, 16, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
