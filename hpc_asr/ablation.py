@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["VARIANTS", "main", "plot", "variant_commands"]
+__all__ = ["VARIANTS", "main", "plot", "table", "variant_commands"]
 
 # name -> config overrides (section.key=value) on top of --config; each variant sets augment.enabled.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -168,6 +168,20 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows, differences against the first row (the baseline)."""
+    base = rows[0]
+    out = ["| variant | overrides | espeak dev WER | dev CER | festival WER | festival CER | train h |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = [f" ({100 * (r[k] - base[k]):+.1f})" if r is not base else "" for k in
+             ("dev_wer", "dev_cer", "festival_wer", "festival_cer")]
+        out.append(f"| {r['variant']} | {' '.join(r['overrides'])} | {100 * r['dev_wer']:.1f}{d[0]} | "
+                   f"{100 * r['dev_cer']:.1f}{d[1]} | {100 * r['festival_wer']:.1f}{d[2]} | "
+                   f"{100 * r['festival_cer']:.1f}{d[3]} | {r['train_hours']:.2f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpc_asr.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="hpc_asr/configs/demo.yaml")
@@ -209,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                "ranks": args.np, "config": args.config, "decoder": "greedy"}
     (out / "ablation.json").write_text(json.dumps({"setting": setting, "variants": rows}, indent=1) + "\n")
     plot(rows, out / "ablation.png")
+    print(table(rows))
     print(f"[ablation] wrote {out / 'ablation.json'} and {out / 'ablation.png'}", file=sys.stderr)
     return 0
 

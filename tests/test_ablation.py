@@ -95,3 +95,11 @@ def test_ablation_end_to_end_on_a_toy_corpus(tmp_path):
     assert (tmp_path / "runs" / "ablation.png").stat().st_size > 1000
     again = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=300)
     assert again.returncode == 0 and json.loads((tmp_path / "runs" / "ablation.json").read_text()) == res
+
+
+def test_table_shows_each_variant_against_the_baseline():
+    rows = [{"variant": v, "overrides": [f"x={i}"], "dev_wer": 0.5 - i / 10, "dev_cer": 0.2, "festival_wer": 1.0,
+             "festival_cer": 0.6 + i / 100, "train_hours": 1.0 + i} for i, v in enumerate(["none", "all"])]
+    lines = ablation.table(rows).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| none | x=0 | 50.0 | 20.0 |")
+    assert "| 40.0 (-10.0) | 20.0 (+0.0) | 100.0 (+0.0) | 61.0 (+1.0) | 2.00 |" in lines[3]
