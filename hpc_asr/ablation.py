@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "all_utt_cmvn": ("augment.enabled=true", "model.cmvn=utterance"),
     "all_utt_mean": ("augment.enabled=true", "model.cmvn=utterance_mean"),
     "all_copies2": ("augment.enabled=true", "augment.copies=2"),
+    "all_seed1": ("augment.enabled=true", "train.seed=1"),  # "all" again with another seed: the noise floor
 }
 DEFAULT_VARIANTS = "none,speed,noise,reverb,all"
 PREP_SECTIONS = ("augment.",)  # the overrides data_prep.augment takes
