@@ -216,10 +216,15 @@ class DistConfig:
     hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE: reduce in-node, then across
     timeline: str = ""  # HOROVOD_TIMELINE: Chrome-trace JSON of every collective, written by rank 0
     gradient_predivide_factor: float = 0.0  # divide before the sum, rest after; 0 = world size with fp16
+    # Horovod elastic: launch with horovodrun --min-np/--max-np --host-discovery-script; the state is
+    # committed (in memory) at every checkpoint boundary and ranks may leave or join there.
+    elastic: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ("auto", "horovod", "torch", "none"):
             raise ConfigError(f"dist.engine must be auto|horovod|torch|none, got {self.engine!r}")
+        if self.elastic and self.engine not in ("auto", "horovod"):
+            raise ConfigError(f"dist.elastic needs dist.engine horovod (or auto), got {self.engine!r}")
         if self.compression not in ("fp16", "none"):
             raise ConfigError(f"dist.compression must be fp16|none, got {self.compression!r}")
         for key in ("fusion_threshold_mb", "cycle_time_ms", "gradient_predivide_factor"):

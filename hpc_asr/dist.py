@@ -222,6 +222,27 @@ class HorovodKnobs:
         return env
 
 
+def _elastic_state_class():
+    """``TorchState`` whose sync broadcasts the optimizer state at lr 0. Horovod's
+    ``broadcast_optimizer_state`` takes a dummy step with zero gradients on a rank whose optimizer
+    has no state yet (a rank that joins): AdamW's weight decay would shrink that rank's weights
+    only, after the model was broadcast, and the replicas would differ from then on."""
+    from horovod.torch import broadcast_object
+    from horovod.torch.elastic import TorchState
+
+    class _State(TorchState):
+        def sync(self):
+            groups = self._handlers["optimizer"].value.param_groups
+            lrs = broadcast_object([g["lr"] for g in groups], root_rank=0)  # dist: rank 0's lrs
+            for g in groups:
+                g["lr"] = 0.0
+            super().sync()  # dist: model, optimizer state and counters from rank 0
+            for g, lr in zip(groups, lrs, strict=True):
+                g["lr"] = lr
+
+    return _State
+
+
 class HorovodEngine(Engine):
     name = "horovod"
 
@@ -241,6 +262,7 @@ class HorovodEngine(Engine):
                               f"(a Horovod built without this launcher's MPI/Gloo?): check "
                               f"`horovodrun --check-build`, or pass --dist.engine torch", world.rank)
         super().__init__(real, compression)
+        self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"  # horovodrun --min-np/--max-np
 
     def predivide_factor(self) -> float:
         """Gradients are divided by this before the sum and by size/this after it. With fp16 on
@@ -265,7 +287,7 @@ class HorovodEngine(Engine):
         """``hvd.elastic.TorchState`` for ``horovodrun --min-np/--max-np --host-discovery-script``:
         when ranks leave or join, every rank rolls back to the last ``state.commit()`` (model,
         optimizer, ``counters``) and ``self.world`` follows the new ranks."""
-        state = self.hvd.elastic.TorchState(model=model, optimizer=optimizer, **counters)
+        state = _elastic_state_class()(model=model, optimizer=optimizer, **counters)
         state.register_reset_callbacks([self._refresh_world])
         return state
 
@@ -491,6 +513,7 @@ def compute_threads(configured: int = 0, engine: Engine | None = None, env: dict
     """Intra-op threads for this rank: ``configured`` when > 0; else ``OMP_NUM_THREADS`` when set;
     else the CPUs in this rank's affinity divided by the ranks on this host whose affinity overlaps
     it (mpirun --bind-to core gives each rank its own core; --bind-to none makes them share all).
+    Under Horovod elastic: the affinity divided by the ranks on this host at start-up.
 
     With a multi-rank ``engine`` this is a collective (it gathers every rank's host and CPU set):
     call it on every rank."""
@@ -502,7 +525,9 @@ def compute_threads(configured: int = 0, engine: Engine | None = None, env: dict
         return int(omp)
     cpus = _cpus()
     sharing = 1
-    if engine is not None and engine.world.size > 1:
+    if getattr(engine, "elastic", False):  # no collective here: a joining rank would wait alone
+        sharing = engine.world.local_size
+    elif engine is not None and engine.world.size > 1:
         host = socket.gethostname()
         everyone = engine.gather_object((host, sorted(cpus)))  # dist: who else runs on these CPUs
         sharing = sum(1 for h, theirs in everyone if h == host and cpus & set(theirs))
@@ -519,6 +544,12 @@ def make_engine(spec: str | DistConfig = "auto", compression: str | None = None)
                              spec.timeline, spec.gradient_predivide_factor)
     compression = compression or "none"
     world = detect_world()
+    if not isinstance(spec, str) and spec.elastic:
+        if os.environ.get("HOROVOD_ELASTIC") != "1":
+            raise LaunchError("dist.elastic is true but this process was not started by an elastic horovodrun: "
+                              "launch with horovodrun --min-np N --max-np M --host-discovery-script SCRIPT, "
+                              "or pass --dist.elastic false", world.rank)
+        return HorovodEngine(world, compression, knobs)  # even on one rank: others may join
     name = resolve_engine(name, detect_launcher(), world)
     if name == "horovod":
         return HorovodEngine(world, compression, knobs)

@@ -15,11 +15,10 @@ resumes bitwise where it stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -38,21 +37,13 @@ from hpc_asr.data import BucketBatchSampler, FeatureSet, make_loader
 from hpc_asr.dist import Engine, compute_threads, log0, make_engine
 from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
+from hpc_asr.preempt import EXIT_PREEMPTED, Preempted, SignalFlag, inf_hook, step_pause, wait_for_signal_hook
+from hpc_asr.train_ckpt import ResumeError, new_position, restore, save
+from hpc_asr.train_metrics import MetricsWriter, Progress
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
            "main", "train"]
 
-EXIT_PREEMPTED = 3  # exit status of every rank after a SIGUSR1/SIGTERM checkpoint: requeue me
-_TEST_INF_STEP = "HPC_ASR_TEST_INF_STEP"  # test hook: "STEP[:RANK]" multiplies that step's loss by inf
-_TEST_WAIT_SIGNAL = "HPC_ASR_TEST_WAIT_SIGNAL"  # test hook: "STEP:RANK" waits there for a real signal
-
-
-class Preempted(Exception):
-    """Raised on every rank after the preemption checkpoint is written."""
-
-
-class ResumeError(RuntimeError):
-    """The checkpoint cannot continue this run (mismatched config, failed strict load)."""
 
 
 # ---- schedule ----------------------------------------------------------------------------
@@ -95,51 +86,6 @@ def flops_per_audio_second(model_cfg, num_mel_bins: int = 80, seconds: float = 1
     return counter.get_total_flops() / seconds
 
 
-# ---- preemption signals --------------------------------------------------------------------
-
-class _SignalFlag:
-    """SIGUSR1/SIGTERM set ``raised``; the handlers are restored on close."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.raised = 0
-        self._old = {}
-        for s in self.SIGNALS:
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
-                self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = signum
-
-    def close(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _wait_for_signal_hook(flag: _SignalFlag, world, step: int, out: Path) -> None:
-    """Test hook: at optimizer step STEP, rank RANK writes its pid and waits (≤ 120 s) until a
-    signal from outside sets the flag, so a test can preempt one chosen rank deterministically."""
-    spec = os.environ.get(_TEST_WAIT_SIGNAL)
-    if not spec:
-        return
-    at, rank = (int(x) for x in spec.split(":"))
-    if (at, rank) != (step, world.rank):
-        return
-    (out / f"waiting.rank{world.rank}").write_text(str(os.getpid()))
-    deadline = time.time() + 120
-    while not flag.raised and time.time() < deadline:
-        time.sleep(0.01)
-
-
-def _inf_hook(step: int, rank: int) -> float:
-    spec = os.environ.get(_TEST_INF_STEP)
-    if not spec:
-        return 1.0
-    at, _, who = spec.partition(":")
-    return math.inf if int(at) == step and (not who or int(who) == rank) else 1.0
-
-
 # ---- data checks -------------------------------------------------------------------------
 
 def check_lengths(data: FeatureSet, where: str, max_frames: int) -> None:
@@ -175,63 +121,6 @@ class SubsetView:
         return j, self.data.feats(int(self.keep[j]))
 
 
-# ---- metrics -----------------------------------------------------------------------------
-
-class MetricsWriter:
-    """Rank 0: one JSON object per line in out_dir/metrics.jsonl, and TensorBoard scalars in
-    out_dir/tb when ``tensorboard`` is on and the package is installed (imported lazily)."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.file = open(out / "metrics.jsonl", "a", buffering=1) if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.tb = None
-            else:
-                self.tb = SummaryWriter(str(out / "tb"))
-
-    def write(self, kind: str, rec: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps({"kind": kind, **rec}) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, rec["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """One self-overwriting status line on stderr, on rank 0 of an interactive run only (a batch
-    job's log gets the periodic log lines, not carriage returns)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.total, self.t0, self.last = total, time.time(), ""
-
-    def update(self, step: int, epoch: int, loss: float | None = None) -> None:
-        if not self.enabled:
-            return
-        if loss is not None:
-            self.last = f" loss {loss:.3f}"
-        rate = step / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        sys.stderr.write(f"\r[train] epoch {epoch} step {step}/{self.total}{self.last} "
-                         f"{rate:.2f} steps/s eta {eta:.0f}s\x1b[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 # ---- the run's state ---------------------------------------------------------------------
 
 @dataclass
@@ -254,13 +143,14 @@ class _Run:
     total_steps: int = 0
     pos: dict = field(default_factory=dict)
     win: dict = field(default_factory=dict)
-    flag: _SignalFlag | None = None
+    flag: SignalFlag | None = None
     progress: Progress | None = None
     ctc: nn.Module | None = None
     sched_inc: float = 1.0  # schedule steps per optimizer step (global batch / the first run's)
     steps_per_epoch: int = 0
     t_start: float = 0.0
     wall0: float = 0.0
+    commit: Callable[[], None] = lambda: None  # Horovod elastic: state.commit() at checkpoint boundaries
 
     @property
     def world(self):
@@ -268,12 +158,6 @@ class _Run:
 
     def wall(self) -> float:
         return self.wall0 + time.time() - self.t_start
-
-
-def _new_position(world_size: int, accum: int) -> dict:
-    return {"epoch": 0, "batch": 0, "gbatch": 0, "step": 0, "sched_step": 0.0, "skipped_steps": 0,
-            "history": [], "wall_s": 0.0, "dev": [], "best": None, "step_ckpts": [],
-            "sched_unit": {"ranks": world_size, "accum_steps": accum}}
 
 
 # ---- set-up ------------------------------------------------------------------------------
@@ -327,9 +211,7 @@ def _setup(cfg: Config) -> _Run:
     model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
     model.set_cmvn(train_set.cmvn_mean, train_set.cmvn_std)
     model.to(device)
-    sampler = BucketBatchSampler(train_set.num_frames[keep], cfg.data.max_frames, cfg.data.max_utts,
-                                 world.rank, world.size, shuffle=True, seed=cfg.train.seed,
-                                 bucket_size=cfg.data.bucket_size)  # dist: each rank its own batches
+    sampler = _make_sampler(cfg, train_set, keep, world)
     ddp = engine.wrap_model(model)  # dist: DDP for the torch engine, unchanged for Horovod
     if cfg.train.compile:
         ddp = torch.compile(ddp)
@@ -338,78 +220,54 @@ def _setup(cfg: Config) -> _Run:
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.train, device) == torch.float16)
     metrics = MetricsWriter(out, enabled=world.is_main, tensorboard=cfg.train.tensorboard)
     return _Run(cfg, engine, tok, train_set, dev_set, keep, model, ddp, optimizer, scaler, sampler, log,
-                metrics, out, pos=_new_position(world.size, cfg.train.accum_steps))
+                metrics, out, pos=new_position(world.size, cfg.train.accum_steps))
+
+
+def _make_sampler(cfg: Config, train_set: FeatureSet, keep: np.ndarray, world) -> BucketBatchSampler:
+    return BucketBatchSampler(train_set.num_frames[keep], cfg.data.max_frames, cfg.data.max_utts,
+                              world.rank, world.size, shuffle=True, seed=cfg.train.seed,
+                              bucket_size=cfg.data.bucket_size)  # dist: each rank its own batches
 
 
 def _make_tokenizer(cfg: Config, train_set: FeatureSet, engine: Engine, out: Path):
     """Characters, or a BPE model trained on rank 0 from the training transcripts (or taken from
-    last.pt when resuming) and broadcast, so every rank encodes identically."""
+    last.pt when resuming) and broadcast, so every rank encodes identically. Under Horovod elastic
+    every rank builds it itself (no collective before the elastic loop: a joining rank would wait
+    alone); the elastic state carries rank 0's hash and a differing rank stops with an error."""
     if cfg.train.tokenizer == "char":
         return tokenizers.CharTokenizer()
     state = None
-    if engine.world.is_main:
+    if engine.world.is_main or cfg.dist.elastic:
         last = out / "last.pt"
         if cfg.train.resume and last.is_file():
             with contextlib.suppress(checkpoint.CheckpointError, KeyError):
                 state = checkpoint.load(last)["tokenizer"]
         if state is None or state.get("type") != "bpe":
             state = tokenizers.train_bpe(train_set.texts, cfg.train.bpe_vocab_size).state_dict()
-    state = engine.broadcast_object(state)  # dist
+    if not cfg.dist.elastic:
+        state = engine.broadcast_object(state)  # dist
     return tokenizers.from_state_dict(state)
 
 
 # ---- resume ------------------------------------------------------------------------------
 
-# Keys whose change makes a checkpoint unusable (a different network or different inputs).
-_INCOMPATIBLE_SECTIONS = ("model", "features")
-
-
-def compare_configs(saved: dict, current: Config) -> list[str]:
-    """Benign differences as 'section.key old -> new'; incompatible ones raise ResumeError."""
-    now = current.to_dict()
-    bad, benign = [], []
-    for section, values in now.items():
-        for key, value in values.items():
-            old = (saved.get(section) or {}).get(key, value)
-            if old == value:
-                continue
-            (bad if section in _INCOMPATIBLE_SECTIONS else benign).append(f"{section}.{key} {old!r} -> {value!r}")
-    if bad:
-        raise ResumeError(f"checkpoint was trained with a different model/features: {'; '.join(bad)}")
-    return benign
-
-
-def _restore_rank0(run: _Run, last: Path) -> tuple[dict, list[str]]:
-    state = checkpoint.load(last)
-    changed = compare_configs(state["config"], run.cfg)
-    try:
-        run.model.load_state_dict(state["model"], strict=True)
-        run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ResumeError(f"strict load failed: {' '.join(str(e).split())}") from None  # one line
-    if "scaler" in state:
-        run.scaler.load_state_dict(state["scaler"])
-    saved = state["position"]
-    pos = {**_new_position(run.world.size, run.cfg.train.accum_steps), **saved}
-    if "sched_step" not in saved:  # written before schedule steps existed: same world assumed
-        pos["sched_step"], pos["gbatch"] = float(saved["step"]), saved["batch"] * run.world.size
-    return pos, changed
-
-
 def _resume(run: _Run) -> None:
     """Rank 0 restores, then one broadcast carries the position, the GradScaler state and an
     error (if any): a failed load on rank 0 ends every rank with its message instead of leaving
-    them blocked in the next collective."""
+    them blocked in the next collective. Under Horovod elastic every rank reads the checkpoint
+    itself (no collective yet) and the elastic state's first sync makes them agree."""
     last = run.out / "last.pt"
+    elastic = run.cfg.dist.elastic
     msg: dict[str, Any] = {"error": None, "pos": run.pos, "changed": [], "resumed": False}
-    if run.cfg.train.resume and last.is_file() and run.world.is_main:
+    if run.cfg.train.resume and last.is_file() and (run.world.is_main or elastic):
         try:
-            msg["pos"], msg["changed"] = _restore_rank0(run, last)
+            msg["pos"], msg["changed"] = restore(run, last)
             msg["resumed"] = True
         except (checkpoint.CheckpointError, ResumeError, KeyError) as e:
             msg["error"] = f"{last}: {e}"
     msg["scaler"] = run.scaler.state_dict()
-    msg = run.engine.broadcast_object(msg)  # dist: position, scaler, error flag
+    if not elastic:
+        msg = run.engine.broadcast_object(msg)  # dist: position, scaler, error flag
     if msg["error"]:
         raise ResumeError(msg["error"])
     run.pos = msg["pos"]
@@ -419,7 +277,8 @@ def _resume(run: _Run) -> None:
     # weights alone; the scheduled lr is set right after.
     for g in run.optimizer.param_groups:
         g["lr"] = 0.0
-    run.engine.broadcast_state(run.model, run.optimizer)  # dist: everyone starts from rank 0's state
+    if not elastic:
+        run.engine.broadcast_state(run.model, run.optimizer)  # dist: everyone starts from rank 0's state
     run.peak_lr, run.total_steps = _schedule(run)
     _set_lr(run)
     if msg["resumed"]:
@@ -473,7 +332,7 @@ def _forward_backward(run: _Run, batch, gstep: int, boundary: bool) -> None:
         with torch.autocast(run.engine.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             lp, lens = run.ddp(batch.feats, batch.feat_lens)
         loss = run.ctc(lp.float().transpose(0, 1), batch.targets, lens, batch.target_lens)
-        loss = loss * _inf_hook(run.pos["step"] + 1, run.world.rank)
+        loss = loss * inf_hook(run.pos["step"] + 1, run.world.rank)
         run.scaler.scale(loss / len(batch.indices) / run.cfg.train.accum_steps).backward()
     run.win["loss"] += loss.detach().double()  # stays on the device until a log step
     run.win["utts"] += len(batch.indices)
@@ -487,7 +346,7 @@ def _optimizer_step(run: _Run) -> bool:
     run.engine.synchronize(opt)  # dist: finish allreduce before unscale/clip
     run.scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), run.cfg.train.grad_clip)
-    _wait_for_signal_hook(run.flag, run.world, run.pos["step"] + 1, run.out)
+    wait_for_signal_hook(run.flag, run.world, run.pos["step"] + 1, run.out)
     local = torch.stack([torch.tensor(float(bool(run.flag.raised)), device=grad_norm.device),
                          (~torch.isfinite(grad_norm)).to(torch.float32)]).to(torch.float64)
     signalled, nonfinite = (run.engine.allreduce_sum(local) > 0).tolist()  # dist: any rank
@@ -502,6 +361,7 @@ def _optimizer_step(run: _Run) -> bool:
     run.scaler.update()
     opt.zero_grad()
     run.win["grad_norm"] = grad_norm
+    step_pause()  # test hook
     return bool(signalled)
 
 
@@ -530,7 +390,7 @@ def _log_step(run: _Run, epoch: int) -> None:
     rec = {"step": p["step"], "epoch": epoch, "loss": loss_sum / max(utts, 1),
            "lr": run.win["lr_used"], "grad_norm": float(run.win["grad_norm"]),
            "audio_s_per_s": frames / 100 / max(dt, 1e-9), "wall_s": run.wall(),
-           "skipped_steps": p["skipped_steps"]}
+           "skipped_steps": p["skipped_steps"], "ranks": run.world.size}
     p["history"].append(rec)
     run.metrics.write("train", rec)
     total = run.cfg.train.max_steps or run.steps_per_epoch * run.cfg.train.epochs
@@ -539,31 +399,7 @@ def _log_step(run: _Run, epoch: int) -> None:
     _reset_window(run)
 
 
-# ---- checkpoints -------------------------------------------------------------------------
-
-def _state(run: _Run) -> dict:
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "config": run.cfg.to_dict(),
-            "tokenizer": run.tok.state_dict(), "position": run.pos}
-
-
-def _save(run: _Run, step_copy: bool = False) -> None:
-    """last.pt (atomic, rank 0); with ``step_copy`` also step-NNNNNNNN.pt, keeping the last K."""
-    if not run.world.is_main:
-        return
-    run.pos["wall_s"] = run.wall()
-    last = run.out / "last.pt"
-    if step_copy:
-        name = f"step-{run.pos['step']:08d}.pt"
-        if name not in run.pos["step_ckpts"]:
-            run.pos["step_ckpts"].append(name)
-        for old in run.pos["step_ckpts"][: -run.cfg.train.keep_last]:
-            (run.out / old).unlink(missing_ok=True)
-        run.pos["step_ckpts"] = run.pos["step_ckpts"][-run.cfg.train.keep_last :]
-    checkpoint.save(last, _state(run))
-    if step_copy:
-        checkpoint.copy(last, run.out / run.pos["step_ckpts"][-1])
-
+# ---- evaluation -------------------------------------------------------------------------
 
 def _evaluate(run: _Run, epoch: int) -> None:
     dev = evaluate(run.model, run.dev_set, run.tok, run.engine, run.cfg)
@@ -575,7 +411,7 @@ def _evaluate(run: _Run, epoch: int) -> None:
     improved = best is None or (dev["wer"], dev["loss"]) < (best["wer"], best["loss"])
     if improved:
         p["best"] = {"epoch": epoch, "step": p["step"], "wer": dev["wer"], "loss": dev["loss"]}
-    _save(run)  # keep dev history (and the best mark) in the checkpoint too
+    save(run)  # keep dev history (and the best mark) in the checkpoint too
     if improved and run.world.is_main:
         checkpoint.copy(run.out / "last.pt", run.out / "best.pt")
 
@@ -600,15 +436,16 @@ def _train_epoch(run: _Run, epoch: int, start: int) -> bool:
             _log_step(run, epoch)
         run.progress.update(p["step"], epoch, p["history"][-1]["loss"] if logged else None)
         if signalled:
-            _save(run)
+            save(run)
             run.log(f"preempted (signal) at step {p['step']}: checkpoint {run.out / 'last.pt'}; "
                     f"exiting with status {EXIT_PREEMPTED}")
             raise Preempted
         if done:
-            _save(run)
+            save(run)
             return True
         if cfg.train.ckpt_every_steps and p["step"] % cfg.train.ckpt_every_steps == 0:
-            _save(run, step_copy=True)
+            save(run, step_copy=True)
+            run.commit()  # dist (elastic): ranks may leave or join here
     return False
 
 
@@ -628,10 +465,44 @@ def _loop(run: _Run) -> None:
         done = _train_epoch(run, epoch, _start_batch(run, epoch))
         if not done:
             run.pos.update(epoch=epoch + 1, batch=0, gbatch=0)
-            _save(run)
+            save(run)
         _evaluate(run, epoch)
         if done:
             return
+        run.commit()  # dist (elastic): ranks may leave or join here
+
+
+def _elastic_loop(run: _Run) -> None:
+    """``_loop`` inside ``hvd.elastic.run``. The state (``hvd.elastic.TorchState``) holds the model,
+    the optimizer, the position (epoch, global batches, schedule step, history) and the GradScaler;
+    it is committed at every checkpoint boundary, where ranks may also leave or join. After a
+    reset every rank takes the committed state and recomputes what depends on the world size:
+    its share of the batches (sampler), the LR scaling and the schedule increment."""
+    tok_sha = hashlib.sha256(json.dumps(run.tok.json_state(), sort_keys=True).encode()).hexdigest()
+    state = run.engine.elastic_state(run.model, run.optimizer, pos=copy.deepcopy(run.pos),
+                                     scaler=run.scaler.state_dict(), tokenizer_sha=tok_sha)
+
+    def commit() -> None:
+        state.pos, state.scaler = copy.deepcopy(run.pos), run.scaler.state_dict()
+        state.commit()  # dist: in-memory snapshot; raises HostsUpdatedInterrupt when hosts changed
+
+    @run.engine.elastic_run
+    def body(state) -> None:
+        if state.tokenizer_sha != tok_sha:
+            raise ResumeError("this rank built a different tokenizer than rank 0 (elastic ranks build their "
+                              "own): use train.tokenizer char, or resume from a last.pt that holds it")
+        run.pos = copy.deepcopy(state.pos)
+        run.scaler.load_state_dict(state.scaler)
+        run.sampler = _make_sampler(run.cfg, run.train_set, run.keep, run.world)  # dist: the new world's share
+        run.peak_lr, run.total_steps = _schedule(run)
+        _set_lr(run)
+        _reset_window(run)
+        run.log(f"elastic: {run.world.size} ranks from step {run.pos['step']} (schedule step "
+                f"{run.pos['sched_step']:g}), peak lr {run.peak_lr:.3e}")
+        _loop(run)
+
+    run.commit = commit
+    body(state)
 
 
 def _fingerprint(run: _Run) -> dict:
@@ -676,7 +547,7 @@ def _finish(run: _Run) -> dict:
 
 def train(cfg: Config) -> dict:
     run = _setup(cfg)
-    run.flag = _SignalFlag()
+    run.flag = SignalFlag()
     try:
         _resume(run)
         run.ctc = nn.CTCLoss(blank=run.tok.blank, reduction="sum", zero_infinity=True)
@@ -688,7 +559,7 @@ def train(cfg: Config) -> dict:
         run.progress = Progress(run.world.is_main and cfg.train.progress,
                                 cfg.train.max_steps or run.steps_per_epoch * cfg.train.epochs)
         _reset_window(run)
-        _loop(run)
+        _elastic_loop(run) if cfg.dist.elastic else _loop(run)
         summary = _finish(run)
         run.engine.barrier()  # dist: nobody exits while rank 0 still writes
         return summary

@@ -572,7 +572,88 @@ def test_failed_strict_load_on_rank0_ends_every_rank(tiny_features, tmp_path):
     proc = run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"),
                timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr  # one per rank, the same
+    # One per rank, the same (mpirun may forward the two ranks' lines without a newline between).
+    errors = [part.split("\n")[0].strip() for part in proc.stderr.split("error: ")[1:]]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr
     assert "strict load failed" in errors[0] and "ctc.weight" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---- Horovod elastic ---------------------------------------------------------------------------
+
+def _train_records(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def _wait_record(out: Path, proc, ok, what: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [r for r in _train_records(out) if ok(r)]
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            out_s, err = proc.communicate()
+            raise AssertionError(f"exited {proc.returncode} before {what}\n{out_s[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no train record with {what} in {timeout} s")
+
+
+@pytest.mark.slow
+def test_elastic_train_2_to_1_to_2(tiny_features, tmp_path):
+    """The real train command under ``horovodrun --min-np 1 --max-np 2 --host-discovery-script``:
+    the test shrinks the hosts to one slot mid-run and grows them back. Training finishes every
+    epoch with each global batch consumed exactly once, the schedule at its end, no step lost or
+    repeated, and both final replicas (one of them a rank that joined) bitwise identical."""
+    out, hosts, discover = tmp_path / "run", tmp_path / "hosts", tmp_path / "discover.sh"
+    hosts.write_text("localhost:2\n")
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    cfg = tiny_yaml(tmp_path / "e.yaml", tiny_features["train"], tiny_features["dev"], out,
+                    train={"epochs": 6, "warmup_steps": 2, "ckpt_every_steps": 2, "weight_decay": 0.01,
+                           "tensorboard": False, "log_every": 1, "threads": 1,
+                           "resume": False},  # the rank that joins starts with an empty optimizer
+                    dist={"engine": "auto", "compression": "fp16", "elastic": True})
+    horovodrun = str(Path(sys.executable).with_name("horovodrun"))
+    proc = _launch([horovodrun, "-np", "2", "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
+                    "--host-discovery-script", str(discover), sys.executable, "-m", "hpc_asr.train",
+                    "--config", str(cfg)], HPC_ASR_TEST_STEP_SLEEP="0.4")
+    try:
+        _wait_record(out, proc, lambda r: r["step"] >= 2, "step 2")
+        hosts.write_text("localhost:1\n")
+        shrunk = _wait_record(out, proc, lambda r: r["ranks"] == 1, "1 rank")
+        _wait_record(out, proc, lambda r: r["step"] >= shrunk["step"] + 2, "2 steps on 1 rank")
+        hosts.write_text("localhost:2\n")
+        _, err = proc.communicate(timeout=170)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    ranks = [h["ranks"] for h in summary["history"]]
+    assert ranks[0] == 2 and 1 in ranks and ranks[-1] == 2, ranks  # 2 → 1 → 2
+    first1, last1 = ranks.index(1), len(ranks) - 1 - ranks[::-1].index(1)
+    assert set(ranks[first1 : last1 + 1]) == {1}, ranks
+    assert [h["step"] for h in summary["history"]] == list(range(1, summary["steps"] + 1))  # none lost/repeated
+    batches = 6 * 4  # 6 epochs x 8 utterances / max_utts 2: each step consumes one batch per rank
+    assert sum(ranks) == batches, ranks
+    pos = checkpoint.load(out / "last.pt")["position"]
+    assert pos["epoch"] == 6 and pos["sched_step"] == batches / 2  # schedule unit: the first run's 2 ranks
+    assert summary["ranks"] == 2 and summary["replicas_identical"], summary["replicas"]
+    assert len({r["weights_sha256"] for r in summary["replicas"]}) == 1
+    assert "elastic: 1 ranks" in (out / "train.rank0.log").read_text()
+
+
+def test_elastic_needs_an_elastic_launcher(tiny_features, tmp_path):
+    """dist.elastic under plain mpirun: one line saying how to launch it, no traceback."""
+    cfg = tiny_yaml(tmp_path / "e.yaml", tiny_features["train"], tiny_features["dev"], tmp_path / "run",
+                    dist={"engine": "auto", "elastic": True})
+    proc = run([sys.executable, "-m", "hpc_asr.train", "--config", str(cfg)], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "dist.elastic is true but this process was not started by an elastic horovodrun" in proc.stderr
+    bad = run([sys.executable, "-m", "hpc_asr.train", "--config", str(cfg), "--dist.engine", "torch"], check=False)
+    assert bad.returncode != 0 and "dist.elastic needs dist.engine horovod" in bad.stderr
+    assert "Traceback" not in bad.stderr
