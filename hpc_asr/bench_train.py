@@ -5,7 +5,9 @@
 Ratios measured in one run on this machine, against a peer measured in the same run:
 
 - ``weak_scaling_efficiency_horovod`` / ``_torch``: step time on 1 rank / on 2 ranks (real
-  ``mpirun``, one thread per rank, the same per-rank batch); 1.0 is perfect.
+  ``mpirun``, one thread per rank, the same per-rank batch); 1.0 is perfect. 1- and 2-rank runs
+  alternate ``--repeats`` times and the medians are compared (a shared box drifts between runs);
+  the timed runs have no Horovod timeline (it costs rank 0 time on every collective).
 - ``fp16_allreduce_bytes_ratio``: gradient bytes Horovod reduced with fp16 compression / without,
   read from the Horovod timeline of two real 2-rank runs (dtype and shape of every allreduce).
 - ``speedup_vs_torchaudio_conformer``: see ``hpc_asr.bench_torchaudio`` (a side environment).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -232,16 +235,22 @@ def run_ranks(a: argparse.Namespace, tmp: Path, engine: str, np: int, compressio
 
 
 def weak_scaling(a: argparse.Namespace, tmp: Path) -> dict:
+    """Per engine, ``a.repeats`` alternating 1-rank and 2-rank runs (medians compared); then the
+    fp16 and fp32 wire bytes from two untimed runs with the Horovod timeline on."""
     out: dict = {}
     for engine in ("horovod", "torch"):
-        one = run_ranks(a, tmp, engine, 1)
-        timeline = tmp / "timeline-fp16.json" if engine == "horovod" else None
-        two = run_ranks(a, tmp, engine, 2, timeline=timeline)
-        out[engine] = {"step_s_1_rank": round(one["step_s"], 4), "step_s_2_ranks": round(two["step_s"], 4),
-                       "efficiency": round(one["step_s"] / two["step_s"], 3)}
-    none_timeline = tmp / "timeline-none.json"
-    run_ranks(a, tmp, "horovod", 2, compression="none", timeline=none_timeline)
-    fp16, fp32 = timeline_allreduce_bytes(tmp / "timeline-fp16.json"), timeline_allreduce_bytes(none_timeline)
+        ones, twos = [], []
+        for _ in range(a.repeats):
+            ones.append(run_ranks(a, tmp, engine, 1)["step_s"])
+            twos.append(run_ranks(a, tmp, engine, 2)["step_s"])
+        one, two = statistics.median(ones), statistics.median(twos)
+        out[engine] = {"step_s_1_rank": round(one, 4), "step_s_2_ranks": round(two, 4),
+                       "efficiency": round(one / two, 3), "samples_1_rank": [round(x, 4) for x in ones],
+                       "samples_2_ranks": [round(x, 4) for x in twos]}
+    timelines = {c: tmp / f"timeline-{c}.json" for c in ("fp16", "none")}
+    for compression, path in timelines.items():
+        run_ranks(a, tmp, "horovod", 2, compression=compression, timeline=path)
+    fp16, fp32 = (timeline_allreduce_bytes(p) for p in timelines.values())
     out["fp16_bytes"] = {"compressed": fp16, "uncompressed": fp32,
                          "ratio": round(sum(fp16.values()) / sum(fp32.values()), 4)}
     return out
@@ -310,7 +319,8 @@ def orchestrate(a: argparse.Namespace) -> int:
         "predicted_speedup": {k: v["speedup"] for k, v in pred["fp16"].items()},
         "details": {"weak_scaling": scaling_res, "torchaudio": ta, "prediction": pred,
                     "bench_model": {"d_model": a.d_model, "layers": a.layers, "batch": a.batch,
-                                    "utt_seconds": a.utt_seconds, "steps": a.steps, "threads_per_rank": 1},
+                                    "utt_seconds": a.utt_seconds, "steps": a.steps, "warmup": a.warmup,
+                                    "repeats": a.repeats, "threads_per_rank": 1},
                     "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.time() - t0, 1)},
     }
     out.write_text(json.dumps(res, indent=1))
@@ -341,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--utt-seconds", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating 1-/2-rank runs per engine (medians)")
     ap.add_argument("--ta-threads", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--no-torchaudio", action="store_true")

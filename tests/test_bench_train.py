@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_timeline_bytes_parser(tmp_path):
 def test_bench_train_tiny_writes_json_and_plot(tmp_path):
     out = tmp_path / "bench" / "train.json"
     assert main(["--out", str(out), "--d-model", "32", "--layers", "1", "--batch", "2", "--utt-seconds", "1",
-                 "--steps", "2", "--warmup", "1", "--no-torchaudio"]) == 0
+                 "--steps", "2", "--warmup", "1", "--repeats", "1", "--no-torchaudio"]) == 0
     res = json.loads(out.read_text())
     for key in ("weak_scaling_efficiency_horovod", "weak_scaling_efficiency_torch"):
         assert 0.05 < res[key] < 5
@@ -63,3 +64,34 @@ def test_bench_train_tiny_writes_json_and_plot(tmp_path):
     pred = res["details"]["prediction"]
     assert pred["params"] > 50e6 and pred["inputs"]["assumed"] and pred["inputs"]["measured"]
     assert (out.parent / "scaling.png").stat().st_size > 10_000
+
+
+def test_weak_scaling_times_without_timeline_and_takes_medians(tmp_path, monkeypatch):
+    """The timed runs carry no Horovod timeline (rank 0 writes an event per tensor per collective:
+    a 2-rank run timed with it and a 1-rank run without is not a fair ratio); 1- and 2-rank runs
+    alternate and the medians are compared. run_ranks is replaced by a recorder: the real mpirun
+    path is what test_bench_train_tiny_writes_json_and_plot runs."""
+    import argparse
+
+    import hpc_asr.bench_train as bt
+
+    calls = []
+    step = {1: iter([0.30, 0.10, 0.20] * 2), 2: iter([0.40, 0.25, 0.20] * 2)}
+
+    def fake_run_ranks(a, tmp, engine, np, compression="fp16", timeline=None):
+        calls.append((engine, np, compression, timeline))
+        if timeline is not None:
+            events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "allreduce.w"}},
+                      {"ph": "E", "pid": 1, "args": {"dtype": "float16" if compression == "fp16" else "float32",
+                                                     "shape": "[4]"}}]
+            Path(timeline).write_text(json.dumps(events))
+            return {"step_s": 99.0}
+        return {"step_s": next(step[np])}
+
+    monkeypatch.setattr(bt, "run_ranks", fake_run_ranks)
+    res = bt.weak_scaling(argparse.Namespace(repeats=3), tmp_path)
+    timed = [c for c in calls if c[3] is None]
+    assert [c[:2] for c in timed] == [("horovod", 1), ("horovod", 2)] * 3 + [("torch", 1), ("torch", 2)] * 3
+    assert {c[:3] for c in calls if c[3] is not None} == {("horovod", 2, "fp16"), ("horovod", 2, "none")}
+    assert res["horovod"]["step_s_1_rank"] == 0.2 and res["horovod"]["step_s_2_ranks"] == 0.25
+    assert res["horovod"]["efficiency"] == 0.8 and res["fp16_bytes"]["ratio"] == 0.5
