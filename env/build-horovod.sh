@@ -15,7 +15,10 @@
 #   build links through a folder that names it libnccl.so.
 set -euo pipefail
 SRC_TGZ=$1 WHEEL_DIR=$2 FLAVOUR=$3
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}")
+[[ "$PY" == /* ]] || PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, links kept (venvs)
+SRC_TGZ=$(cd "$(dirname "$SRC_TGZ")" && pwd)/$(basename "$SRC_TGZ")
+mkdir -p "$WHEEL_DIR" && WHEEL_DIR=$(cd "$WHEEL_DIR" && pwd)
 B=$(mktemp -d)
 trap 'rm -rf "$B"' EXIT
 tar -xzf "$SRC_TGZ" -C "$B"
