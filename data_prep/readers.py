@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_asr.atomic import atomic_path
 from hpc_asr.manifest import ManifestError, Utterance, write_manifest
 from hpc_asr.tokenizer import normalize
 
@@ -125,7 +126,8 @@ def _write_wav(path: Path, data: np.ndarray, sr: int) -> None:
     import soundfile as sf
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), data, sr, subtype="PCM_16")
+    with atomic_path(path) as tmp:  # a rerun killed mid-write never leaves a half WAV an old manifest lists
+        sf.write(str(tmp), data, sr, subtype="PCM_16", format="WAV")
 
 
 def read_kaldi_dir(directory: str | Path, audio_dir: str | Path) -> list[Utterance]:

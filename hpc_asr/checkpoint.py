@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hpc_asr.atomic import atomic_path
 from hpc_asr.config import Config
 from hpc_asr.model import ConformerCTC
 from hpc_asr.tokenizer import from_state_dict as tokenizer_from_state
@@ -36,12 +37,8 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -61,14 +58,11 @@ def load(path: str | Path) -> dict[str, Any]:
 def copy(src: str | Path, dst: str | Path) -> None:
     """``dst`` becomes a snapshot of ``src`` (a hard link when possible: ``save`` replaces
     files by rename, so the link keeps the old contents), atomically."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def average(paths: list[str | Path]) -> dict[str, Any]:

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from hpc_asr.atomic import atomic_path, remove_stale
+
 __all__ = ["StageError", "stage", "stage_dir"]
 
 MARKER = ".staged.json"
@@ -68,10 +70,17 @@ def stage_dir(src: Path, dest: Path) -> dict:
     listing = _listing(src)
     if _is_current(dest, listing):
         return {"src": str(src), "dest": str(dest), "copied": 0, "bytes": 0, "reused": True}
-    tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale(dest)  # copies of killed stagers (we hold the node's lock)
+    with atomic_path(dest) as tmp:
+        sums = _copy_verified(src, tmp, listing)
+        (tmp / MARKER).write_text(json.dumps({"source": listing, "sha256": sums, "from": str(src)}))
+    total = sum(size for size, _ in listing.values())
+    return {"src": str(src), "dest": str(dest), "copied": len(listing), "bytes": total, "reused": False}
+
+
+def _copy_verified(src: Path, tmp: Path, listing: dict) -> dict[str, str]:
+    """Copy every listed file into ``tmp``, checking size and SHA-256; returns the sums."""
     tmp.mkdir(parents=True)
-    total = 0
     sums = {}
     for name, (size, _) in listing.items():
         src_sum = _sha256(src / name)
@@ -82,11 +91,7 @@ def stage_dir(src: Path, dest: Path) -> dict:
             raise StageError(f"{tmp / name}: copy differs from {src / name} "
                              f"(size {got_size} vs {size}, sha256 {got_sum[:12]} vs {src_sum[:12]})")
         sums[name] = src_sum
-        total += size
-    (tmp / MARKER).write_text(json.dumps({"source": listing, "sha256": sums, "from": str(src)}))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return {"src": str(src), "dest": str(dest), "copied": len(listing), "bytes": total, "reused": False}
+    return sums
 
 
 def stage(srcs: list[Path], dest_root: Path) -> list[dict]:
