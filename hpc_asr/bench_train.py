@@ -4,10 +4,12 @@
 
 Ratios measured in one run on this machine, against a peer measured in the same run:
 
-- ``weak_scaling_efficiency_horovod`` / ``_torch``: step time on 1 rank / on 2 ranks (real
-  ``mpirun``, one thread per rank, the same per-rank batch); 1.0 is perfect. 1- and 2-rank runs
-  alternate ``--repeats`` times and the medians are compared (a shared box drifts between runs);
-  the timed runs have no Horovod timeline (it costs rank 0 time on every collective).
+- ``weak_scaling_efficiency_horovod`` / ``_torch``: step time of one plain process (engine
+  ``none``, no communication: the same baseline for both engines; Horovod at size 1 registers no
+  hooks while DDP at size 1 still buckets and compresses, so per-engine 1-rank runs are not the
+  same baseline) / step time on 2 ranks (real ``mpirun``, one thread per rank, the same per-rank
+  batch); 1.0 is perfect. The runs alternate ``--repeats`` times and the medians are compared (a
+  shared box drifts between runs); the timed runs have no Horovod timeline.
 - ``fp16_allreduce_bytes_ratio``: gradient bytes Horovod reduced with fp16 compression / without,
   read from the Horovod timeline of two real 2-rank runs (dtype and shape of every allreduce).
 - ``speedup_vs_torchaudio_conformer``: see ``hpc_asr.bench_torchaudio`` (a side environment).
@@ -235,18 +237,20 @@ def run_ranks(a: argparse.Namespace, tmp: Path, engine: str, np: int, compressio
 
 
 def weak_scaling(a: argparse.Namespace, tmp: Path) -> dict:
-    """Per engine, ``a.repeats`` alternating 1-rank and 2-rank runs (medians compared); then the
-    fp16 and fp32 wire bytes from two untimed runs with the Horovod timeline on."""
-    out: dict = {}
+    """``a.repeats`` rounds of: one plain process (engine ``none``: the step with no
+    communication at all, the baseline of both engines) and 2 ranks of each engine; medians
+    compared. Then the fp16 and fp32 wire bytes from two untimed runs with the Horovod timeline."""
+    samples: dict[str, list[float]] = {"none": [], "horovod": [], "torch": []}
+    for _ in range(a.repeats):
+        samples["none"].append(run_ranks(a, tmp, "none", 1)["step_s"])
+        for engine in ("horovod", "torch"):
+            samples[engine].append(run_ranks(a, tmp, engine, 2)["step_s"])
+    one = statistics.median(samples["none"])
+    out: dict = {"samples_1_rank": [round(x, 4) for x in samples["none"]]}
     for engine in ("horovod", "torch"):
-        ones, twos = [], []
-        for _ in range(a.repeats):
-            ones.append(run_ranks(a, tmp, engine, 1)["step_s"])
-            twos.append(run_ranks(a, tmp, engine, 2)["step_s"])
-        one, two = statistics.median(ones), statistics.median(twos)
+        two = statistics.median(samples[engine])
         out[engine] = {"step_s_1_rank": round(one, 4), "step_s_2_ranks": round(two, 4),
-                       "efficiency": round(one / two, 3), "samples_1_rank": [round(x, 4) for x in ones],
-                       "samples_2_ranks": [round(x, 4) for x in twos]}
+                       "efficiency": round(one / two, 3), "samples_2_ranks": [round(x, 4) for x in samples[engine]]}
     timelines = {c: tmp / f"timeline-{c}.json" for c in ("fp16", "none")}
     for compression, path in timelines.items():
         run_ranks(a, tmp, "horovod", 2, compression=compression, timeline=path)

@@ -67,16 +67,17 @@ def test_bench_train_tiny_writes_json_and_plot(tmp_path):
 
 
 def test_weak_scaling_times_without_timeline_and_takes_medians(tmp_path, monkeypatch):
-    """The timed runs carry no Horovod timeline (rank 0 writes an event per tensor per collective:
-    a 2-rank run timed with it and a 1-rank run without is not a fair ratio); 1- and 2-rank runs
-    alternate and the medians are compared. run_ranks is replaced by a recorder: the real mpirun
-    path is what test_bench_train_tiny_writes_json_and_plot runs."""
+    """Both engines are compared with the same baseline, one plain process (engine none: Horovod
+    at size 1 registers no hooks, DDP at size 1 still buckets and compresses); the timed runs
+    carry no Horovod timeline; the runs alternate and medians are compared. run_ranks is replaced
+    by a recorder: the real mpirun path is what test_bench_train_tiny_writes_json_and_plot runs."""
     import argparse
 
     import hpc_asr.bench_train as bt
 
     calls = []
-    step = {1: iter([0.30, 0.10, 0.20] * 2), 2: iter([0.40, 0.25, 0.20] * 2)}
+    step = {("none", 1): iter([0.30, 0.10, 0.20]), ("horovod", 2): iter([0.40, 0.25, 0.20]),
+            ("torch", 2): iter([0.5, 0.4, 0.2])}
 
     def fake_run_ranks(a, tmp, engine, np, compression="fp16", timeline=None):
         calls.append((engine, np, compression, timeline))
@@ -86,12 +87,13 @@ def test_weak_scaling_times_without_timeline_and_takes_medians(tmp_path, monkeyp
                                                      "shape": "[4]"}}]
             Path(timeline).write_text(json.dumps(events))
             return {"step_s": 99.0}
-        return {"step_s": next(step[np])}
+        return {"step_s": next(step[engine, np])}
 
     monkeypatch.setattr(bt, "run_ranks", fake_run_ranks)
     res = bt.weak_scaling(argparse.Namespace(repeats=3), tmp_path)
-    timed = [c for c in calls if c[3] is None]
-    assert [c[:2] for c in timed] == [("horovod", 1), ("horovod", 2)] * 3 + [("torch", 1), ("torch", 2)] * 3
+    timed = [c[:2] for c in calls if c[3] is None]
+    assert timed == [("none", 1), ("horovod", 2), ("torch", 2)] * 3
     assert {c[:3] for c in calls if c[3] is not None} == {("horovod", 2, "fp16"), ("horovod", 2, "none")}
-    assert res["horovod"]["step_s_1_rank"] == 0.2 and res["horovod"]["step_s_2_ranks"] == 0.25
-    assert res["horovod"]["efficiency"] == 0.8 and res["fp16_bytes"]["ratio"] == 0.5
+    assert res["horovod"]["step_s_1_rank"] == res["torch"]["step_s_1_rank"] == 0.2
+    assert res["horovod"]["efficiency"] == 0.8 and res["torch"]["efficiency"] == 0.5
+    assert res["fp16_bytes"]["ratio"] == 0.5
