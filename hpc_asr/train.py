@@ -9,7 +9,11 @@ to other ranks are marked ``# dist``.
 Preemption: SIGUSR1 or SIGTERM (the scheduler's warning) sets a flag; at the next optimizer
 step every rank learns whether any rank got it, rank 0 writes ``last.pt`` at that exact
 position, and all ranks exit with status ``EXIT_PREEMPTED`` (3). Relaunching the same command
-resumes bitwise where it stopped.
+resumes bitwise where it stopped. With ``dist.elastic`` the loop runs inside ``hvd.elastic.run``.
+
+Beside this module: ``preempt`` (signals, exit status, test hooks), ``train_ckpt`` (position,
+checkpoint state, config comparison on resume), ``train_metrics`` (metrics.jsonl, TensorBoard,
+progress line).
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from hpc_asr.train_metrics import MetricsWriter, Progress
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
            "main", "train"]
-
 
 
 # ---- schedule ----------------------------------------------------------------------------
