@@ -80,7 +80,9 @@ def _lhotse(manifest: Path, out: Path, storage: str) -> float:
         lhotse.Recording.from_file(u.audio, recording_id=u.id) for u in read_manifest(manifest))
     cuts = lhotse.CutSet.from_manifests(recordings=recs)
     writer = {"hdf5": lhotse.NumpyHdf5Writer}[storage]  # float32 HDF5, like ours (lilcom is not installed)
-    extractor = lhotse.Fbank(lhotse.FbankConfig(num_filters=80, dither=0.0))  # its defaults (snip_edges=False)
+    # Its defaults, snip_edges=False included: lhotse's own pipeline cannot run snip_edges=True (its
+    # num_frames check asserts on the first cut), so the same-features setting is not an option.
+    extractor = lhotse.Fbank(lhotse.FbankConfig(num_filters=80, dither=0.0))
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

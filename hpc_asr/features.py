@@ -22,7 +22,8 @@ import numpy as np
 
 from hpc_asr.config import FeatureConfig
 
-__all__ = ["BACKENDS", "AudioError", "CmvnStats", "available_backends", "fbank", "load_audio", "num_frames"]
+__all__ = ["BACKENDS", "AudioError", "CmvnStats", "available_backends", "fbank", "load_audio", "num_frames",
+           "to_float"]
 
 BACKENDS = ("torch", "kaldi_native", "torchaudio")
 MIN_SOURCE_RATE = 4000  # below this a "sample rate" is a broken header, not audio worth resampling
@@ -33,23 +34,31 @@ class AudioError(ValueError):
     """An audio file cannot be used (unreadable, wrong rate, empty, too short, NaN)."""
 
 
-def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray:
+def load_audio(path: str, sample_rate: int, convert: bool = False, pcm: bool = False) -> np.ndarray:
     """Read a mono waveform as float32 in [-1, 1].
 
     Without ``convert`` (training, latency) a wrong rate is an error and multi-channel audio
     keeps channel 0: a silent resample there would hide a wrong-rate corpus. With ``convert``
-    (prep only) channels are averaged and other rates resampled with soxr.
+    (prep only) channels are averaged and other rates resampled with soxr. With ``pcm`` (prep),
+    mono 16-bit PCM at ``sample_rate`` (LibriSpeech's FLAC) comes back as the int16 samples
+    themselves: no float conversion and no NaN scan (an integer is never NaN); ``fbank`` takes
+    them as they are, with the same result as from the float samples.
     """
     import soundfile as sf
 
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            sr = f.samplerate
+            as_int16 = pcm and f.subtype == "PCM_16" and f.channels == 1 and sr == sample_rate
+            data = f.read(dtype="int16" if as_int16 else "float32", always_2d=not as_int16)
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
         raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no samples")
+    if as_int16:
+        return data
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: NaN or Inf samples")
     if not convert:
@@ -60,6 +69,13 @@ def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray
     if sr != sample_rate:
         mono = resample(mono, sr, sample_rate, path)
     return np.ascontiguousarray(mono, np.float32)
+
+
+def to_float(samples: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] from what ``load_audio`` returns (int16 PCM or float)."""
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) * np.float32(1 / 32768)
+    return samples
 
 
 def resample(x: np.ndarray, src: float, dst: float, name: str = "audio") -> np.ndarray:
@@ -94,14 +110,18 @@ def available_backends() -> list[str]:
 
 
 def fbank(samples: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.ndarray:
-    """Log-mel filterbank of a float waveform in [-1, 1] with ``cfg.backend``.
+    """Log-mel filterbank of a float waveform in [-1, 1] (or int16 PCM) with ``cfg.backend``.
 
     Returns (T, num_mel_bins) float32 with T = ``num_frames(len(samples), cfg)``.
     Raises AudioError when the waveform is shorter than one window.
     """
+    samples = np.asarray(samples)
     if num_frames(len(samples), cfg) == 0:
         raise AudioError(f"{len(samples)} samples is shorter than one {cfg.frame_length_ms} ms window")
-    x = np.asarray(samples, np.float32) * 32768.0
+    if samples.dtype == np.int16:  # Kaldi's own scale already
+        x = samples.astype(np.float32)
+    else:
+        x = np.asarray(samples, np.float32) * 32768.0
     if cfg.backend == "kaldi_native":
         return _fbank_kaldi_native(x, cfg)
     if cfg.backend == "torchaudio":
@@ -179,21 +199,45 @@ def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.n
     win, shift, nfft = _sizes(cfg)
     window, banks = _tables(cfg.sample_rate, win, nfft, cfg.num_mel_bins, cfg.low_freq, cfg.high_freq, device)
     with torch.no_grad():
-        frames = torch.from_numpy(x).to(device).unfold(0, win, shift)  # (T, win), a view
-        buf = torch.empty(frames.shape[0], nfft, device=device)  # (T, nfft): the FFT input
+        sig = torch.from_numpy(x).to(device)  # (N,)
+        buf = torch.empty(1 + (len(sig) - win) // shift, nfft, device=device)  # (T, nfft): the FFT input
         buf[:, win:] = 0  # zero padding
-        v = buf[:, :win]
-        v.copy_(frames)
         if cfg.dither > 0:
-            v += cfg.dither * torch.randn_like(v)
-        v -= v.mean(dim=1, keepdim=True)  # DC removal
-        v[:, 1:] -= 0.97 * v[:, :-1]  # pre-emphasis (the right side is evaluated first, from the old v)
-        v[:, 0] *= 1 - 0.97  # Kaldi's first sample: x[0] -= 0.97 x[0]
-        v *= window  # povey
+            _frames_dithered(buf[:, :win], sig, window, shift, cfg.dither)
+        else:
+            _frames(buf[:, :win], sig, window, shift)
         spec = torch.view_as_real(torch.fft.rfft(buf)).flatten(1)  # (T, 2 (nfft/2 + 1)): re, im, re, ...
         # |X|^2 summed into mel bins in one matmul: banks repeated for the re and im columns.
         mel = torch.matmul(spec.square_(), banks).clamp_min_(_FLOAT_EPS).log_()  # (T, bins)
         return mel.cpu().numpy()
+
+
+def _frames(v, sig, window, shift: int) -> None:
+    """Kaldi's DC removal, pre-emphasis 0.97 and povey window into v (T, win), computed on the
+    signal once rather than on every (2.5x overlapping) frame. Per frame with mean m, Kaldi's
+    p[0] = 0.03 (x[0] - m) and p[i] = (x[i] - m) - 0.97 (x[i-1] - m) = e[i] - 0.03 m, where
+    e = x[n] - 0.97 x[n-1] over the whole signal; p[0] is multiplied by the povey window's 0."""
+    import torch
+
+    win = v.shape[1]
+    mean = sig.unfold(0, win, shift).mean(dim=1)  # (T,)
+    e = torch.empty_like(sig)
+    e[0] = 0
+    torch.sub(sig[1:], sig[:-1], alpha=0.97, out=e[1:])  # pre-emphasis of the whole signal
+    torch.mul(e.unfold(0, win, shift), window, out=v)  # (T, win): e framed and windowed
+    v.addr_(mean, window, alpha=-0.03)  # minus 0.03 m w, the DC term after pre-emphasis
+
+
+def _frames_dithered(v, sig, window, shift: int, dither: float) -> None:
+    """Kaldi's per-frame steps with dither (fresh noise in every frame, as Kaldi draws it)."""
+    import torch
+
+    v.copy_(sig.unfold(0, v.shape[1], shift))
+    v += dither * torch.randn_like(v)
+    v -= v.mean(dim=1, keepdim=True)  # DC removal
+    v[:, 1:] -= 0.97 * v[:, :-1]  # pre-emphasis (the right side is evaluated first, from the old v)
+    v[:, 0] *= 1 - 0.97  # Kaldi's first sample: x[0] -= 0.97 x[0]
+    v *= window  # povey
 
 
 @dataclass

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import zlib
 from dataclasses import asdict
@@ -33,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.config import FeatureConfig
 
-__all__ = ["FORMAT", "VERSION", "ShardError", "ShardWriter", "atomic_path", "check_shard", "open_h5",
-           "open_shard", "read_index", "write_index", "write_json_atomic"]
+__all__ = ["FORMAT", "VERSION", "ShardError", "ShardWriter", "check_shard", "open_h5", "open_shard",
+           "read_index", "write_index"]
 
 FORMAT = "hpc_asr.fbank"
 VERSION = 2
@@ -70,26 +70,6 @@ def open_shard(path: str | Path):
     except (OSError, KeyError) as e:
         raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); {_verify_hint(path)}") from None
     return h5
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``,
-    on error removed. The one atomic-write helper of the project."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 @contextlib.contextmanager
@@ -137,38 +117,44 @@ class ShardWriter:
         self._rows: list[tuple[str, str, str, float]] = []
         self._lengths: list[int] = []
         self._frames = self._written = self._pending_frames = 0
-        self._pending: list[np.ndarray] = []  # utterances not yet written: at most ~_WRITE_BLOCK bytes
+        self._buf = np.empty((0, features.num_mel_bins), np.float32)  # frames not yet written
         self._hash = _checksum()
         self._extra: dict[str, Any] = {}
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._file = AtomicFile(self.path)  # streamed to a hidden temporary name, renamed at close
         self._h5 = self._ds = None
 
     def _open(self):
         bins = self.features.num_mel_bins
-        self._h5 = open_h5(self._tmp, "w")
+        self._h5 = open_h5(self._file.tmp, "w")
         # One handle for the shard's life: a handle dropped per write would flush (and fail) in __del__.
         self._ds = self._h5.create_dataset("feats", shape=(0, bins), maxshape=(None, bins), dtype=np.float32,
                                            chunks=(1024, bins))  # 320 KB chunks
+        self._buf = np.empty((max(_WRITE_BLOCK // (4 * bins), 1), bins), np.float32)
 
     def add(self, utt_id: str, feats: np.ndarray, text: str, speaker: str, duration: float) -> None:
         if feats.ndim != 2 or feats.shape[1] != self.features.num_mel_bins:
             raise ValueError(f"{utt_id}: feats shape {feats.shape}, expected (T, {self.features.num_mel_bins})")
         if self._h5 is None:
             self._open()
-        feats = np.ascontiguousarray(feats, np.float32)
-        self._pending.append(feats)
-        self._pending_frames += len(feats)
-        if self._pending_frames * feats.shape[1] * 4 >= _WRITE_BLOCK:
+        n, buf = len(feats), self._buf
+        if self._pending_frames + n > len(buf):
             self._flush_pending()
-        self._frames += len(feats)
-        self._lengths.append(len(feats))
+        if n > len(buf):  # longer than the whole buffer: written as it is
+            self._write(np.ascontiguousarray(feats, np.float32))
+        else:  # copied into the reused buffer: no fresh block (and its page faults) per write
+            buf[self._pending_frames : self._pending_frames + n] = feats
+            self._pending_frames += n
+        self._frames += n
+        self._lengths.append(n)
         self._rows.append((utt_id, text, speaker, duration))
 
     def _flush_pending(self) -> None:
-        """Append the buffered utterances (at most ~_WRITE_BLOCK bytes) to the shard in one write."""
-        if not self._pending:
-            return
-        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        """Append the buffered utterances (at most _WRITE_BLOCK bytes) to the shard in one write."""
+        if self._pending_frames:
+            self._write(self._buf[: self._pending_frames])
+            self._pending_frames = 0
+
+    def _write(self, block: np.ndarray) -> None:
         start = self._written
         try:
             self._ds.resize(start + len(block), axis=0)
@@ -178,7 +164,6 @@ class ShardWriter:
             raise
         self._hash.update(block.data)
         self._written += len(block)
-        self._pending, self._pending_frames = [], 0
 
     def set_extra(self, name: str, data: Any) -> None:
         """Attach a dataset (numpy array or list of str) written at close."""
@@ -232,8 +217,7 @@ class ShardWriter:
         self._ds = None
         h5.close()
         self._h5 = None
-        with atomic_path(self.path) as tmp:
-            os.replace(self._tmp, tmp)
+        self._file.commit()
         return {"file": self.path.name, "utterances": len(lengths), "frames": self._frames,
                 "bytes": self.path.stat().st_size, "checksum": checksum}
 
@@ -245,7 +229,7 @@ class ShardWriter:
                 if h5 is not None:
                     h5.close()
             del h5
-        self._tmp.unlink(missing_ok=True)
+        self._file.discard()
 
 
 def write_index(directory: str | Path, features: FeatureConfig, shards: list[dict[str, Any]],

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from hpc_asr.config import ConfigError, FeatureConfig
-from hpc_asr.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames
+from hpc_asr.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames, to_float
 
 CFG = FeatureConfig()
 SR = CFG.sample_rate
@@ -215,3 +215,43 @@ def test_load_audio_nan_samples(tmp_path):
     sf.write(str(path), x, SR, subtype="FLOAT")
     with pytest.raises(AudioError, match=r"nan\.wav: NaN or Inf samples"):
         load_audio(str(path), SR)
+
+
+def test_pcm16_path_gives_the_same_features(tmp_path, librispeech_dir, speech):
+    """Prep reads 16-bit PCM as int16 (no float conversion, no NaN scan): same samples on Kaldi's
+    scale, bitwise the same features. Anything else still takes the float path and its checks."""
+    flac = str(librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac")
+    pcm = load_audio(flac, SR, convert=True, pcm=True)
+    assert pcm.dtype == np.int16
+    np.testing.assert_array_equal(pcm.astype(np.float32), speech * 32768.0)
+    np.testing.assert_array_equal(to_float(pcm), speech)
+    for backend in ("torch", "kaldi_native"):
+        np.testing.assert_array_equal(fbank(pcm, backend_cfg(backend)), fbank(speech, backend_cfg(backend)))
+    nan = tmp_path / "nan.wav"
+    sf.write(str(nan), np.full(800, np.nan, np.float32), SR, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan\.wav: NaN or Inf samples"):
+        load_audio(str(nan), SR, convert=True, pcm=True)
+    stereo = tmp_path / "stereo.wav"
+    sf.write(str(stereo), np.stack([pcm, pcm], axis=1), SR, subtype="PCM_16")
+    mixed = load_audio(str(stereo), SR, convert=True, pcm=True)
+    assert mixed.dtype == np.float32
+    np.testing.assert_array_equal(mixed, speech)
+
+
+@pytest.mark.parametrize("signal", ["speech", "chirp"])
+def test_signal_level_preprocessing_equals_kaldi_per_frame(signal, speech):
+    """The torch backend pre-emphasises the whole signal once and corrects the DC term per frame;
+    the windowed frames must equal Kaldi's per-frame steps (DC removal, pre-emphasis, povey)."""
+    import torch
+
+    from hpc_asr.features import _frames, _frames_dithered, _sizes, _tables
+
+    x = torch.from_numpy((speech if signal == "speech" else chirp()) * 32768.0)
+    win, shift, nfft = _sizes(CFG)
+    window, _ = _tables(SR, win, nfft, 80, CFG.low_freq, CFG.high_freq, "cpu")
+    t = num_frames(len(x), CFG)
+    fast, ref = torch.empty(t, win), torch.empty(t, win)
+    _frames(fast, x, window, shift)
+    _frames_dithered(ref, x.double(), window.double(), shift, 0.0)  # float64 reference, no noise
+    scale = ref.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    assert ((fast.double() - ref) / scale).abs().max() < 1e-5

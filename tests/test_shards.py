@@ -163,25 +163,29 @@ def test_open_h5_disables_file_locking(tmp_path, monkeypatch, mode):
 
 
 def test_writer_streams_and_reports_full(tmp_path):
-    """Frames go to disk in ~8 MB blocks as they arrive (memory never holds a shard); `full` at
-    the byte cap."""
+    """Frames go to disk in blocks of at most 8 MB through one reused buffer (memory never holds a
+    shard); an utterance longer than the buffer is written as it is; `full` at the byte cap."""
     w = ShardWriter(tmp_path / "s.h5", CFG, max_bytes=100_000 * CFG.num_mel_bins * 4)
     big = make_utts(0, [10_000] * 4)  # 3.2 MB each
     for utt in big[:3]:
         w.add(*utt)
-    assert not (tmp_path / "s.h5").exists() and w._pending_frames == 0
+    assert not (tmp_path / "s.h5").exists() and w._pending_frames == 10_000  # the third did not fit
+    assert w._buf.nbytes <= 8 << 20
     with open_h5(next(tmp_path.glob(".s.h5.tmp*"))) as h5:  # a temp name until close
-        assert h5["feats"].shape == (30_000, CFG.num_mel_bins)
-        np.testing.assert_array_equal(h5["feats"][20_000:], big[2][1])
+        assert h5["feats"].shape == (20_000, CFG.num_mel_bins)
+        np.testing.assert_array_equal(h5["feats"][10_000:], big[1][1])
     w.add(*big[3])
-    assert w._pending_frames == 10_000 and w.frames == 40_000 and not w.full
-    w.add(*make_utts(1, [60_000])[0])
-    assert w.full
+    assert w._pending_frames == 20_000 and w.frames == 40_000 and not w.full
+    huge = make_utts(1, [60_000])[0]  # 19 MB: longer than the buffer
+    w.add(*huge)
+    assert w.full and w._pending_frames == 0
     assert ShardWriter(tmp_path / "u.h5", CFG, max_utts=1).full is False
     row = w.close()
     assert [p.name for p in tmp_path.iterdir()] == ["s.h5"] and row["utterances"] == 5
     with open_h5(tmp_path / "s.h5") as h5:
+        np.testing.assert_array_equal(h5["feats"][20_000:30_000], big[2][1])
         np.testing.assert_array_equal(h5["feats"][30_000:40_000], big[3][1])
+        np.testing.assert_array_equal(h5["feats"][40_000:], huge[1])
 
 
 def test_abort_leaves_nothing(tmp_path):
