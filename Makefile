@@ -14,7 +14,7 @@ SYNTH_ARGS ?=
 MPIRUN  := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1) \
            mpirun --oversubscribe --bind-to none -np $(NP)
 
-.PHONY: setup setup-gpu demo test bench bench-train bench-prep bench-gpu gpu-check lint clean-demo
+.PHONY: setup setup-gpu demo test bench bench-train bench-prep bench-gpu gpu-check ablation lint clean-demo
 
 setup:
 	@bash env/setup-local.sh
@@ -63,6 +63,10 @@ bench-train: setup
 
 bench-prep: setup
 	$(PY) -m hpc_asr.bench_prep --out runs/bench/prep.json
+
+# Augmentation ablation on a reduced corpus (docs/accuracy.md): espeak dev and festival per variant.
+ablation: setup
+	$(PY) -m hpc_asr.ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
 
 # GPU nodes, after `make setup-gpu` (docs/gpu.md): the seed step, torch.compile, torchaudio, FBANK.
 bench-gpu:

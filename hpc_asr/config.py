@@ -139,6 +139,7 @@ class ModelConfig:
     dropout: float = 0.1
     vocab_size: int = 0
     attention: str = "abs"  # abs (sinusoids added to the input) | rel (Transformer-XL relative positions, as WeNet)
+    cmvn: str = "global"  # global | utterance_mean | utterance: then per-utterance mean (and variance)
 
     def __post_init__(self) -> None:
         validate(self, "model", d_model=">0", n_heads=">0", n_layers=">0", ff_mult=">0", conv_kernel=">0",
@@ -155,6 +156,8 @@ class ModelConfig:
             raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be odd")
         if self.attention not in ("abs", "rel"):
             raise ConfigError(f"model.attention must be abs|rel, got {self.attention!r}")
+        if self.cmvn not in ("global", "utterance_mean", "utterance"):
+            raise ConfigError(f"model.cmvn must be global|utterance_mean|utterance, got {self.cmvn!r}")
 
 
 @dataclass

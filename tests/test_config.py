@@ -237,3 +237,12 @@ def test_train_cli_rejects_bad_accum_steps_in_one_line(value):
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: defaults: train.accum_steps must be >= 1, got {value}"]
+
+
+def test_model_cmvn_is_validated():
+    from hpc_asr.config import ModelConfig
+
+    assert ModelConfig().cmvn == "global"
+    with pytest.raises(ConfigError, match=r"model\.cmvn must be global\|utterance_mean\|utterance, got 'speaker'"):
+        ModelConfig(cmvn="speaker")
+    assert load_config(None, ["--model.cmvn", "utterance"]).model.cmvn == "utterance"
