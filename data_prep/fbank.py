@@ -37,7 +37,7 @@ import numpy as np
 from hpc_asr.atomic import atomic_path, write_json_atomic
 from hpc_asr.config import ConfigError, FeatureConfig, load_config
 from hpc_asr.dist import World, detect_world, log0, mpi_comm
-from hpc_asr.features import AudioError, CmvnStats, fbank, load_audio, resample, to_float
+from hpc_asr.features import AudioError, CmvnStats, fbank, load_audio, resample
 from hpc_asr.manifest import ManifestError, Utterance, read_manifest
 from hpc_asr.shards import DEFAULT_MAX_BYTES, ShardWriter, open_h5, read_index, write_index
 
@@ -90,7 +90,7 @@ def plan_units(utts: list[Utterance], unit_seconds: float) -> list[list[Utteranc
 
 def featurize(u: Utterance, features: FeatureConfig, speeds, device: str = "cpu"):
     """[(id, feats, duration)] per speed; AudioError names what is wrong with the audio."""
-    x = load_audio(u.audio, features.sample_rate, convert=True, pcm=True)  # int16 for 16-bit PCM
+    x = load_audio(u.audio, features.sample_rate, convert=True)
     sr = features.sample_rate
     if features.max_duration > 0 and len(x) > features.max_duration * sr:
         raise AudioError(f"{u.audio}: {len(x) / sr:.1f} s is longer than features.max_duration="
@@ -98,7 +98,7 @@ def featurize(u: Utterance, features: FeatureConfig, speeds, device: str = "cpu"
     out = []
     for s in speeds:
         # Speed s plays the audio s times faster: read it as if recorded at sr * s, bring it to sr.
-        y = x if s == 1.0 else resample(to_float(x), sr * s, sr, u.audio)
+        y = x if s == 1.0 else resample(x, sr * s, sr, u.audio)
         try:
             feats = fbank(y, features, device)
         except AudioError as e:

@@ -22,8 +22,7 @@ import numpy as np
 
 from hpc_asr.config import FeatureConfig
 
-__all__ = ["BACKENDS", "AudioError", "CmvnStats", "available_backends", "fbank", "load_audio", "num_frames",
-           "to_float"]
+__all__ = ["BACKENDS", "AudioError", "CmvnStats", "available_backends", "fbank", "load_audio", "num_frames"]
 
 BACKENDS = ("torch", "kaldi_native", "torchaudio")
 MIN_SOURCE_RATE = 4000  # below this a "sample rate" is a broken header, not audio worth resampling
@@ -34,31 +33,23 @@ class AudioError(ValueError):
     """An audio file cannot be used (unreadable, wrong rate, empty, too short, NaN)."""
 
 
-def load_audio(path: str, sample_rate: int, convert: bool = False, pcm: bool = False) -> np.ndarray:
+def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray:
     """Read a mono waveform as float32 in [-1, 1].
 
     Without ``convert`` (training, latency) a wrong rate is an error and multi-channel audio
     keeps channel 0: a silent resample there would hide a wrong-rate corpus. With ``convert``
-    (prep only) channels are averaged and other rates resampled with soxr. With ``pcm`` (prep),
-    mono 16-bit PCM at ``sample_rate`` (LibriSpeech's FLAC) comes back as the int16 samples
-    themselves: no float conversion and no NaN scan (an integer is never NaN); ``fbank`` takes
-    them as they are, with the same result as from the float samples.
+    (prep only) channels are averaged and other rates resampled with soxr.
     """
     import soundfile as sf
 
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
     try:
-        with sf.SoundFile(path) as f:
-            sr = f.samplerate
-            as_int16 = pcm and f.subtype == "PCM_16" and f.channels == 1 and sr == sample_rate
-            data = f.read(dtype="int16" if as_int16 else "float32", always_2d=not as_int16)
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
         raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no samples")
-    if as_int16:
-        return data
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: NaN or Inf samples")
     if not convert:
@@ -69,13 +60,6 @@ def load_audio(path: str, sample_rate: int, convert: bool = False, pcm: bool = F
     if sr != sample_rate:
         mono = resample(mono, sr, sample_rate, path)
     return np.ascontiguousarray(mono, np.float32)
-
-
-def to_float(samples: np.ndarray) -> np.ndarray:
-    """float32 in [-1, 1] from what ``load_audio`` returns (int16 PCM or float)."""
-    if samples.dtype == np.int16:
-        return samples.astype(np.float32) * np.float32(1 / 32768)
-    return samples
 
 
 def resample(x: np.ndarray, src: float, dst: float, name: str = "audio") -> np.ndarray:
@@ -110,18 +94,14 @@ def available_backends() -> list[str]:
 
 
 def fbank(samples: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.ndarray:
-    """Log-mel filterbank of a float waveform in [-1, 1] (or int16 PCM) with ``cfg.backend``.
+    """Log-mel filterbank of a float waveform in [-1, 1] with ``cfg.backend``.
 
     Returns (T, num_mel_bins) float32 with T = ``num_frames(len(samples), cfg)``.
     Raises AudioError when the waveform is shorter than one window.
     """
-    samples = np.asarray(samples)
     if num_frames(len(samples), cfg) == 0:
         raise AudioError(f"{len(samples)} samples is shorter than one {cfg.frame_length_ms} ms window")
-    if samples.dtype == np.int16:  # Kaldi's own scale already
-        x = samples.astype(np.float32)
-    else:
-        x = np.asarray(samples, np.float32) * 32768.0
+    x = np.asarray(samples, np.float32) * 32768.0
     if cfg.backend == "kaldi_native":
         return _fbank_kaldi_native(x, cfg)
     if cfg.backend == "torchaudio":

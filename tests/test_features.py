@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from hpc_asr.config import ConfigError, FeatureConfig
-from hpc_asr.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames, to_float
+from hpc_asr.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames
 
 CFG = FeatureConfig()
 SR = CFG.sample_rate
@@ -215,27 +215,6 @@ def test_load_audio_nan_samples(tmp_path):
     sf.write(str(path), x, SR, subtype="FLOAT")
     with pytest.raises(AudioError, match=r"nan\.wav: NaN or Inf samples"):
         load_audio(str(path), SR)
-
-
-def test_pcm16_path_gives_the_same_features(tmp_path, librispeech_dir, speech):
-    """Prep reads 16-bit PCM as int16 (no float conversion, no NaN scan): same samples on Kaldi's
-    scale, bitwise the same features. Anything else still takes the float path and its checks."""
-    flac = str(librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac")
-    pcm = load_audio(flac, SR, convert=True, pcm=True)
-    assert pcm.dtype == np.int16
-    np.testing.assert_array_equal(pcm.astype(np.float32), speech * 32768.0)
-    np.testing.assert_array_equal(to_float(pcm), speech)
-    for backend in ("torch", "kaldi_native"):
-        np.testing.assert_array_equal(fbank(pcm, backend_cfg(backend)), fbank(speech, backend_cfg(backend)))
-    nan = tmp_path / "nan.wav"
-    sf.write(str(nan), np.full(800, np.nan, np.float32), SR, subtype="FLOAT")
-    with pytest.raises(AudioError, match=r"nan\.wav: NaN or Inf samples"):
-        load_audio(str(nan), SR, convert=True, pcm=True)
-    stereo = tmp_path / "stereo.wav"
-    sf.write(str(stereo), np.stack([pcm, pcm], axis=1), SR, subtype="PCM_16")
-    mixed = load_audio(str(stereo), SR, convert=True, pcm=True)
-    assert mixed.dtype == np.float32
-    np.testing.assert_array_equal(mixed, speech)
 
 
 @pytest.mark.parametrize("signal", ["speech", "chirp"])
