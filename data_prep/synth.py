@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import grammar
+from hpc_asr.atomic import atomic_path
 from hpc_asr.dist import detect_world
 
 FORMAT_VERSION = 2  # 2: wider voices/ranges, word gaps, test_festival
@@ -497,9 +498,8 @@ def synthesize_all(utts: list[Utt], out: Path, seed: int, jobs: int,
 # ---------------------------------------------------------------------------------------
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_manifests(out: Path, rows: list[dict]) -> dict[str, list[dict]]:

@@ -22,6 +22,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from hpc_asr.atomic import atomic_path
 from hpc_asr.text import normalize
 
 __all__ = ["Arpa", "build_arpa", "kneser_ney", "main", "read_arpa", "write_arpa"]
@@ -113,9 +114,8 @@ def write_arpa(path: Path, probs: list[dict[Gram, float]], bows: list[dict[Gram,
             tail = f"\t{math.log10(bow):.6f}" if bow is not None and bow > 0 else ""
             lines.append(f"{lp:.6f}\t{' '.join(g)}{tail}")
     lines += ["", "\\end\\", ""]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
 
 
 def build_arpa(texts: list[str], order: int, out: Path) -> dict:

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hpc_asr.atomic import atomic_path
+
 __all__ = ["ManifestError", "Utterance", "read_manifest", "write_manifest"]
 
 REQUIRED = ("id", "audio", "text")
@@ -63,8 +65,6 @@ def read_manifest(path: str | Path) -> list[Utterance]:
 def write_manifest(path: str | Path, utts: list[Utterance]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for u in utts:
             f.write(json.dumps(asdict(u), ensure_ascii=False) + "\n")
-    tmp.replace(path)
