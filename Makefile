@@ -56,21 +56,21 @@ clean-demo:
 
 # Benchmarks with same-run peer comparisons; JSON under runs/bench/.
 bench: setup
-	$(PY) -m hpc_asr.bench --out runs/bench/bench.json
+	$(PY) -m hpc_asr.bench.micro --out runs/bench/bench.json
 
 bench-train: setup
-	$(PY) -m hpc_asr.bench_train --out runs/bench/train.json
+	$(PY) -m hpc_asr.bench.train --out runs/bench/train.json
 
 bench-prep: setup
-	$(PY) -m hpc_asr.bench_prep --out runs/bench/prep.json
+	$(PY) -m hpc_asr.bench.prep --out runs/bench/prep.json
 
 # Augmentation ablation on a reduced corpus (docs/accuracy.md): espeak dev and festival per variant.
 ablation: setup
-	$(PY) -m hpc_asr.ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
+	$(PY) -m hpc_asr.bench.ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
 
 # GPU nodes, after `make setup-gpu` (docs/gpu.md): the seed step, torch.compile, torchaudio, FBANK.
 bench-gpu:
-	$(PY) -m hpc_asr.bench_gpu --out runs/bench/gpu.json
+	$(PY) -m hpc_asr.bench.gpu --out runs/bench/gpu.json
 
 # GPU node acceptance: every CUDA test, bench-gpu and the doctor, logs under runs/gpu-check/.
 gpu-check:

@@ -1,4 +1,4 @@
-"""hpc_asr.ablation: each variant switches exactly its augmentation, the stages are the demo's
+"""hpc_asr.bench.ablation: each variant switches exactly its augmentation, the stages are the demo's
 commands, the lock excludes other jobs, and (slow) the whole runner on a toy corpus."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import fields
 import pytest
 from conftest import ROOT, run_env
 
-from hpc_asr import ablation
+from hpc_asr.bench import ablation
 from hpc_asr.config import ModelConfig, load_config
 
 DEMO = str(ROOT / "hpc_asr" / "configs" / "demo.yaml")
@@ -73,14 +73,14 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--variants", "none,loud"], ["--steps", "0"], ["--variants", ""]])
 def test_bad_arguments_are_one_line(argv, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.ablation", "--out", str(tmp_path), *argv],
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr.bench.ablation", "--out", str(tmp_path), *argv],
                           capture_output=True, text=True, cwd=ROOT, env=run_env())
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
 
 
 @pytest.mark.slow
 def test_ablation_end_to_end_on_a_toy_corpus(tmp_path):
-    argv = [sys.executable, "-m", "hpc_asr.ablation", "--out", str(tmp_path / "runs"), "--data",
+    argv = [sys.executable, "-m", "hpc_asr.bench.ablation", "--out", str(tmp_path / "runs"), "--data",
             str(tmp_path / "data"), "--hours", "0.02", "--dev-utts", "8", "--festival-utts", "4", "--steps", "3",
             "--variants", "none,speed", "--lock", str(tmp_path / "lock")]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=600)

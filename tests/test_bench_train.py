@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc_asr import scaling
-from hpc_asr.bench_train import main, timeline_allreduce_bytes
+from hpc_asr.bench import scaling
+from hpc_asr.bench.train import main, timeline_allreduce_bytes
 from hpc_asr.config import ModelConfig
 
 
@@ -73,7 +73,7 @@ def test_weak_scaling_times_without_timeline_and_takes_medians(tmp_path, monkeyp
     by a recorder: the real mpirun path is what test_bench_train_tiny_writes_json_and_plot runs."""
     import argparse
 
-    import hpc_asr.bench_train as bt
+    import hpc_asr.bench.train as bt
 
     calls = []
     step = {("none", 1): iter([0.30, 0.10, 0.20]), ("horovod", 2): iter([0.40, 0.25, 0.20]),

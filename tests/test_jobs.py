@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 from hpc_asr import checkpoint
-from hpc_asr.jobs import load_site, parse_directives
+from hpc_asr.ops.jobs import load_site, parse_directives
 
 tiny_features = helpers.tiny_features
 
@@ -31,10 +31,10 @@ def site_file(tmp_path: Path, **over) -> Path:
 
 
 def jobs(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.jobs", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr.ops.jobs", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     if check and proc.returncode != 0:
-        raise AssertionError(f"hpc_asr.jobs {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        raise AssertionError(f"hpc_asr.ops.jobs {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return proc
 
 
@@ -136,7 +136,7 @@ def test_stage_option_points_training_at_the_copy(tmp_path):
     scripts = render(tmp_path, "--scheduler", "slurm", "--gpus-per-node", "8", "--stage")
     text = scripts["train"]
     assert 'STAGE_DIR="/local/hpc_asr-$SLURM_JOB_ID"' in text
-    assert "--ntasks-per-node=1 --ntasks=$SLURM_NNODES python -m hpc_asr.stage" in text
+    assert "--ntasks-per-node=1 --ntasks=$SLURM_NNODES python -m hpc_asr.ops.stage" in text
     assert '--data.train="$STAGE_DIR/train" --data.dev="$STAGE_DIR/dev"' in text
 
 
@@ -152,7 +152,7 @@ def test_stage_once_per_node_under_mpirun(tiny_features, tmp_path):
     from conftest import mpirun_cmd, run
 
     dest = tmp_path / "local"
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.stage", "--dest", str(dest), str(tiny_features["train"]),
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr.ops.stage", "--dest", str(dest), str(tiny_features["train"]),
                           str(tiny_features["dev"])), timeout=120)
     assert proc.stderr.count("sha256 verified") == 2 and proc.stderr.count("up to date") == 2  # one copier
     for split in ("train", "dev"):
@@ -171,7 +171,7 @@ def test_stage_recopies_changed_source_and_rejects_bad_copy(tmp_path, monkeypatc
 
     from helpers import make_feature_dir
 
-    from hpc_asr import stage as st
+    from hpc_asr.ops import stage as st
 
     src = make_feature_dir(tmp_path / "shared" / "train", 4, seed=2, shards=2)
     rows = st.stage([src], tmp_path / "local")
@@ -192,7 +192,7 @@ def test_stage_recopies_changed_source_and_rejects_bad_copy(tmp_path, monkeypatc
     with pytest.raises(st.StageError, match="copy differs from"):
         st.stage([src], tmp_path / "other")
     assert not (tmp_path / "other" / "train").exists()  # nothing half-copied is published
-    missing = subprocess.run([sys.executable, "-m", "hpc_asr.stage", "--dest", str(tmp_path / "x"),
+    missing = subprocess.run([sys.executable, "-m", "hpc_asr.ops.stage", "--dest", str(tmp_path / "x"),
                               str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: staging: {tmp_path / 'nope'}: source directory not found"

@@ -63,7 +63,7 @@ def test_bad_manifest_and_unreadable_audio(tmp_path):
 
 
 def test_bench_times_both_recognizers_on_the_same_waveforms(librispeech_dir):
-    from hpc_asr.bench import bench_vs_pocketsphinx
+    from hpc_asr.bench.micro import bench_vs_pocketsphinx
     from hpc_asr.config import ModelConfig
 
     res = bench_vs_pocketsphinx(ModelConfig(d_model=32, n_heads=2, n_layers=1), librispeech_dir.parent)

@@ -17,7 +17,7 @@ from conftest import ROOT, run_env
 from helpers import make_feature_dir
 
 from hpc_asr import checkpoint
-from hpc_asr.jobs import JobError, wait
+from hpc_asr.ops.jobs import JobError, wait
 
 slurm_cluster = sc.slurm_cluster  # the session fixture, by module attribute
 tiny_features = helpers.tiny_features
@@ -37,7 +37,7 @@ def site(tmp_path: Path, cluster: sc.SlurmCluster) -> Path:
 
 def jobs_cli(cluster: sc.SlurmCluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**run_env(), "SLURM_CONF": str(cluster.conf)}
-    return subprocess.run([sys.executable, "-m", "hpc_asr.jobs", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hpc_asr.ops.jobs", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=timeout)
 
 

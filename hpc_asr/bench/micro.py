@@ -1,6 +1,6 @@
 """Benchmarks, each against a peer measured in the same run (ratios survive noisy machines).
 
-    python -m hpc_asr.bench --out runs/bench/bench.json [--seconds 60]
+    python -m hpc_asr.bench.micro --out runs/bench/bench.json [--seconds 60]
 
 - fbank: our FBANK (kaldi-native-fbank) vs lhotse's torch Kaldi FBANK, audio seconds per second.
 - model: Conformer-CTC inference, ONNX Runtime vs PyTorch eager, same input, one thread.
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench/bench.json")
     p.add_argument("--config", default="hpc_asr/configs/demo.yaml")
     p.add_argument("--seconds", type=float, default=60.0, help="audio length for the FBANK benchmark")
-    p.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"),
+    p.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[3] / "shared" / "fixtures"),
                    help="folder holding LibriSpeech/ (the real utterances of the speed comparison)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per rank, as in training and serving

@@ -1,6 +1,6 @@
 """Data-path benchmarks, each a ratio against a peer measured in the same run:
 
-    python -m hpc_asr.bench_prep --out runs/bench/prep.json [--minutes 45]
+    python -m hpc_asr.bench.prep --out runs/bench/prep.json [--minutes 45]
 
 - speedup_vs_lhotse: our whole prep (decode + FBANK + shard write, 1 process, 1 thread) over
   lhotse's own ``compute_and_store_features`` (Fbank, num_jobs=1, 1 thread) on the same corpus;
@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_asr.bench import save_result
+from hpc_asr.bench.micro import save_result
 from hpc_asr.config import FeatureConfig, ModelConfig, load_config
 from hpc_asr.features import available_backends, fbank, load_audio
 from hpc_asr.manifest import Utterance, read_manifest, write_manifest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "LibriSpeech" / "test-clean"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "LibriSpeech" / "test-clean"
 A100_BF16_FLOPS = 312e12
 MFU = 0.4
 SEED_MODEL = {"d_model": 512, "n_heads": 8, "n_layers": 16, "subsampling": "conv2d", "vocab_size": 29}
@@ -92,7 +92,7 @@ def _lhotse(manifest: Path, out: Path, storage: str) -> float:
 
 
 def _mpi_wall(manifest: Path, out: Path, np_: int) -> float:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "PYTHONPATH": str(root)}
     cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_), sys.executable, "-m",
@@ -105,7 +105,7 @@ def _capacity(manifest: Path, tmp: Path) -> float:
     """How much faster two independent 1-process preps finish than one run twice: the parallelism
     the machine really offers right now (2.0 on two idle cores; less when others share them)."""
     code = ("import sys, torch; torch.set_num_threads(1); from pathlib import Path; "
-            "from hpc_asr.bench_prep import _ours; print(_ours(Path(sys.argv[1]), Path(sys.argv[2])))")
+            "from hpc_asr.bench.prep import _ours; print(_ours(Path(sys.argv[1]), Path(sys.argv[2])))")
     def cmd(o):
         return [sys.executable, "-c", code, str(manifest), str(o)]
     alone = float(subprocess.run(cmd(tmp / "cap-a"), capture_output=True, text=True, check=True).stdout.split()[-1])

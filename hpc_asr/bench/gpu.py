@@ -1,6 +1,6 @@
 """GPU benchmarks on one CUDA device: ``make bench-gpu`` → ``runs/bench/gpu.json``.
 
-    python -m hpc_asr.bench_gpu --out runs/bench/gpu.json
+    python -m hpc_asr.bench.gpu --out runs/bench/gpu.json
 
 Measured in one run on the device at hand (its name is recorded; numbers from another card are not
 comparable):
@@ -12,10 +12,10 @@ comparable):
   and bf16 under ``torch.compile``: step time, audio seconds per second, model FLOP utilisation
   (FLOPs counted by torch.utils.flop_counter over the measured matmul ceiling), peak memory.
 - ``speedup_vs_torchaudio_conformer``: the same interleaved comparison as ``make bench-train``
-  (``hpc_asr.bench_train.comparison_models``) on the GPU, at the bench size and the seed size.
+  (``hpc_asr.bench.train.comparison_models``) on the GPU, at the bench size and the seed size.
 - ``fbank``: FBANK real-time factor of the torch backend on the GPU vs one CPU thread, and of
   ``torchaudio.compliance.kaldi`` where torchaudio imports, with the largest difference between them.
-- ``predicted_speedup``: ``hpc_asr.scaling`` fed the measured bf16 seed step instead of an assumed
+- ``predicted_speedup``: ``hpc_asr.bench.scaling`` fed the measured bf16 seed step instead of an assumed
   utilisation (a different card than the A100s of the model: the note says so).
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UTT_SECONDS = 15.0  # LibriSpeech-like utterances
 
 
@@ -80,7 +80,7 @@ def seed_steps(steps: int, warmup: int, compile_only: bool = False) -> dict:
     (autocast, fp32 CTC, GradScaler for fp16, clip, fused AdamW) without data loading."""
     import torch
 
-    from hpc_asr import scaling
+    from hpc_asr.bench import scaling
 
     _, model_cfg, model, feats, lens, targets = _seed_setup()
     utts, frames = feats.shape[0], feats.shape[1]
@@ -124,7 +124,7 @@ def torchaudio_on_gpu(steps: int, warmup: int) -> dict | None:
         import torchaudio  # noqa: F401
     except Exception as e:
         return {"skipped": f"torchaudio does not import: {e}"}
-    from hpc_asr.bench_train import comparison_models, geomeans, interleaved_steps
+    from hpc_asr.bench.train import comparison_models, geomeans, interleaved_steps
 
     out = {}
     for label, d_model, layers, batch in (("bench_144x4", 144, 4, 16), ("seed_512x16", 512, 16, 16)):
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench-gpu: no CUDA device visible (torch.cuda.is_available() is False); nothing measured")
         return 2
-    from hpc_asr import scaling
-    from hpc_asr.bench import save_result
+    from hpc_asr.bench import scaling
+    from hpc_asr.bench.micro import save_result
 
     parts = set(a.only.split(","))
     res: dict = {"device": _device()}
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                                scaling.Cluster(), measured_step_s=bf16)
         res["predicted_speedup"] = {k: v["speedup"] for k, v in pred["fp16"].items()}
         res["predicted_note"] = (f"compute time = the bf16 seed step measured on {res['device']['name']} "
-                                 "(not an A100); allreduce from the α-β ring model of hpc_asr.scaling (assumed links)")
+                                 "(not an A100); allreduce from the α-β ring model of hpc_asr.bench.scaling "
+                                 "(assumed links)")
         save_result(a.out, res)
     if "torchaudio" in parts:
         res["torchaudio"] = torchaudio_on_gpu(a.steps, a.warmup)

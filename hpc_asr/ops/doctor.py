@@ -1,7 +1,7 @@
-"""Check a node (or a whole allocation) before spending GPU hours: ``python -m hpc_asr.doctor``.
+"""Check a node (or a whole allocation) before spending GPU hours: ``python -m hpc_asr.ops.doctor``.
 
-    mpirun -np 16 -H node1:8,node2:8 python -m hpc_asr.doctor --data /lustre/asr/fbank/train
-    srun --mpi=pmix python -m hpc_asr.doctor --data ... --config my.yaml
+    mpirun -np 16 -H node1:8,node2:8 python -m hpc_asr.ops.doctor --data /lustre/asr/fbank/train
+    srun --mpi=pmix python -m hpc_asr.ops.doctor --data ... --config my.yaml
 
 Runs under the same launcher as training. Every rank checks its own node (versions, GPUs against
 local ranks, NCCL variables, free disk); the ranks then run a real Horovod allreduce and time

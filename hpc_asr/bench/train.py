@@ -1,6 +1,6 @@
 """Training benchmarks: ``make bench-train`` → ``runs/bench/train.json`` and ``runs/bench/scaling.png``.
 
-    python -m hpc_asr.bench_train --out runs/bench/train.json
+    python -m hpc_asr.bench.train --out runs/bench/train.json
 
 Ratios measured in one run on this machine, against a peer measured in the same run:
 
@@ -13,7 +13,7 @@ Ratios measured in one run on this machine, against a peer measured in the same 
 - ``fp16_allreduce_bytes_ratio``: gradient bytes Horovod reduced with fp16 compression / without,
   read from the Horovod timeline of two real 2-rank runs (dtype and shape of every allreduce).
 - ``speedup_vs_torchaudio_conformer``: see ``hpc_asr.bench_torchaudio`` (a side environment).
-- ``predicted_speedup``: the seed preset on 8…128 A100 (``hpc_asr.scaling``), inputs marked
+- ``predicted_speedup``: the seed preset on 8…128 A100 (``hpc_asr.bench.scaling``), inputs marked
   measured or assumed.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 __all__ = ["main", "timeline_allreduce_bytes"]
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8, "uint8": 1, "int8": 1}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def timeline_allreduce_bytes(path: str | Path) -> dict[str, int]:
@@ -228,7 +228,7 @@ def run_ranks(a: argparse.Namespace, tmp: Path, engine: str, np: int, compressio
     """One real ``mpirun -np NP`` of the worker; returns rank 0's result."""
     result = tmp / f"{engine}-{np}-{compression}.json"
     cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np), sys.executable, "-m",
-           "hpc_asr.bench_train", "--worker", "--engine", engine, "--compression", compression,
+           "hpc_asr.bench.train", "--worker", "--engine", engine, "--compression", compression,
            "--result", str(result), *(["--timeline", str(timeline)] if timeline else []), *_sizes(a)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode != 0:
@@ -264,7 +264,7 @@ def torchaudio_comparison(a: argparse.Namespace) -> tuple[dict | None, str]:
     python = SIDE_ENV / "bin" / "python"
     if not python.exists():
         return None, f"side environment {SIDE_ENV} absent (torch + torchaudio of matching versions; see README)"
-    cmd = [str(python), "-m", "hpc_asr.bench_train", "--torchaudio-worker", "--threads", str(a.ta_threads),
+    cmd = [str(python), "-m", "hpc_asr.bench.train", "--torchaudio-worker", "--threads", str(a.ta_threads),
            *_sizes(a)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode != 0:
@@ -274,7 +274,7 @@ def torchaudio_comparison(a: argparse.Namespace) -> tuple[dict | None, str]:
 
 def seed_prediction(out_dir: Path) -> dict:
     """The seed preset (16 x 512) on 8..128 A100: FLOPs counted, hardware assumed."""
-    from hpc_asr import scaling
+    from hpc_asr.bench import scaling
     from hpc_asr.config import ModelConfig, load_config
 
     preset = ROOT / "hpc_asr" / "configs" / "seed.yaml"

@@ -1,7 +1,7 @@
 """Batch jobs rendered from one config and one site file: SLURM and PBS, prep → train → evaluate → export.
 
-    python -m hpc_asr.jobs render --scheduler slurm --nodes 4 --gpus-per-node 8 --config my.yaml --out jobs/exp7
-    python -m hpc_asr.jobs submit ...same options... [--dry-run] [--wait]
+    python -m hpc_asr.ops.jobs render --scheduler slurm --nodes 4 --gpus-per-node 8 --config my.yaml --out jobs/exp7
+    python -m hpc_asr.ops.jobs submit ...same options... [--dry-run] [--wait]
 
 ``render`` writes one script per stage (``prep``, ``train``, ``evaluate``, ``export``) with
 long-form directives; ``submit`` renders, then submits the chain with ``afterok`` dependencies.
@@ -31,7 +31,7 @@ from hpc_asr.config import ConfigError, load_config
 
 __all__ = ["JobError", "Plan", "Site", "load_site", "make_plan", "parse_directives", "render", "submit"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("prep", "train", "evaluate", "export")
 EXIT_PREEMPTED = 3  # hpc_asr.train's exit status after a signal-triggered checkpoint
 SUFFIX = {"slurm": "sbatch", "pbs": "pbs"}
@@ -294,7 +294,7 @@ def _stage_lines(plan: Plan, job: Job) -> tuple[list[str], list[str]]:
     srcs = [o.split("=", 1)[1] for o in plan.train_overrides]
     lines = [f'STAGE_DIR="{plan.site.local_scratch}/hpc_asr-{jid}"',
              "# one copier per node (the others wait on its lock), checksums verified",
-             f"{_launcher(plan, job, per_node=True)} python -m hpc_asr.stage --dest \"$STAGE_DIR\" "
+             f"{_launcher(plan, job, per_node=True)} python -m hpc_asr.ops.stage --dest \"$STAGE_DIR\" "
              f"{_q(srcs)} || exit 2"]
     names = [Path(s).name for s in srcs]
     if len(set(names)) != len(names):
@@ -344,7 +344,7 @@ def _script(plan: Plan, job: Job) -> str:
     name = f"hpc_asr-{job.stage}"
     jid, rc = ("$SLURM_JOB_ID", "${SLURM_RESTART_COUNT:-0}") if plan.scheduler == "slurm" else \
         ("$PBS_JOBID", "${PBS_RUN_COUNT:-0}")
-    head = ["#!/bin/bash", f"# hpc_asr {job.stage} job, rendered by `python -m hpc_asr.jobs render`; "
+    head = ["#!/bin/bash", f"# hpc_asr {job.stage} job, rendered by `python -m hpc_asr.ops.jobs render`; "
             "edit the site file or the flags, not this script.", *_directives(plan, job, name),
             "set -uo pipefail", f"cd {shlex.quote(str(plan.workdir))}",
             f'echo "[job] {name} {jid} run {rc} on $(hostname) at $(date -u +%FT%TZ)"',
@@ -492,7 +492,7 @@ def wait(ids: list[str], poll_s: float = 2.0, timeout_s: float = 0) -> dict[str,
 # ---- CLI -----------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.jobs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hpc_asr.ops.jobs", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("render", "submit"):
         s = sub.add_parser(name)

@@ -1,7 +1,7 @@
 """Reduced augmentation ablation: the demo pipeline (synth → augment → FBANK → train → evaluate)
 run once per variant on a small corpus, scoring espeak-ng dev and the unseen-engine festival split.
 
-    python -m hpc_asr.ablation --config hpc_asr/configs/demo.yaml --out runs/ablation \\
+    python -m hpc_asr.bench.ablation --config hpc_asr/configs/demo.yaml --out runs/ablation \\
         --data data/ablation --hours 1.0 --steps 800 --lock /tmp/cpu.lock
 
 Every variant trains the same model for the same number of optimizer steps (``--steps``; the LR
@@ -185,7 +185,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.ablation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hpc_asr.bench.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="hpc_asr/configs/demo.yaml")
     p.add_argument("--out", default="runs/ablation", help="one run folder per variant + ablation.json/png")
     p.add_argument("--data", default="data/ablation", help="reduced corpus and per-variant features")

@@ -1,0 +1,1 @@
+"""Benchmarks: each against a peer measured in the same run (`make bench-*`)."""

@@ -1,0 +1,1 @@
+"""Operations: SLURM/PBS jobs, node-local staging, the doctor."""
