@@ -377,21 +377,29 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
+def read_yaml_mapping(path: str | Path, what: str, shape: str = "a mapping", error: type | None = None) -> dict:
+    """A YAML file whose top level is a mapping; missing, malformed or other shapes raise
+    ``error`` (ConfigError) in one line naming the file. The config and the jobs site file read this way."""
+    error = error or ConfigError
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: {what} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{p}: top level must be {shape}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or defaults when ``path`` is None) and apply ``--section.key value`` overrides."""
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        where = str(p)
+        raw = read_yaml_mapping(path, "config file", "a mapping of sections")
+        where = str(path)
     for key, value in _pairs(overrides or []):
         section, _, name = key.partition(".")
         if not name:

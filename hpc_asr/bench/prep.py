@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_asr.bench.micro import save_result
+from hpc_asr.bench.micro import best_time, save_result
 from hpc_asr.config import FeatureConfig, ModelConfig, load_config
 from hpc_asr.features import available_backends, fbank, load_audio
 from hpc_asr.manifest import Utterance, read_manifest, write_manifest
@@ -132,28 +132,16 @@ def bench_prep(tmp: Path, manifest: Path, audio_s: float) -> dict:
             "machine_parallel_capacity_2_procs": round(capacity, 3)}
 
 
-def _rate(fn, min_time: float = 1.0) -> float:
-    """Best wall seconds of fn() over repeated runs after a warm-up."""
-    fn()
-    best, spent = float("inf"), 0.0
-    while spent < min_time:
-        t = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t
-        best, spent = min(best, dt), spent + dt
-    return best
-
-
 def bench_fbank() -> dict:
     from lhotse.features.kaldi.layers import Wav2LogFilterBank
 
     speech = np.concatenate([load_audio(str(f), 16000) for f in sorted(FIXTURES.glob("*/*/*.flac"))])
     wave = np.resize(speech, 60 * 16000)
-    out = {b: round(60 / _rate(lambda b=b: fbank(wave, FeatureConfig(backend=b))), 1) for b in available_backends()}
+    out = {b: round(60 / best_time(lambda b=b: fbank(wave, FeatureConfig(backend=b))), 1) for b in available_backends()}
     peer = Wav2LogFilterBank(sampling_rate=16000, num_filters=80, snip_edges=True, dither=0.0, high_freq=0.0)
     x = torch.from_numpy(wave * 32768.0)[None]
     with torch.no_grad():
-        out["lhotse_peer"] = round(60 / _rate(lambda: peer(x)), 1)
+        out["lhotse_peer"] = round(60 / best_time(lambda: peer(x)), 1)
     return out
 
 

@@ -25,9 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from hpc_asr.config import ConfigError, load_config
+from hpc_asr.config import ConfigError, load_config, read_yaml_mapping
 
 __all__ = ["JobError", "Plan", "Site", "load_site", "make_plan", "parse_directives", "render", "submit"]
 
@@ -84,14 +82,7 @@ class Site:
 def load_site(path: str | Path | None = None) -> Site:
     """Read the site file; unknown keys and wrong types fail with the file and key named."""
     path = Path(path or os.environ.get("HPC_ASR_SITE") or ROOT / "env" / "site.yaml")
-    if not path.is_file():
-        raise JobError(f"{path}: site file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise JobError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise JobError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path, "site file", error=JobError)
     fields = {f.name: f for f in dataclasses.fields(Site) if f.name != "path"}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
