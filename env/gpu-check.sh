@@ -5,12 +5,13 @@
 #
 #   env/gpu-check.sh [--out DIR] [--wheels DIR] [--horovod-src horovod-0.28.1.tar.gz] [--budget SECONDS]
 #                    [--steps tests,bench,doctor]  (which of the non-Horovod steps to run)
+#                    [--fixtures DIR]  (shared/fixtures, when ../shared is not beside the checkout)
 #
 # Writes DIR/env.txt, DIR/tests.log, DIR/junit-*.xml, DIR/gpu.json, DIR/horovod-build.log,
 # DIR/horovod-tests.log. Each step runs even if an earlier one failed; the exit status is the
 # number of failed steps. --budget bounds the wall time (the Horovod build is abandoned past it).
 set -u
-OUT=runs/gpu-check WHEELS="" HVD_SRC="" BUDGET=540 STEPS=tests,bench,doctor
+OUT=runs/gpu-check WHEELS="" HVD_SRC="" BUDGET=540 STEPS=tests,bench,doctor FIXTURES=""
 while (($#)); do
   case "$1" in
     --out) OUT=$2; shift ;;
@@ -18,7 +19,9 @@ while (($#)); do
     --horovod-src) HVD_SRC=$2; shift ;;
     --budget) BUDGET=$2; shift ;;
     --steps) STEPS=$2; shift ;;
-    *) echo "gpu-check: unknown argument '$1' (expected --out, --wheels, --horovod-src, --budget, --steps)" >&2; exit 2 ;;
+    --fixtures) FIXTURES=$(cd "$2" && pwd); shift ;;
+    *) echo "gpu-check: unknown argument '$1' (expected --out, --wheels, --horovod-src, --budget, --steps, --fixtures)" >&2
+       exit 2 ;;
   esac
   shift
 done
@@ -59,7 +62,8 @@ if [ -n "$HVD_SRC" ]; then
   HVD_PID=$!
 fi
 
-mkdir -p ../shared && [ -d ../shared/fixtures ] || { [ -d .devcarry/fixtures ] && cp -r .devcarry/fixtures ../shared/; }
+# The tests read the LibriSpeech fixture from ../shared/fixtures; --fixtures DIR supplies it where absent.
+if [ -n "$FIXTURES" ] && [ ! -d ../shared/fixtures ]; then mkdir -p ../shared && cp -r "$FIXTURES" ../shared/fixtures; fi
 
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 if has tests; then
