@@ -27,6 +27,7 @@ __all__ = ["BACKENDS", "AudioError", "CmvnStats", "available_backends", "fbank",
 BACKENDS = ("torch", "kaldi_native", "torchaudio")
 MIN_SOURCE_RATE = 4000  # below this a "sample rate" is a broken header, not audio worth resampling
 _FLOAT_EPS = float(np.finfo(np.float32).eps)  # Kaldi's log floor
+_INTEGER_SUBTYPES = ("PCM_", "ALAW", "ULAW", "DPCM_", "DWVW_")  # integer samples: cannot hold NaN or Inf
 
 
 class AudioError(ValueError):
@@ -45,12 +46,13 @@ def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            data, sr, subtype = f.read(dtype="float32", always_2d=True), f.samplerate, f.subtype
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
         raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no samples")
-    if not np.isfinite(data).all():
+    if not subtype.startswith(_INTEGER_SUBTYPES) and not np.isfinite(data).all():
         raise AudioError(f"{path}: NaN or Inf samples")
     if not convert:
         if sr != sample_rate:
@@ -149,8 +151,8 @@ def _sizes(cfg: FeatureConfig) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: float, device: str):
-    """Povey window (win,) and Kaldi mel banks, each row twice (for re and im):
-    (2 (nfft // 2 + 1), bins); cached per settings."""
+    """Povey window (win,) and Kaldi mel banks over the FFT bins below Nyquist (nfft // 2, bins):
+    Kaldi gives the Nyquist bin weight 0, so it is left out. Cached per settings."""
     import torch
 
     n = torch.arange(win, dtype=torch.float64)
@@ -168,8 +170,7 @@ def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: 
     fft_mel = mel(torch.arange(nfft // 2, dtype=torch.float64) * sample_rate / nfft)[None, :]  # (1, nfft/2)
     up = (fft_mel - left) / (center - left)
     down = (right - fft_mel) / (right - center)
-    banks = torch.clamp(torch.minimum(up, down), min=0.0)  # (bins, nfft/2); Nyquist bin gets 0
-    banks = torch.nn.functional.pad(banks, (0, 1)).T.repeat_interleave(2, dim=0)  # (2 (nfft/2 + 1), bins)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0).T  # (nfft/2, bins)
     return window.float().to(device), banks.contiguous().float().to(device)
 
 
@@ -186,9 +187,10 @@ def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.n
             _frames_dithered(buf[:, :win], sig, window, shift, cfg.dither)
         else:
             _frames(buf[:, :win], sig, window, shift)
-        spec = torch.view_as_real(torch.fft.rfft(buf)).flatten(1)  # (T, 2 (nfft/2 + 1)): re, im, re, ...
-        # |X|^2 summed into mel bins in one matmul: banks repeated for the re and im columns.
-        mel = torch.matmul(spec.square_(), banks).clamp_min_(_FLOAT_EPS).log_()  # (T, bins)
+        sq = torch.view_as_real(torch.fft.rfft(buf)).flatten(1).square_()  # (T, 2 (nfft/2 + 1)): re², im², ...
+        half = nfft // 2  # bins 0 .. nfft/2 - 1; the Nyquist bin has no mel weight
+        power = torch.add(sq[:, 0:2 * half:2], sq[:, 1:2 * half:2])  # |X|² (T, nfft/2)
+        mel = torch.matmul(power, banks).clamp_min_(_FLOAT_EPS).log_()  # (T, bins)
         return mel.cpu().numpy()
 
 

@@ -31,6 +31,7 @@ __all__ = ["JobError", "Plan", "Site", "load_site", "make_plan", "parse_directiv
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("prep", "train", "evaluate", "export")
+LAUNCH_TRIES = 3  # train launches per run when the launcher exits 0 without running train
 EXIT_PREEMPTED = 3  # hpc_asr.train's exit status after a signal-triggered checkpoint
 SUFFIX = {"slurm": "sbatch", "pbs": "pbs"}
 
@@ -309,19 +310,34 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
         timer = [f"( sleep {warn} && kill -USR1 $$ ) </dev/null >/dev/null 2>&1 &  "
                  f"# warning {plan.site.requeue_signal_s}s before walltime",
                  "TIMER=$!"]
+    summary = shlex.quote(f"{plan.run_dir}/train_summary.json")
     return stage + timer + [
         "RANKS='' WARNED=0",
         f'warn() {{ WARNED=1; echo "[job] warning signal: ranks checkpoint and exit {EXIT_PREEMPTED}"; {forward}; }}',
         "trap warn USR1 TERM",
-        f"{cmd} &",
-        "RANKS=$!",
-        'rc=0; wait "$RANKS" || rc=$?',
-        'while [ "$rc" -gt 128 ] && kill -0 "$RANKS" 2>/dev/null; do rc=0; wait "$RANKS" || rc=$?; done',
+        f'stamp() {{ stat -c %y {summary} 2>/dev/null || echo none; }}  # train writes it when it finishes',
+        f"for TRY in $(seq {LAUNCH_TRIES}); do",
+        "  BEFORE=$(stamp)",
+        f"  {cmd} &",
+        "  RANKS=$!",
+        '  rc=0; wait "$RANKS" || rc=$?',
+        '  while [ "$rc" -gt 128 ] && kill -0 "$RANKS" 2>/dev/null; do rc=0; wait "$RANKS" || rc=$?; done',
+        # srun exits 0 when no task started at all ("task 0 launch failed", e.g. a requeued job's
+        # step meeting the PMIx socket its previous run left behind); a new step gets a new socket.
+        '  if [ "$rc" -eq 0 ] && [ "$WARNED" = 0 ] && [ "$(stamp)" = "$BEFORE" ]; then',
+        '    rc=1; echo "[job] the launcher exited 0 but train did not finish (no new train_summary.json):'
+        f' launching again in 10 s (try $TRY of {LAUNCH_TRIES})"; sleep 10; continue',
+        "  fi",
+        "  break",
+        "done",
         *(['pkill -P "$TIMER" 2>/dev/null; kill "$TIMER" 2>/dev/null'] if timer else []),
         # The launcher may report a rank killed after the others exited 3 (kill-on-bad-exit): after
         # a warning any non-zero exit means "stopped at a checkpoint", and last.pt is atomic.
         f'if [ "$rc" -eq {EXIT_PREEMPTED} ] || {{ [ "$WARNED" = 1 ] && [ "$rc" -ne 0 ]; }}; then',
         '  echo "[job] checkpointed after the warning signal: requeueing; the next run resumes from last.pt"',
+        # From here on a signal is the scheduler ending this run: no more forwarding (a scancel
+        # from this dying shell would wait out the requeue and could signal the next run's ranks).
+        "  trap - USR1 TERM",
         f"  {requeue} || {{ echo '[job] error: requeue refused; resubmit train to resume' >&2; "
         f"exit {EXIT_PREEMPTED}; }}",
         "  sleep 300  # the scheduler ends this run and starts the requeued one",
