@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hpc_asr import checkpoint
+from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.data import FeatureSet
 from hpc_asr.decode import greedy_batch
 from hpc_asr.evaluate import load_model_and_data
@@ -119,25 +120,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_tmp, ts_tmp = args.out_dir / "model.onnx.tmp", args.out_dir / "model.ts.tmp"
-    t0 = time.time()
-    export_onnx(model, onnx_tmp, cfg.export.opset)
-    export_torchscript(model, ts_tmp)
-    res = check_parity(model, tok, onnx_tmp, ts_tmp, data, args.max_utts)
-    res.update(opset=cfg.export.opset, atol=cfg.export.atol, wall_s=round(time.time() - t0, 2),
-               onnx_bytes=onnx_tmp.stat().st_size, checkpoint=str(args.checkpoint))
-    ok = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
-          and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
-    res["parity_ok"] = ok
-    (args.out_dir / "export.json").write_text(json.dumps(res, indent=1) + "\n")
-    if not ok:
-        print(f"error: parity failed (atol {cfg.export.atol}): {json.dumps(res)}", file=sys.stderr)
-        return 1
-    os.replace(onnx_tmp, args.out_dir / "model.onnx")
-    os.replace(ts_tmp, args.out_dir / "model.ts")
-    (args.out_dir / "model.json").write_text(json.dumps(
-        {"tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
-         "outputs": OUTPUTS, "blank": tok.blank}, indent=1) + "\n")
+    onnx_file, ts_file = AtomicFile(args.out_dir / "model.onnx"), AtomicFile(args.out_dir / "model.ts")
+    try:  # written under hidden temporary names; renamed onto the real ones only when parity holds
+        t0 = time.time()
+        export_onnx(model, onnx_file.tmp, cfg.export.opset)
+        export_torchscript(model, ts_file.tmp)
+        res = check_parity(model, tok, onnx_file.tmp, ts_file.tmp, data, args.max_utts)
+        res.update(opset=cfg.export.opset, atol=cfg.export.atol, wall_s=round(time.time() - t0, 2),
+                   onnx_bytes=onnx_file.tmp.stat().st_size, checkpoint=str(args.checkpoint))
+        ok = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
+              and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
+        res["parity_ok"] = ok
+        write_json_atomic(args.out_dir / "export.json", res)
+        if not ok:
+            print(f"error: parity failed (atol {cfg.export.atol}): {json.dumps(res)}", file=sys.stderr)
+            return 1
+        onnx_file.commit()
+        ts_file.commit()
+    finally:
+        onnx_file.discard()  # nothing left after a commit; the failed or interrupted export's files
+        ts_file.discard()
+    write_json_atomic(args.out_dir / "model.json", {
+        "tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
+        "outputs": OUTPUTS, "blank": tok.blank})
     lm_src = Path(args.checkpoint).parent / "lm"
     if (lm_src / "lm.arpa").is_file():  # the deployable unit carries its LM + tuned weights (latency, serving)
         shutil.copytree(lm_src, args.out_dir / "lm", dirs_exist_ok=True)

@@ -147,6 +147,7 @@ def test_failed_parity_leaves_no_final_files(tiny_features, tmp_path, capsys, ke
     assert rc == 1 and "parity failed" in capsys.readouterr().err
     assert json.loads((out / "export.json").read_text())["parity_ok"] is False
     assert not (out / "model.onnx").exists() and not (out / "model.ts").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["export.json"]  # no temporaries left behind either
 
 
 def test_checkpoint_load_errors_name_the_path(tmp_path):
