@@ -103,11 +103,11 @@ def fbank(samples: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.nd
     """
     if num_frames(len(samples), cfg) == 0:
         raise AudioError(f"{len(samples)} samples is shorter than one {cfg.frame_length_ms} ms window")
-    x = np.asarray(samples, np.float32) * 32768.0
+    x = np.asarray(samples, np.float32)
     if cfg.backend == "kaldi_native":
-        return _fbank_kaldi_native(x, cfg)
+        return _fbank_kaldi_native(x * 32768.0, cfg)
     if cfg.backend == "torchaudio":
-        return _fbank_torchaudio(x, cfg)
+        return _fbank_torchaudio(x * 32768.0, cfg)
     return _fbank_torch(x, cfg, device)
 
 
@@ -150,9 +150,12 @@ def _sizes(cfg: FeatureConfig) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: float, device: str):
+def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: float, device: str,
+            scale: float = 1.0):
     """Povey window (win,) and Kaldi mel banks over the FFT bins below Nyquist (nfft // 2, bins):
-    Kaldi gives the Nyquist bin weight 0, so it is left out. Cached per settings."""
+    Kaldi gives the Nyquist bin weight 0, so it is left out. The window is multiplied by ``scale``
+    (32768 applies Kaldi's int16 sample scale in the same multiply, exactly: a power of two).
+    Cached per settings."""
     import torch
 
     n = torch.arange(win, dtype=torch.float64)
@@ -171,16 +174,21 @@ def _tables(sample_rate: int, win: int, nfft: int, bins: int, low: float, high: 
     up = (fft_mel - left) / (center - left)
     down = (right - fft_mel) / (right - center)
     banks = torch.clamp(torch.minimum(up, down), min=0.0).T  # (nfft/2, bins)
-    return window.float().to(device), banks.contiguous().float().to(device)
+    return (window * scale).float().to(device), banks.contiguous().float().to(device)
 
 
 def _fbank_torch(x: np.ndarray, cfg: FeatureConfig, device: str = "cpu") -> np.ndarray:
+    """``x`` in [-1, 1]: without dither the int16 scale rides on the window (exact), with dither
+    the samples are scaled first (dither is in int16 units)."""
     import torch
 
     win, shift, nfft = _sizes(cfg)
-    window, banks = _tables(cfg.sample_rate, win, nfft, cfg.num_mel_bins, cfg.low_freq, cfg.high_freq, device)
+    scale = 1.0 if cfg.dither > 0 else 32768.0
+    window, banks = _tables(cfg.sample_rate, win, nfft, cfg.num_mel_bins, cfg.low_freq, cfg.high_freq, device, scale)
     with torch.no_grad():
         sig = torch.from_numpy(x).to(device)  # (N,)
+        if cfg.dither > 0:
+            sig = sig * 32768.0
         buf = torch.empty(1 + (len(sig) - win) // shift, nfft, device=device)  # (T, nfft): the FFT input
         buf[:, win:] = 0  # zero padding
         if cfg.dither > 0:
