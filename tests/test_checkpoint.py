@@ -11,7 +11,7 @@ import torch
 from conftest import run
 from test_train import TINY_MODEL, config
 
-import hpc_asr.train as train_mod
+import hpc_asr.train.loop as train_mod
 from hpc_asr import checkpoint
 
 tiny_features = helpers.tiny_features

@@ -13,7 +13,7 @@ from conftest import mpirun_cmd, run
 from helpers import tiny_yaml
 from test_train import TINY_MODEL, _launch, config
 
-import hpc_asr.train as train_mod
+import hpc_asr.train.loop as train_mod
 from hpc_asr import checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -13,7 +13,7 @@ import pytest
 from conftest import run
 from helpers import make_feature_dir, tiny_yaml
 
-import hpc_asr.train as train_mod
+import hpc_asr.train.loop as train_mod
 from hpc_asr.config import load_config
 from hpc_asr.lm import BOS, EOS, UNK, Arpa, build_arpa, kneser_ney
 

@@ -139,7 +139,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     # dying shell retried through the requeue (KillWait) and could hit the next run's ranks.
     assert log.count("[job] warning signal") == 1, log
     resumed = [int(m) for m in re.findall(r"resumed from \S+: .*?step (\d+)", rank0.read_text())]
-    assert len(resumed) == 1, f"{rank0.read_text()}\n--- job log\n{log}\n--- slurmd\n{slurm_cluster.log('slurmd')[-3000:]}"
+    slurmd = slurm_cluster.log("slurmd")[-3000:]
+    assert len(resumed) == 1, f"{rank0.read_text()}\n--- job log\n{log}\n--- slurmd\n{slurmd}"
     # The checkpoint was taken at the step boundary after the signal: nothing trained before it is
     # lost (with ckpt_every_steps=20 alone, up to 19 steps would be).
     assert seen <= resumed[0] < 60, (seen, resumed)

@@ -24,7 +24,7 @@ import torch
 from conftest import ROOT, mpirun_cmd, run, run_env
 from helpers import TEXTS, make_feature_dir, tiny_yaml
 
-import hpc_asr.train as train_mod
+import hpc_asr.train.loop as train_mod
 from hpc_asr import checkpoint
 from hpc_asr.config import load_config
 from hpc_asr.data import FeatureSet, collate

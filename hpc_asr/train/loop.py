@@ -1,4 +1,4 @@
-"""Train Conformer-CTC on prepared features, one process per rank.
+"""The training loop: set-up, resume, steps, evaluation, checkpoints (``python -m hpc_asr.train``).
 
     mpirun -np 2 python -m hpc_asr.train --config hpc_asr/configs/demo.yaml [--train.epochs 3]
 
@@ -11,9 +11,9 @@ step every rank learns whether any rank got it, rank 0 writes ``last.pt`` at tha
 position, and all ranks exit with status ``EXIT_PREEMPTED`` (3). Relaunching the same command
 resumes bitwise where it stopped. With ``dist.elastic`` the loop runs inside ``hvd.elastic.run``.
 
-Beside this module: ``preempt`` (signals, exit status, test hooks), ``train_ckpt`` (position,
-checkpoint state, config comparison on resume), ``train_metrics`` (metrics.jsonl, TensorBoard,
-progress line).
+Beside it in ``hpc_asr.train``: ``preempt`` (signals, exit status, test hooks), ``state``
+(position, checkpoint state, config comparison on resume), ``metrics`` (metrics.jsonl,
+TensorBoard, progress line).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from hpc_asr.data import BucketBatchSampler, FeatureSet, make_loader
 from hpc_asr.dist import Engine, compute_threads, log0, make_engine
 from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
-from hpc_asr.preempt import EXIT_PREEMPTED, Preempted, SignalFlag, inf_hook, step_pause, wait_for_signal_hook
-from hpc_asr.train_ckpt import ResumeError, new_position, restore, save
-from hpc_asr.train_metrics import MetricsWriter, Progress
+from hpc_asr.train.metrics import MetricsWriter, Progress
+from hpc_asr.train.preempt import EXIT_PREEMPTED, Preempted, SignalFlag, inf_hook, step_pause, wait_for_signal_hook
+from hpc_asr.train.state import ResumeError, new_position, restore, save
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
            "main", "train"]
