@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_asr.config import ConfigError, load_config, read_yaml_mapping
+from hpc_asr.train.preempt import EXIT_PREEMPTED  # the trainer's status after a signal checkpoint
 
 __all__ = ["JobError", "Plan", "Site", "load_site", "make_plan", "parse_directives", "render", "submit"]
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("prep", "train", "evaluate", "export")
 LAUNCH_TRIES = 3  # train launches per run when the launcher exits 0 without running train
-EXIT_PREEMPTED = 3  # hpc_asr.train's exit status after a signal-triggered checkpoint
 SUFFIX = {"slurm": "sbatch", "pbs": "pbs"}
 
 

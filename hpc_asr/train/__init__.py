@@ -6,18 +6,7 @@
 - ``state``: the training position, what ``last.pt`` holds, the config comparison on resume.
 - ``preempt``: SIGUSR1/SIGTERM → checkpoint → exit status 3, and the test hooks.
 - ``metrics``: metrics.jsonl, TensorBoard and the rank-0 progress line.
+
+Nothing is imported here, so ``hpc_asr.train.preempt`` stays light (the job renderer reads its
+exit status without importing torch).
 """
-
-from hpc_asr.train.loop import (
-    EXIT_PREEMPTED,
-    Preempted,
-    autocast_dtype,
-    flops_per_audio_second,
-    lr_lambda,
-    lr_scale,
-    main,
-    train,
-)
-
-__all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
-           "main", "train"]
