@@ -14,6 +14,8 @@ setup(
         "mpi4py>=3.1",
         "jiwer>=3.0",
         "soundfile>=0.12",
+        "miniaudio>=1.59",
+        "soxr>=0.3",
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "kaldi-native-fbank>=1.20",

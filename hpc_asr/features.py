@@ -41,18 +41,13 @@ def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray
     keeps channel 0: a silent resample there would hide a wrong-rate corpus. With ``convert``
     (prep only) channels are averaged and other rates resampled with soxr.
     """
-    import soundfile as sf
-
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
-    try:
-        with sf.SoundFile(path) as f:
-            data, sr, subtype = f.read(dtype="float32", always_2d=True), f.samplerate, f.subtype
-    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
-        raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
+    flac = _read_flac(path) if path.lower().endswith(".flac") else None
+    data, sr, integer = flac if flac is not None else _read_soundfile(path)
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no samples")
-    if not subtype.startswith(_INTEGER_SUBTYPES) and not np.isfinite(data).all():
+    if not integer and not np.isfinite(data).all():
         raise AudioError(f"{path}: NaN or Inf samples")
     if not convert:
         if sr != sample_rate:
@@ -62,6 +57,42 @@ def load_audio(path: str, sample_rate: int, convert: bool = False) -> np.ndarray
     if sr != sample_rate:
         mono = resample(mono, sr, sample_rate, path)
     return np.ascontiguousarray(mono, np.float32)
+
+
+def _read_soundfile(path: str) -> tuple[np.ndarray, int, bool]:
+    """(samples (N, channels) float32, rate, integer samples?) through libsndfile."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(path) as f:
+            data, sr, subtype = f.read(dtype="float32", always_2d=True), f.samplerate, f.subtype
+    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
+        raise AudioError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
+    return data, sr, subtype.startswith(_INTEGER_SUBTYPES)
+
+
+def _read_flac(path: str) -> tuple[np.ndarray, int, bool] | None:
+    """FLAC through dr_flac (miniaudio): ~1.5-1.9x faster than libsndfile here and sample for sample
+    the same. dr_flac decodes a cut-off stream silently, so the decoded length must equal the
+    length the stream header states. A stream that states none (0, written by a streaming encoder;
+    libsndfile cannot read those at all) is decoded as far as it goes. None where miniaudio is
+    not installed: libsndfile then reads FLAC too."""
+    try:
+        import miniaudio
+    except ImportError:
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        total = miniaudio.flac_get_info(raw).num_frames
+        dec = miniaudio.flac_read_f32(raw)
+    except miniaudio.MiniaudioError as e:
+        raise AudioError(f"{path}: cannot decode audio ({e})") from None
+    if total and dec.num_frames != total:
+        raise AudioError(f"{path}: cannot decode audio (truncated or corrupt FLAC stream: "
+                         f"{dec.num_frames} of {total} samples)")
+    data = np.frombuffer(dec.samples, np.float32).reshape(-1, dec.nchannels)
+    return data, dec.sample_rate, True
 
 
 def resample(x: np.ndarray, src: float, dst: float, name: str = "audio") -> np.ndarray:

@@ -30,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from hpc_asr.atomic import AtomicFile, write_json_atomic
@@ -52,8 +53,6 @@ class ShardError(ValueError):
 def open_h5(path: str | Path, mode: str = "r"):
     """Open HDF5 without file locking: shards are single-writer by construction, and Lustre/NFS
     mounts without flock make HDF5's own locking fail with 'unable to lock file'."""
-    import h5py
-
     return h5py.File(path, mode, locking=False)
 
 
@@ -190,8 +189,6 @@ class ShardWriter:
             raise
 
     def _finish(self) -> dict[str, Any]:
-        import h5py
-
         if self._h5 is None:
             self._open()
         self._flush_pending()

@@ -115,6 +115,41 @@ def test_load_audio_reads_channel0_as_float(tmp_path, librispeech_dir, speech):
     np.testing.assert_array_equal(load_audio(str(stereo), SR), speech)
 
 
+def test_flac_decodes_through_dr_flac_sample_for_sample_as_libsndfile(tmp_path, librispeech_dir):
+    from hpc_asr.features import _read_flac
+
+    flacs = sorted(librispeech_dir.glob("test-clean/*/*/*.flac"))
+    pcm, sr = sf.read(str(flacs[0]), dtype="float32")
+    sf.write(str(tmp_path / "stereo24.flac"), np.stack([pcm, -pcm / 3], axis=1), sr, subtype="PCM_24")
+    for path in [*flacs, tmp_path / "stereo24.flac"]:
+        fast = _read_flac(str(path))
+        assert fast is not None, f"{path.name}: not decoded by dr_flac"
+        data, rate, integer = fast
+        want, want_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        assert rate == want_rate and integer and data.dtype == np.float32
+        np.testing.assert_array_equal(data, want)
+
+
+def test_flac_that_states_no_length_is_decoded_whole(tmp_path, librispeech_dir, speech):
+    raw = bytearray((librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac").read_bytes())
+    # STREAMINFO starts at byte 8; its 36-bit total-samples field ends at byte 26 (0 = unknown).
+    raw[21] &= 0xF0
+    raw[22:26] = bytes(4)
+    path = tmp_path / "streamed.flac"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError):  # what libsndfile makes of it (the old path rejected these)
+        sf.read(str(path), dtype="float32")
+    np.testing.assert_array_equal(load_audio(str(path), SR), speech)
+
+
+def test_truncated_flac_is_rejected_not_decoded_short(tmp_path, librispeech_dir):
+    raw = (librispeech_dir / "test-clean/1089/134686/1089-134686-0000.flac").read_bytes()
+    path = tmp_path / "cut.flac"
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(AudioError, match=r"cut\.flac: cannot decode audio \(truncated or corrupt FLAC"):
+        load_audio(str(path), SR)
+
+
 def test_load_audio_wrong_rate_names_file(tmp_path):
     path = tmp_path / "eight_k.wav"
     sf.write(str(path), np.zeros(8000, np.int16), 8000)
