@@ -141,6 +141,23 @@ def test_torch_engine_cli(tiny_features, tmp_path):
     assert checkpoint.load(out / "last.pt")["position"]["step"] == 2
 
 
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_batchnorm_statistics_are_averaged_so_replicas_and_checkpoint_agree(tiny_features, tmp_path, engine):
+    """The demo's BatchNorm conv module keeps running statistics per rank (each rank normalises its
+    own batches). At every checkpoint and evaluation they are averaged over the ranks, so the
+    replicas end identical and last.pt holds statistics of all ranks' data, not rank 0's."""
+    out = tmp_path / engine
+    cfg = tiny_yaml(tmp_path / f"{engine}.yaml", tiny_features["train"], tiny_features["dev"], out,
+                    model={"conv_norm": "batch"}, train={"epochs": 2, "tensorboard": False})
+    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--dist.engine", engine), timeout=240)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["engine"] == engine and summary["steps"] >= 2 and len(summary["dev"]) == 2
+    assert summary["replicas_identical"], summary["replicas"]
+    assert "replicas differ" not in (out / "train.rank0.log").read_text()
+    stats = {k: v for k, v in checkpoint.load(out / "last.pt")["model"].items() if "running_" in k}
+    assert stats and all(torch.isfinite(v).all() for v in stats.values())
+
+
 # ---- resume --------------------------------------------------------------------------------
 
 class Preempted(Exception):

@@ -43,7 +43,8 @@ from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
 from hpc_asr.train.metrics import MetricsWriter, Progress
 from hpc_asr.train.preempt import EXIT_PREEMPTED, Preempted, SignalFlag, inf_hook, step_pause, wait_for_signal_hook
-from hpc_asr.train.state import ResumeError, new_position, restore, save
+from hpc_asr.train.state import ResumeError, new_position, restore
+from hpc_asr.train.state import save as _save_rank0
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
            "main", "train"]
@@ -402,9 +403,32 @@ def _log_step(run: _Run, epoch: int) -> None:
     _reset_window(run)
 
 
-# ---- evaluation -------------------------------------------------------------------------
+# ---- checkpoints and evaluation ----------------------------------------------------------
+
+def average_batchnorm_stats(model: nn.Module, engine: Engine, size: int) -> None:
+    """BatchNorm running statistics are updated on each rank from its own batches, so replicas
+    drift apart in them. Average them over the ranks (timm's ``distribute_bn``), so evaluation,
+    every checkpoint and every replica hold the statistics of all ranks' data. Training itself
+    normalises with batch statistics: no gradient changes. Every rank must call it."""
+    bufs = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+    if size == 1 or not bufs:
+        return
+    with torch.no_grad():
+        flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs])
+        flat = engine.allreduce_sum(flat) / size  # dist: the same sum on every rank
+        for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
+
+
+def save(run: _Run, step_copy: bool = False) -> None:
+    """Every rank: average the BatchNorm statistics, then rank 0 writes last.pt."""
+    average_batchnorm_stats(run.model, run.engine, run.world.size)
+    _save_rank0(run, step_copy)
+
 
 def _evaluate(run: _Run, epoch: int) -> None:
+    average_batchnorm_stats(run.model, run.engine, run.world.size)
     dev = evaluate(run.model, run.dev_set, run.tok, run.engine, run.cfg)
     p = run.pos
     p["dev"].append({"epoch": epoch, "step": p["step"], **dev})
@@ -414,7 +438,7 @@ def _evaluate(run: _Run, epoch: int) -> None:
     improved = best is None or (dev["wer"], dev["loss"]) < (best["wer"], best["loss"])
     if improved:
         p["best"] = {"epoch": epoch, "step": p["step"], "wer": dev["wer"], "loss": dev["loss"]}
-    save(run)  # keep dev history (and the best mark) in the checkpoint too
+    _save_rank0(run)  # keep dev history (and the best mark) in the checkpoint too (stats averaged above)
     if improved and run.world.is_main:
         checkpoint.copy(run.out / "last.pt", run.out / "best.pt")
 
