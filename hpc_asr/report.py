@@ -70,6 +70,7 @@ def build_report(run: Path) -> dict:
         "ranks": train["ranks"],
         "engine": train["engine"],
         "compression": train["compression"],
+        "replicas_identical": train.get("replicas_identical"),
         "onnx_max_abs_diff": ex["onnx_max_abs_diff"],
         "onnx_transcripts_match": ex["onnx_transcripts_match"],
         "torchscript_max_abs_diff": ex["torchscript_max_abs_diff"],
@@ -183,6 +184,8 @@ hpc_asr demo — {args.run}/report.json
         failures.append(f"test WER {r['wer']:.2%} ({r['decoder']}) is above the bar {args.bar_wer:.0%}")
     if not r["onnx_transcripts_match"]:
         failures.append("ONNX transcripts differ from PyTorch")
+    if r["replicas_identical"] is False:
+        failures.append("training replicas differ at the end of training (train_summary.json: replicas)")
     for f in failures:
         print(f"error: {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -28,6 +28,7 @@ def test_make_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["ranks"] == 2 and report["engine"] == "horovod" and report["compression"] == "fp16"
+    assert report["replicas_identical"] is True
     assert report["test_utterances"] > 0 and 0 <= report["cer"] and report["train_hours"] > 0
     assert report["onnx_transcripts_match"] is True and report["onnx_max_abs_diff"] < 1e-3
     assert report["latency_ms_p50"] > 0 and report["rtf"] > 0

@@ -62,6 +62,15 @@ def test_report_fails_above_bar_or_on_mismatch(tmp_path, wer, match, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_report_fails_when_training_replicas_differ(tmp_path, capsys):
+    _stage_files(tmp_path)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    (tmp_path / "train_summary.json").write_text(json.dumps({**summary, "replicas_identical": False}))
+    assert report.main(["--run", str(tmp_path)]) == 1
+    assert "replicas differ at the end of training" in capsys.readouterr().err
+    assert json.loads((tmp_path / "report.json").read_text())["replicas_identical"] is False
+
+
 def test_missing_stage_is_named(tmp_path, capsys):
     _stage_files(tmp_path)
     (tmp_path / "latency.json").unlink()
