@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpc_asr.config import ModelConfig
-from hpc_asr.model import ConformerCTC, _rel_shift, _rel_sinusoids, _SelfAttention, make_pad_mask, subsampled_lengths
+from hpc_asr.model import ConformerCTC, Dropout, _rel_shift, _rel_sinusoids, _SelfAttention, make_pad_mask, subsampled_lengths
 
 BINS, VOCAB = 80, 29
 
@@ -91,6 +91,37 @@ def test_train_mode_dropout_is_active_eval_is_deterministic(model):
             model.eval()
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_cpu_dropout_keeps_1_minus_p_and_the_expectation(p):
+    """The cheap CPU mask: each element kept with probability 1 - p (p to 1/65536), kept values
+    scaled so the mean is unchanged, gradient = the same mask, and torch's seed reproduces it."""
+    drop = Dropout(p).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    scale = 65536 / (65536 - round(p * 65536))
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.002
+    assert torch.equal(y[kept], torch.full_like(y[kept], scale))
+    assert abs(y.mean().item() - 1.0) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the same seed, the same mask
+    assert not torch.equal(drop(x), y)  # the generator moved on
+    # every 16-bit lane of a 64-bit draw is used, and uniform: no column pattern in the mask
+    lanes = kept.reshape(-1, 4).float().mean(0)
+    assert (lanes - (1 - p)).abs().max() < 0.004, lanes
+
+
+def test_dropout_off_in_eval_and_at_the_ends():
+    x = torch.randn(64, 144)
+    assert torch.equal(Dropout(0.1).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    half = Dropout(0.5).train()(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and set(torch.unique(half / x.to(torch.bfloat16)).tolist()) <= {0.0, 2.0}
 
 
 @pytest.mark.parametrize(("subsampling", "attention"), [("conv2d", "abs"), ("conv1d", "abs"), ("conv1d", "rel")])
