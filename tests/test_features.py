@@ -4,6 +4,7 @@ loading errors, and CMVN statistics."""
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -140,6 +141,15 @@ def test_flac_that_states_no_length_is_decoded_whole(tmp_path, librispeech_dir, 
     with pytest.raises(ValueError):  # what libsndfile makes of it (the old path rejected these)
         sf.read(str(path), dtype="float32")
     np.testing.assert_array_equal(load_audio(str(path), SR), speech)
+
+
+def test_flac_without_miniaudio_goes_through_libsndfile(monkeypatch, librispeech_dir, speech):
+    from hpc_asr.features import _read_flac
+
+    monkeypatch.setitem(sys.modules, "miniaudio", None)  # as on a node whose wheels lack it
+    path = str(librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac")
+    assert _read_flac(path) is None
+    np.testing.assert_array_equal(load_audio(path, SR), speech)
 
 
 def test_truncated_flac_is_rejected_not_decoded_short(tmp_path, librispeech_dir):
