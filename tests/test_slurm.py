@@ -105,6 +105,16 @@ def _until(what: str, pred, timeout: float, cluster: sc.SlurmCluster, job: str, 
     raise AssertionError(f"timed out waiting for {what}: {cluster.job(job)}\n{cluster.log('slurmctld')[-1500:]}")
 
 
+def _release_requeued(cluster, jid: str, *updates: str) -> None:
+    """A requeued job waits 2 min (Reason=BeginTime) before it is eligible again; shorten that wait
+    to 3 s, not to 0. slurmd revokes the job's credentials at the requeue, with a time in whole
+    seconds, and refuses any credential of that job id created in the same second: a restart
+    within that second ends FAILED ("Killing non-startable batch JobId=…: Job credential
+    revoked"; seen in CI when the requeue and `StartTime=now` fell in one second). Slurm's own
+    2-minute delay exists for this."""
+    cluster.run("scontrol", "update", f"JobId={jid}", *updates, "StartTime=now+3")
+
+
 @pytest.mark.slow
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     data = {"train": make_feature_dir(tmp_path / "train", 16, seed=0, shards=2),
@@ -126,8 +136,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     seen = max(_steps(rank0))
     _until("the requeue", lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING")(
         slurm_cluster.job(jid)), 90, slurm_cluster, jid)
-    # A requeued job waits 2 min (Reason=BeginTime) before it is eligible again; skip that wait.
-    slurm_cluster.run("scontrol", "update", f"JobId={jid}", "StartTime=now")
+    _release_requeued(slurm_cluster, jid)
     _until("the requeued job to finish",
            lambda: slurm_cluster.job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
            180, slurm_cluster, jid)
@@ -218,7 +227,7 @@ def test_time_limit_warning_requeues_instead_of_timeout(slurm_cluster, tmp_path)
     stopped = [int(m) for m in re.findall(r"preempted \(signal\) at step (\d+)", rank0.read_text())]
     assert len(stopped) == 1 and stopped[0] > 0, rank0.read_text()
     # Let the second run finish: stop after a few more steps, no further time limit in the way.
-    slurm_cluster.run("scontrol", "update", f"JobId={jid}", "TimeLimit=00:10:00", "StartTime=now")
+    _release_requeued(slurm_cluster, jid, "TimeLimit=00:10:00")
     cfg_raw = json.loads(cfg.read_text())
     cfg_raw["train"]["max_steps"] = stopped[0] + 3
     cfg.write_text(json.dumps(cfg_raw))
