@@ -21,6 +21,10 @@ setup(
         "kaldi-native-fbank>=1.20",
         "pyyaml>=6.0",
         "matplotlib>=3.8",
+        "flashlight-text>=0.0.7",  # beam search + KenLM (hpc_asr.decode)
+        "sentencepiece>=0.2",  # train.tokenizer: bpe
+        "pyroomacoustics>=0.7",  # data_prep.augment
     ],
-    extras_require={"horovod": ["horovod==0.28.1"], "test": ["pytest>=8", "lhotse>=1.20", "ruff"]},
+    extras_require={"horovod": ["horovod==0.28.1"], "tensorboard": ["tensorboard"], "peer": ["pocketsphinx>=5.0"],
+                    "test": ["pytest>=8", "lhotse>=1.20", "ruff"]},
 )
