@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from hpc_asr.config import ModelConfig
-from hpc_asr.model import ConformerCTC, Dropout, _rel_shift, _rel_sinusoids, _SelfAttention, make_pad_mask, subsampled_lengths
+from hpc_asr.model import (
+    ConformerCTC,
+    Dropout,
+    _rel_shift,
+    _rel_sinusoids,
+    _SelfAttention,
+    make_pad_mask,
+    subsampled_lengths,
+)
 
 BINS, VOCAB = 80, 29
 
