@@ -164,6 +164,23 @@ class Engine:
     def broadcast_state(self, model: torch.nn.Module, optimizer) -> None:
         """Make every rank start from rank 0's (possibly resumed) weights and optimizer state."""
 
+    def average_batchnorm_stats(self, model: torch.nn.Module) -> None:
+        """BatchNorm running statistics are updated on each rank from its own batches, so the
+        replicas drift apart in them (weights do not: gradients are allreduced). Average them over
+        the ranks in one allreduce (timm's ``distribute_bn``), so evaluation, every checkpoint and
+        every replica hold the statistics of all ranks' data. Every rank must call it."""
+        import torch
+
+        bufs = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for b in (m.running_mean, m.running_var) if b is not None]
+        if self.world.size == 1 or not bufs:
+            return
+        with torch.no_grad():
+            flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs])
+            flat = self.allreduce_sum(flat) / self.world.size  # dist: the same sum on every rank
+            for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+                b.copy_(v.view_as(b))
+
     def synchronize(self, optimizer) -> None:
         """Finish the gradient allreduce before the optimizer step (needed to unscale/clip)."""
 

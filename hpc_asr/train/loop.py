@@ -43,8 +43,7 @@ from hpc_asr.evaluate import evaluate
 from hpc_asr.model import ConformerCTC, subsampled_lengths
 from hpc_asr.train.metrics import MetricsWriter, Progress
 from hpc_asr.train.preempt import EXIT_PREEMPTED, Preempted, SignalFlag, inf_hook, step_pause, wait_for_signal_hook
-from hpc_asr.train.state import ResumeError, new_position, restore
-from hpc_asr.train.state import save as _save_rank0
+from hpc_asr.train.state import ResumeError, new_position, restore, save
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "autocast_dtype", "flops_per_audio_second", "lr_lambda", "lr_scale",
            "main", "train"]
@@ -405,30 +404,14 @@ def _log_step(run: _Run, epoch: int) -> None:
 
 # ---- checkpoints and evaluation ----------------------------------------------------------
 
-def average_batchnorm_stats(model: nn.Module, engine: Engine, size: int) -> None:
-    """BatchNorm running statistics are updated on each rank from its own batches, so replicas
-    drift apart in them. Average them over the ranks (timm's ``distribute_bn``), so evaluation,
-    every checkpoint and every replica hold the statistics of all ranks' data. Training itself
-    normalises with batch statistics: no gradient changes. Every rank must call it."""
-    bufs = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in (m.running_mean, m.running_var) if b is not None]
-    if size == 1 or not bufs:
-        return
-    with torch.no_grad():
-        flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs])
-        flat = engine.allreduce_sum(flat) / size  # dist: the same sum on every rank
-        for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
-            b.copy_(v.view_as(b))
-
-
-def save(run: _Run, step_copy: bool = False) -> None:
-    """Every rank: average the BatchNorm statistics, then rank 0 writes last.pt."""
-    average_batchnorm_stats(run.model, run.engine, run.world.size)
-    _save_rank0(run, step_copy)
+def _checkpoint(run: _Run, step_copy: bool = False) -> None:
+    """Every rank: average the BatchNorm statistics (a collective); then rank 0 writes last.pt."""
+    run.engine.average_batchnorm_stats(run.model)
+    save(run, step_copy)
 
 
 def _evaluate(run: _Run, epoch: int) -> None:
-    average_batchnorm_stats(run.model, run.engine, run.world.size)
+    run.engine.average_batchnorm_stats(run.model)  # dist: dev scores and last.pt use all ranks' statistics
     dev = evaluate(run.model, run.dev_set, run.tok, run.engine, run.cfg)
     p = run.pos
     p["dev"].append({"epoch": epoch, "step": p["step"], **dev})
@@ -438,7 +421,7 @@ def _evaluate(run: _Run, epoch: int) -> None:
     improved = best is None or (dev["wer"], dev["loss"]) < (best["wer"], best["loss"])
     if improved:
         p["best"] = {"epoch": epoch, "step": p["step"], "wer": dev["wer"], "loss": dev["loss"]}
-    _save_rank0(run)  # keep dev history (and the best mark) in the checkpoint too (stats averaged above)
+    save(run)  # keep dev history (and the best mark) in the checkpoint too
     if improved and run.world.is_main:
         checkpoint.copy(run.out / "last.pt", run.out / "best.pt")
 
@@ -463,15 +446,15 @@ def _train_epoch(run: _Run, epoch: int, start: int) -> bool:
             _log_step(run, epoch)
         run.progress.update(p["step"], epoch, p["history"][-1]["loss"] if logged else None)
         if signalled:
-            save(run)
+            _checkpoint(run)
             run.log(f"preempted (signal) at step {p['step']}: checkpoint {run.out / 'last.pt'}; "
                     f"exiting with status {EXIT_PREEMPTED}")
             raise Preempted
         if done:
-            save(run)
+            _checkpoint(run)
             return True
         if cfg.train.ckpt_every_steps and p["step"] % cfg.train.ckpt_every_steps == 0:
-            save(run, step_copy=True)
+            _checkpoint(run, step_copy=True)
             run.commit()  # dist (elastic): ranks may leave or join here
     return False
 
@@ -492,7 +475,7 @@ def _loop(run: _Run) -> None:
         done = _train_epoch(run, epoch, _start_batch(run, epoch))
         if not done:
             run.pos.update(epoch=epoch + 1, batch=0, gbatch=0)
-            save(run)
+            _checkpoint(run)
         _evaluate(run, epoch)
         if done:
             return
