@@ -23,26 +23,26 @@ setup-gpu:
 	@bash env/setup-local.sh --gpu
 
 demo: setup
-	$(PY) -m data_prep.synth --out $(DATA) --hours $(HOURS) $(SYNTH_ARGS)
-	$(MPIRUN) $(PY) -m data_prep.augment --config $(CONFIG) --manifest $(DATA)/train.jsonl --out $(DATA)/aug
-	$(PY) -m data_prep.librispeech --root $(FIXTURES) --subset test-clean --out $(DATA)/real.jsonl
+	$(PY) -m hpc_asr prep voice-assistant --out $(DATA) --hours $(HOURS) $(SYNTH_ARGS)
+	$(MPIRUN) $(PY) -m hpc_asr prep augment --config $(CONFIG) --manifest $(DATA)/train.jsonl --out $(DATA)/aug
+	$(PY) -m hpc_asr prep librispeech --root $(FIXTURES) --subset test-clean --out $(DATA)/real.jsonl
 	for split in aug/train dev test test_festival real; do \
-	  $(MPIRUN) $(PY) -m data_prep.fbank --config $(CONFIG) --manifest $(DATA)/$$split.jsonl \
+	  $(MPIRUN) $(PY) -m hpc_asr prep fbank --config $(CONFIG) --manifest $(DATA)/$$split.jsonl \
 	    --out $(DATA)/fbank/$$(basename $$split) || exit 1; done
-	$(MPIRUN) $(PY) -m hpc_asr.train --config $(CONFIG) --train.out_dir $(RUN) \
+	$(MPIRUN) $(PY) -m hpc_asr train --config $(CONFIG) --train.out_dir $(RUN) \
 	  --data.train $(DATA)/fbank/train --data.dev $(DATA)/fbank/dev $(TRAIN_ARGS)
-	$(PY) -m hpc_asr.lm --manifest $(DATA)/train.jsonl --order 3 --out $(RUN)/lm/lm.arpa
-	$(PY) -m hpc_asr.lm tune --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/dev --lm $(RUN)/lm
-	$(MPIRUN) $(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --decoder beam+lm --out $(RUN)/eval.json
-	$(MPIRUN) $(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --decoder greedy --out $(RUN)/eval_greedy.json
-	$(MPIRUN) $(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test_festival --decoder beam+lm --out $(RUN)/eval_festival.json
-	$(PY) -m hpc_asr.evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/real --decoder greedy --out $(RUN)/eval_real.json
-	$(PY) -m hpc_asr.export --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --out-dir $(RUN)/export
-	$(PY) -m hpc_asr.latency --model-dir $(RUN)/export --manifest $(DATA)/test.jsonl --out $(RUN)/latency.json
-	$(MPIRUN) $(PY) -m hpc_asr.peer --manifest $(DATA)/test.jsonl --out $(RUN)/peer_test.json
-	$(MPIRUN) $(PY) -m hpc_asr.peer --manifest $(DATA)/test_festival.jsonl --out $(RUN)/peer_festival.json
-	$(PY) -m hpc_asr.peer --manifest $(DATA)/real.jsonl --out $(RUN)/peer_real.json
-	$(PY) -m hpc_asr.report --run $(RUN) --bar-wer $(BAR_WER)
+	$(PY) -m hpc_asr lm --manifest $(DATA)/train.jsonl --order 3 --out $(RUN)/lm/lm.arpa
+	$(PY) -m hpc_asr lm tune --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/dev --lm $(RUN)/lm
+	$(MPIRUN) $(PY) -m hpc_asr evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --decoder beam+lm --out $(RUN)/eval.json
+	$(MPIRUN) $(PY) -m hpc_asr evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --decoder greedy --out $(RUN)/eval_greedy.json
+	$(MPIRUN) $(PY) -m hpc_asr evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test_festival --decoder beam+lm --out $(RUN)/eval_festival.json
+	$(PY) -m hpc_asr evaluate --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/real --decoder greedy --out $(RUN)/eval_real.json
+	$(PY) -m hpc_asr export --checkpoint $(RUN)/last.pt --data $(DATA)/fbank/test --out-dir $(RUN)/export
+	$(PY) -m hpc_asr latency --model-dir $(RUN)/export --manifest $(DATA)/test.jsonl --out $(RUN)/latency.json
+	$(MPIRUN) $(PY) -m hpc_asr bench peer --manifest $(DATA)/test.jsonl --out $(RUN)/peer_test.json
+	$(MPIRUN) $(PY) -m hpc_asr bench peer --manifest $(DATA)/test_festival.jsonl --out $(RUN)/peer_festival.json
+	$(PY) -m hpc_asr bench peer --manifest $(DATA)/real.jsonl --out $(RUN)/peer_real.json
+	$(PY) -m hpc_asr report --run $(RUN) --bar-wer $(BAR_WER)
 
 # TEST_ARGS=--runslow adds the end-to-end tests (CI runs them).
 test: setup
@@ -56,21 +56,21 @@ clean-demo:
 
 # Benchmarks with same-run peer comparisons; JSON under runs/bench/.
 bench: setup
-	$(PY) -m hpc_asr.bench.micro --out runs/bench/bench.json
+	$(PY) -m hpc_asr bench micro --out runs/bench/bench.json
 
 bench-train: setup
-	$(PY) -m hpc_asr.bench.train --out runs/bench/train.json
+	$(PY) -m hpc_asr bench train --out runs/bench/train.json
 
 bench-prep: setup
-	$(PY) -m hpc_asr.bench.prep --out runs/bench/prep.json
+	$(PY) -m hpc_asr bench prep --out runs/bench/prep.json
 
 # Augmentation ablation on a reduced corpus (docs/accuracy.md): espeak dev and festival per variant.
 ablation: setup
-	$(PY) -m hpc_asr.bench.ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
+	$(PY) -m hpc_asr bench ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
 
 # GPU nodes, after `make setup-gpu` (docs/gpu.md): the seed step, torch.compile, torchaudio, FBANK.
 bench-gpu:
-	$(PY) -m hpc_asr.bench.gpu --out runs/bench/gpu.json
+	$(PY) -m hpc_asr bench gpu --out runs/bench/gpu.json
 
 # GPU node acceptance: every CUDA test, bench-gpu and the doctor, logs under runs/gpu-check/.
 gpu-check:

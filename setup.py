@@ -7,6 +7,7 @@ setup(
     packages=find_packages(include=["hpc_asr", "hpc_asr.*", "data_prep", "data_prep.*"]),
     package_data={"hpc_asr": ["configs/*.yaml"]},
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["hpc-asr = hpc_asr.__main__:main"]},
     install_requires=[
         "torch>=2.1",
         "numpy>=1.26",
@@ -21,7 +22,7 @@ setup(
         "kaldi-native-fbank>=1.20",
         "pyyaml>=6.0",
         "matplotlib>=3.8",
-        "flashlight-text>=0.0.7",  # beam search + KenLM (hpc_asr.decode)
+        "flashlight-text>=0.0.7",  # beam search + KenLM (hpc_asr.decode.ctc)
         "sentencepiece>=0.2",  # train.tokenizer: bpe
         "pyroomacoustics>=0.7",  # data_prep.augment
     ],

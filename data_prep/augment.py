@@ -1,8 +1,8 @@
 """Waveform augmentation before feature prep, the way Kaldi recipes do it: write augmented copies
 of the training audio and a combined manifest, then run ``data_prep.fbank`` on that manifest.
 
-    python -m data_prep.augment --manifest data/va/train.jsonl --out data/va/aug --config demo.yaml
-    mpirun -np 2 python -m data_prep.augment ...      # rank r renders utterances i % size == r
+    python -m hpc_asr prep augment --manifest data/va/train.jsonl --out data/va/aug --config demo.yaml
+    mpirun -np 2 python -m hpc_asr prep augment ...      # rank r renders utterances i % size == r
 
 Each copy draws, from the ``augment`` config section (each part switches off on its own):
 
@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_asr.config import AugmentConfig, ConfigError, load_config
-from hpc_asr.dist import detect_world, mpi_comm
-from hpc_asr.features import AudioError, resample
-from hpc_asr.manifest import ManifestError, Utterance, read_manifest, write_manifest
+from hpc_asr.cli import load_config
+from hpc_asr.config import AugmentConfig, ConfigError
+from hpc_asr.data.features import AudioError, resample
+from hpc_asr.data.manifest import ManifestError, Utterance, read_manifest, write_manifest
+from hpc_asr.dist.launch import detect_world, mpi_comm
 
 __all__ = ["add_noise", "augment_one", "coloured_noise", "main", "reverberate", "rir_bank", "speed_perturb"]
 
@@ -207,7 +208,7 @@ def run(manifest: Path, out: Path, cfg: AugmentConfig, world, comm) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.augment", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hpc-asr prep augment", description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True, type=Path, help="training manifest (JSONL)")
     p.add_argument("--out", required=True, type=Path, help="folder for wav/, train.jsonl, augment.json")
     p.add_argument("--config", help="YAML config; its augment section is used")

@@ -1,6 +1,6 @@
 """Compute FBANK for a JSONL manifest across MPI ranks: bounded HDF5 shards, index, CMVN, rejects.
 
-    mpirun -np 64 python -m data_prep.fbank --manifest train.jsonl --out /lustre/asr/fbank/train
+    mpirun -np 64 python -m hpc_asr prep fbank --manifest train.jsonl --out /lustre/asr/fbank/train
 
 The manifest is cut into work units of ~``--unit-seconds`` of audio (a fixed list, whatever the
 number of ranks). Ranks claim units dynamically (an exclusive create of one claim file per unit),
@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from hpc_asr.atomic import atomic_path, write_json_atomic
-from hpc_asr.config import ConfigError, FeatureConfig, load_config
-from hpc_asr.dist import World, detect_world, log0, mpi_comm
-from hpc_asr.features import AudioError, CmvnStats, fbank, load_audio, resample
-from hpc_asr.manifest import ManifestError, Utterance, read_manifest
-from hpc_asr.shards import DEFAULT_MAX_BYTES, ShardWriter, open_h5, read_index, write_index
+from hpc_asr.cli import load_config
+from hpc_asr.config import ConfigError, FeatureConfig
+from hpc_asr.data.features import AudioError, CmvnStats, fbank, load_audio, resample
+from hpc_asr.data.manifest import ManifestError, Utterance, read_manifest
+from hpc_asr.data.shards import DEFAULT_MAX_BYTES, ShardWriter, open_h5, read_index, write_index
+from hpc_asr.dist.launch import World, detect_world, log0, mpi_comm
 
 KILL_ENV = "HPC_ASR_TEST_KILL_AFTER_UNITS"  # "RANK:N": SIGKILL that rank after N units (tests only)
 SLOW_ENV = "HPC_ASR_TEST_SLOW_RANK"  # "RANK:SECONDS": that rank sleeps this long per unit (tests only)

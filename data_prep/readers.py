@@ -1,7 +1,7 @@
 """Generic corpus lists -> the JSONL manifest that ``data_prep.fbank`` reads.
 
-    python -m data_prep.readers tsv   --list corpus.tsv   --out data/x/train.jsonl
-    python -m data_prep.readers kaldi --dir data/train    --out data/x/train.jsonl
+    python -m hpc_asr prep manifest tsv   --list corpus.tsv   --out data/x/train.jsonl
+    python -m hpc_asr prep manifest kaldi --dir data/train    --out data/x/train.jsonl
 
 - ``tsv``: one utterance per line, ``path<TAB>text[<TAB>speaker]`` (a ``.csv`` file uses commas and
   CSV quoting). Relative paths are relative to the list's folder; a first line ``path ...`` is a
@@ -12,7 +12,7 @@
   feature prep reads plain files.
 
 Lines whose audio is missing or unreadable, or whose transcript is empty, are skipped and named on
-stderr (one line each), as in ``data_prep.librispeech``. Texts are normalized as the tokenizer
+stderr (one line each), as in ``data_prep.recipes.librispeech``. Texts are normalized as the tokenizer
 expects.
 """
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_asr.atomic import atomic_path
-from hpc_asr.manifest import ManifestError, Utterance, write_manifest
-from hpc_asr.tokenizer import normalize
+from hpc_asr.data.manifest import ManifestError, Utterance, write_manifest
+from hpc_asr.data.tokenizer import normalize
 
 __all__ = ["read_kaldi_dir", "read_list"]
 

@@ -1,4 +1,4 @@
-"""Check a prepared feature directory against its index: ``python -m data_prep.verify DIR``.
+"""Check a prepared feature directory against its index: ``python -m hpc_asr prep verify DIR``.
 
 Every shard listed in ``index.json`` is opened and compared with its row: size in bytes, format
 and version, feature settings, utterance and frame counts, offsets, the checksum of its frames,
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hpc_asr.shards import check_shard, read_index
+from hpc_asr.data.shards import check_shard, read_index
 
 
 def verify(directory: str | Path) -> str | None:

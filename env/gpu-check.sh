@@ -78,10 +78,10 @@ fi
 
 if has bench; then
 step "bench-gpu"
-timeout $(($(left) - 90)) "$PY" -m hpc_asr.bench.gpu --out "$OUT/gpu.json" 2>&1 | tail -60
+timeout $(($(left) - 90)) "$PY" -m hpc_asr bench gpu --out "$OUT/gpu.json" 2>&1 | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || failed=$((failed + 1))
 fi
-has doctor && { step "doctor"; "$PY" -m hpc_asr.ops.doctor 2>&1 | tail -20 | tee "$OUT/doctor.txt"; }
+has doctor && { step "doctor"; "$PY" -m hpc_asr doctor 2>&1 | tail -20 | tee "$OUT/doctor.txt"; }
 
 if [ -n "$HVD_PID" ]; then
   step "waiting for the Horovod build (up to $(($(left) - 60)) s)"
@@ -94,7 +94,7 @@ if [ -n "$HVD_PID" ]; then
       tests/test_gpu_dist.py::test_horovod_on_gpu \
       tests/test_gpu_train.py::test_horovod_gradscaler_order_and_inf_skip_on_gpus 2>&1 | tee "$OUT/horovod-tests.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || failed=$((failed + 1))
-    step "doctor with Horovod"; "$PY" -m hpc_asr.ops.doctor 2>&1 | tail -20 | tee "$OUT/doctor-horovod.txt"
+    step "doctor with Horovod"; "$PY" -m hpc_asr doctor 2>&1 | tail -20 | tee "$OUT/doctor-horovod.txt"
   else
     echo "Horovod build failed:"; tail -30 "$OUT/horovod-build.log"; failed=$((failed + 1))
   fi

@@ -10,7 +10,7 @@
 # PREFIX/modulefiles. They load the site's dependencies (env/site.yaml: modulefile.deps on GPU
 # installs, modulefile.cpu_deps otherwise), put PREFIX/bin on PATH (no PYTHONPATH) and set the
 # NCCL/HDF5 presets of env/nccl.env; `module unload hpc_asr` restores the environment.
-#   Users: module use DIR && module load hpc_asr && python -m hpc_asr.ops.doctor
+#   Users: module use DIR && module load hpc_asr && python -m hpc_asr doctor
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -79,4 +79,4 @@ for src, name in (("hpc_asr.lua.in", f"{version}.lua"), ("hpc_asr.tcl.in", versi
     (Path(out) / name).write_text(text)
     print(f"[provision] wrote {Path(out) / name}")
 PY
-say "done: module use $MODDIR && module load hpc_asr/$VERSION && python -m hpc_asr.ops.doctor"
+say "done: module use $MODDIR && module load hpc_asr/$VERSION && python -m hpc_asr doctor"

@@ -4,7 +4,7 @@ A checkpoint carries everything needed to rebuild and use the model without the 
 config file: the full config, the tokenizer (character symbols or the BPE model proto) and
 (inside the model buffers) the CMVN.
 
-    python -m hpc_asr.checkpoint average --out avg.pt runs/x/step-00001000.pt runs/x/step-00002000.pt
+    python -m hpc_asr checkpoint average --out avg.pt runs/x/step-00001000.pt runs/x/step-00002000.pt
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from hpc_asr.atomic import atomic_path
 from hpc_asr.config import Config
+from hpc_asr.data.tokenizer import from_state_dict as tokenizer_from_state
 from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import from_state_dict as tokenizer_from_state
 
 __all__ = ["CheckpointError", "average", "copy", "load", "load_model", "main", "save"]
 
@@ -96,7 +96,7 @@ def load_model(path: str | Path) -> tuple[ConformerCTC, Any, Config]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.checkpoint", description="Checkpoint tools")
+    p = argparse.ArgumentParser(prog="hpc-asr checkpoint", description="Checkpoint tools")
     sub = p.add_subparsers(dest="cmd", required=True)
     avg = sub.add_parser("average", help="mean of the models of several checkpoints")
     avg.add_argument("--out", required=True)

@@ -12,10 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 __all__ = [
     "AugmentConfig",
@@ -29,8 +26,6 @@ __all__ = [
     "ModelConfig",
     "SpecAugConfig",
     "TrainConfig",
-    "load_config",
-    "parse_cli",
 ]
 
 
@@ -79,7 +74,7 @@ class FeatureConfig:
     dither: float = 0.0  # 0 keeps features deterministic (reproducible shards, exact parity tests)
     low_freq: float = 20.0
     high_freq: float = 0.0  # <= 0 means Nyquist + high_freq, as in Kaldi
-    backend: str = "torch"  # torch | kaldi_native | torchaudio: same features, see hpc_asr.features
+    backend: str = "torch"  # torch | kaldi_native | torchaudio: same features, see hpc_asr.data.features
     max_duration: float = 60.0  # seconds; longer audio is rejected at prep (0 = no limit)
 
     def __post_init__(self) -> None:
@@ -205,9 +200,19 @@ class TrainConfig:
         if self.precision != "fp32" and self.amp:
             raise ConfigError(f"train.amp=true conflicts with train.precision={self.precision!r}; set one")
 
+    def autocast_dtype(self, device_type: str):
+        """The autocast dtype of this precision (None for fp32), for training and for scoring alike:
+        the legacy ``amp: true`` means fp16 on CUDA and bf16 on CPU."""
+        import torch
+
+        p = self.precision
+        if p == "fp32" and self.amp:
+            p = "fp16" if device_type == "cuda" else "bf16"
+        return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
 @dataclass
 class DistConfig:
-    """Distributed engine and Horovod knobs; rank detection lives in hpc_asr.dist.
+    """Distributed engine and Horovod knobs; rank detection lives in hpc_asr.dist.launch.
 
     Horovod knobs are exported as HOROVOD_* variables before ``hvd.init()``; a variable already in
     the environment wins over the config."""
@@ -248,7 +253,7 @@ class ExportConfig:
 
 @dataclass
 class DecodeConfig:
-    """CTC decoding at evaluation (hpc_asr.decode); LM weights are tuned on dev by hpc_asr.lm."""
+    """CTC decoding at evaluation (hpc_asr.decode.ctc); LM weights are tuned on dev by hpc_asr.decode.ngram."""
 
     decoder: str = "greedy"  # greedy | beam (prefix beam search) | beam+lm (word n-gram LM, lexicon)
     beam_size: int = 32  # hypotheses kept per frame
@@ -375,78 +380,3 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is str:
         return str(value)
     return value
-
-
-def read_yaml_mapping(path: str | Path, what: str, shape: str = "a mapping", error: type | None = None) -> dict:
-    """A YAML file whose top level is a mapping; missing, malformed or other shapes raise
-    ``error`` (ConfigError) in one line naming the file. The config and the jobs site file read this way."""
-    error = error or ConfigError
-    p = Path(path)
-    if not p.is_file():
-        raise error(f"{p}: {what} not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise error(f"{p}: top level must be {shape}")
-    return raw
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or defaults when ``path`` is None) and apply ``--section.key value`` overrides."""
-    raw: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        raw = read_yaml_mapping(path, "config file", "a mapping of sections")
-        where = str(path)
-    for key, value in _pairs(overrides or []):
-        section, _, name = key.partition(".")
-        if not name:
-            raise ConfigError(f"override --{key}: expected --section.key")
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
-        raw[section][name] = yaml.safe_load(value) if value != "" else ""
-    return Config.from_dict(raw, where)
-
-
-def _pairs(args: list[str]) -> list[tuple[str, str]]:
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.key value")
-        key = a[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(args):
-            value = args[i + 1]
-            i += 2
-        else:
-            raise ConfigError(f"override {a} has no value")
-        out.append((key, value))
-    return out
-
-
-def parse_cli(argv: list[str] | None, description: str, extra=None) -> tuple[Config, Any]:
-    """Shared CLI: ``--config FILE`` plus ``--section.key value`` overrides.
-
-    ``extra(parser)`` may add command-specific flags (plain names without a dot).
-    Returns the config and the argparse namespace.
-    """
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config (sections: features, data, model, ...)")
-    if extra is not None:
-        extra(parser)
-    args, rest = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, rest)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return cfg, args

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from hpc_asr.config import FeatureConfig
-from hpc_asr.shards import ShardWriter, write_index
-from hpc_asr.tokenizer import DEFAULT_SYMBOLS, normalize
+from hpc_asr.data.shards import ShardWriter, write_index
+from hpc_asr.data.tokenizer import DEFAULT_SYMBOLS, normalize
 
 __all__ = ["TEXTS", "char_patterns", "make_feature_dir", "tiny_features", "tiny_yaml"]
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, run_env
 
 from hpc_asr.bench import ablation
-from hpc_asr.config import ModelConfig, load_config
+from hpc_asr.cli import load_config
+from hpc_asr.config import ModelConfig
 
 DEMO = str(ROOT / "hpc_asr" / "configs" / "demo.yaml")
 
@@ -47,8 +48,8 @@ def _args(tmp_path, **kw):
 def test_variant_commands_are_the_demo_stages_with_the_variant_overrides(tmp_path):
     cmds = ablation.variant_commands("noise", ablation.VARIANTS["noise"], _args(tmp_path))
     modules = [c[c.index("-m") + 1] for c in cmds]
-    assert modules == ["data_prep.augment", "data_prep.fbank", "hpc_asr.train", "hpc_asr.evaluate",
-                       "hpc_asr.evaluate"]
+    assert modules == ["data_prep.augment", "data_prep.fbank", "hpc_asr.train", "hpc_asr.decode.evaluate",
+                       "hpc_asr.decode.evaluate"]
     assert all(c[c.index("-np") + 1] == "2" for c in cmds)
     assert "--augment.speeds=" in cmds[0] and "--augment.reverb_prob=0" in cmds[0]
     train = cmds[2]
@@ -73,14 +74,14 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--variants", "none,loud"], ["--steps", "0"], ["--variants", ""]])
 def test_bad_arguments_are_one_line(argv, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.bench.ablation", "--out", str(tmp_path), *argv],
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "bench", "ablation", "--out", str(tmp_path), *argv],
                           capture_output=True, text=True, cwd=ROOT, env=run_env())
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
 
 
 @pytest.mark.slow
 def test_ablation_end_to_end_on_a_toy_corpus(tmp_path):
-    argv = [sys.executable, "-m", "hpc_asr.bench.ablation", "--out", str(tmp_path / "runs"), "--data",
+    argv = [sys.executable, "-m", "hpc_asr", "bench", "ablation", "--out", str(tmp_path / "runs"), "--data",
             str(tmp_path / "data"), "--hours", "0.02", "--dev-utts", "8", "--festival-utts", "4", "--steps", "3",
             "--variants", "none,speed", "--lock", str(tmp_path / "lock")]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=run_env(), timeout=600)

@@ -15,7 +15,7 @@ from conftest import mpirun_cmd, run
 
 from data_prep import augment
 from hpc_asr.config import AugmentConfig, ConfigError
-from hpc_asr.manifest import Utterance, read_manifest, write_manifest
+from hpc_asr.data.manifest import Utterance, read_manifest, write_manifest
 
 RATE = 16000
 OFF = AugmentConfig(enabled=True, speeds="", noise_prob=0.0, reverb_prob=0.0)
@@ -99,7 +99,7 @@ def test_augment_one_is_deterministic_and_each_part_switches_off(corpus):
 
 
 def _cli(corpus: Path, out: Path, *over: str):
-    return run([sys.executable, "-m", "data_prep.augment", "--manifest", str(corpus), "--out", str(out),
+    return run([sys.executable, "-m", "hpc_asr", "prep", "augment", "--manifest", str(corpus), "--out", str(out),
                 "--augment.enabled", "true", "--augment.rirs", "3", "--augment.noise_prob", "0.8",
                 "--augment.reverb_prob", "0.5", *over], timeout=120)
 
@@ -122,7 +122,7 @@ def test_cli_writes_copies_that_keep_rate_format_and_lengths(corpus, tmp_path):
 
 def test_cli_is_deterministic_and_rank_independent(corpus, tmp_path):
     _cli(corpus, tmp_path / "one")
-    run(mpirun_cmd(2, "-m", "data_prep.augment", "--manifest", str(corpus), "--out", str(tmp_path / "two"),
+    run(mpirun_cmd(2, "-m", "hpc_asr", "prep", "augment", "--manifest", str(corpus), "--out", str(tmp_path / "two"),
                    "--augment.enabled", "true", "--augment.rirs", "3", "--augment.noise_prob", "0.8",
                    "--augment.reverb_prob", "0.5"), timeout=180)
     a = sorted((tmp_path / "one" / "wav").glob("*.wav"))
@@ -132,7 +132,7 @@ def test_cli_is_deterministic_and_rank_independent(corpus, tmp_path):
 
 
 def test_disabled_writes_the_originals_only(corpus, tmp_path):
-    run([sys.executable, "-m", "data_prep.augment", "--manifest", str(corpus), "--out", str(tmp_path / "off")],
+    run([sys.executable, "-m", "hpc_asr", "prep", "augment", "--manifest", str(corpus), "--out", str(tmp_path / "off")],
         timeout=60)
     rows = read_manifest(tmp_path / "off" / "train.jsonl")
     assert [u.id for u in rows] == [u.id for u in read_manifest(corpus)]
@@ -143,6 +143,6 @@ def test_disabled_writes_the_originals_only(corpus, tmp_path):
 def test_bad_config_is_one_line(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"augment\.speeds"):
         AugmentConfig(speeds="0.9,fast")
-    proc = run([sys.executable, "-m", "data_prep.augment", "--manifest", str(corpus), "--out", str(tmp_path / "x"),
+    proc = run([sys.executable, "-m", "hpc_asr", "prep", "augment", "--manifest", str(corpus), "--out", str(tmp_path / "x"),
                 "--augment.noise_prob", "1.5"], timeout=60, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "noise_prob" in proc.stderr

@@ -56,14 +56,14 @@ def test_average_cli(tiny_features, tmp_path):
     _train(tiny_features, out, "--train.ckpt_every_steps", "3", "--train.keep_last", "5")
     ckpts = sorted(out.glob("step-*.pt"))
     assert [p.name for p in ckpts] == ["step-00000003.pt", "step-00000006.pt"]
-    run([sys.executable, "-m", "hpc_asr.checkpoint", "average", "--out", str(tmp_path / "avg.pt"),
+    run([sys.executable, "-m", "hpc_asr", "checkpoint", "average", "--out", str(tmp_path / "avg.pt"),
          *map(str, ckpts)])
     a, b = (checkpoint.load(p)["model"] for p in ckpts)
     avg = checkpoint.load(tmp_path / "avg.pt")["model"]
     w = "layers.0.ff1.net.0.weight"
     assert torch.equal(avg[w], ((a[w].double() + b[w].double()) / 2).float())
 
-    bad = run([sys.executable, "-m", "hpc_asr.checkpoint", "average", "--out", str(tmp_path / "x.pt"),
+    bad = run([sys.executable, "-m", "hpc_asr", "checkpoint", "average", "--out", str(tmp_path / "x.pt"),
                str(tmp_path / "missing.pt")], check=False)
     assert bad.returncode == 2 and "missing.pt: checkpoint not found" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -89,7 +89,7 @@ def test_tokenizer_travels_in_the_checkpoint(tiny_features, tmp_path, kind):
 def test_tokenizer_json_sidecar_round_trip():
     import json
 
-    from hpc_asr.tokenizer import CharTokenizer, from_state_dict, train_bpe
+    from hpc_asr.data.tokenizer import CharTokenizer, from_state_dict, train_bpe
 
     for tok in (CharTokenizer(), train_bpe(["set a timer", "turn it up", "set the alarm"], 40)):
         again = from_state_dict(json.loads(json.dumps(tok.json_state())))

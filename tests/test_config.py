@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import run
 
-from hpc_asr.config import Config, ConfigError, load_config, parse_cli
+from hpc_asr.cli import load_config, parse_cli
+from hpc_asr.config import Config, ConfigError
 
 
 @pytest.fixture()
@@ -131,7 +132,7 @@ def test_parse_cli_exits_2_in_process(capsys):
 
 def test_train_cli_rejects_unknown_key():
     # The real entry point must refuse before it touches MPI, Horovod or the data.
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.train", "--model.nope", "1"],
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "train", "--model.nope", "1"],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -139,7 +140,7 @@ def test_train_cli_rejects_unknown_key():
 
 
 def test_train_cli_names_missing_prepared_data(tmp_path):
-    proc = run([sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none",
+    proc = run([sys.executable, "-m", "hpc_asr", "train", "--dist.engine", "none",
                 "--data.train", str(tmp_path / "nope"), "--train.out_dir", str(tmp_path / "run")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope' / 'index.json'}: no feature index "
@@ -233,7 +234,7 @@ def test_valid_presets_load():
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_train_cli_rejects_bad_accum_steps_in_one_line(value):
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.train", "--train.accum_steps", value],
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "train", "--train.accum_steps", value],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: defaults: train.accum_steps must be >= 1, got {value}"]

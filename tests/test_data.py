@@ -11,17 +11,9 @@ import torch
 from helpers import TEXTS, make_feature_dir
 
 from hpc_asr.config import SpecAugConfig
-from hpc_asr.data import (
-    BucketBatchSampler,
-    FeatureSet,
-    augment_batch,
-    batch_seed,
-    collate,
-    make_eval_loader,
-    make_loader,
-    spec_augment,
-)
-from hpc_asr.tokenizer import CharTokenizer
+from hpc_asr.data.loader import BucketBatchSampler, FeatureSet, collate, make_eval_loader, make_loader
+from hpc_asr.data.specaug import augment_batch, batch_seed, spec_augment
+from hpc_asr.data.tokenizer import CharTokenizer
 
 tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpc_asr.decode import BeamDecoder, LmFiles, greedy_batch, lm_files, make_decoder
-from hpc_asr.lm import build_arpa
-from hpc_asr.tokenizer import CharTokenizer
+from hpc_asr.data.tokenizer import CharTokenizer
+from hpc_asr.decode.ctc import BeamDecoder, LmFiles, greedy_batch, lm_files, make_decoder
+from hpc_asr.decode.ngram import build_arpa
 
 TOK = CharTokenizer()
 V = TOK.vocab_size
@@ -117,7 +117,7 @@ def test_empty_posterior_decodes_to_empty():
 
 def test_bpe_tokenizer_decodes_with_and_without_lm(tmp_path):
     """BPE marks word starts inside its pieces; the blank stands in as the word separator."""
-    from hpc_asr.tokenizer import train_bpe
+    from hpc_asr.data.tokenizer import train_bpe
 
     texts = ["set a timer for ten minutes", "call mom", "play some jazz", "turn the lights off"] * 20
     tok = train_bpe(texts, 40)

@@ -1,4 +1,4 @@
-"""hpc_asr.dist: launcher → engine (``auto`` and one-line mismatch errors), collectives on any
+"""hpc_asr.dist.launch: launcher → engine (``auto`` and one-line mismatch errors), collectives on any
 dtype, the torch engine's rendezvous and state broadcast, threads from CPU affinity, and the
 Horovod knobs and fp16 wire. The launchers are real: ``mpirun -np 2`` and ``torchrun``.
 """
@@ -21,20 +21,10 @@ import slurm_cluster as sc
 import torch
 from conftest import ROOT, mpirun_cmd, run, run_env
 
-from hpc_asr.config import ConfigError, DistConfig, load_config
-from hpc_asr.dist import (
-    HorovodKnobs,
-    LaunchError,
-    World,
-    _join_tensors,
-    _slots,
-    _split_tensors,
-    compute_threads,
-    detect_launcher,
-    host_address,
-    resolve_engine,
-    torch_backend,
-)
+from hpc_asr.cli import load_config
+from hpc_asr.config import ConfigError, DistConfig
+from hpc_asr.dist.engines import HorovodKnobs, _join_tensors, _slots, _split_tensors, torch_backend
+from hpc_asr.dist.launch import LaunchError, World, compute_threads, detect_launcher, host_address, resolve_engine
 
 slurm_cluster = sc.slurm_cluster  # the session fixture (a real one-node SLURM), by module attribute
 PROBE = str(ROOT / "tests" / "mpi_scripts" / "dist_probe.py")
@@ -145,7 +135,7 @@ def test_compute_threads_order_of_precedence():
 
 @pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2, reason="needs taskset, 2 CPUs")
 def test_threads_follow_taskset_and_omp_num_threads():
-    code = "from hpc_asr.dist import compute_threads; import os; print(compute_threads(), os.cpu_count())"
+    code = "from hpc_asr.dist.launch import compute_threads; import os; print(compute_threads(), os.cpu_count())"
 
     def threads(*prefix: str, **env: str) -> list[int]:
         e = {k: v for k, v in run_env().items() if k != "OMP_NUM_THREADS"} | env
@@ -243,7 +233,7 @@ def test_torchrun_with_horovod_engine_fails_with_one_line(tmp_path):
     assert proc.returncode != 0 and not list(tmp_path.glob("probe.*"))  # nobody trained as "rank 0 of 1"
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(ours) == 1 and "pass --dist.engine torch" in ours[0], proc.stderr
-    assert "hpc_asr/dist.py" not in proc.stderr  # no traceback from our code
+    assert "hpc_asr/dist/launch.py" not in proc.stderr  # no traceback from our code
 
 
 def test_mpirun_with_engine_none_fails_with_one_line(tmp_path):
@@ -282,7 +272,7 @@ def test_horovod_elastic_2_to_1_to_2(tmp_path):
 def test_world_inside_sbatch_and_srun(slurm_cluster, tmp_path):
     """On a real SLURM: the batch script itself is one process (it has SLURM_PROCID=0 and
     SLURM_NTASKS=2 all the same), ``srun`` inside it starts the 2-rank world."""
-    code = ("from hpc_asr.dist import detect_launcher, detect_world; w = detect_world(); "
+    code = ("from hpc_asr.dist.launch import detect_launcher, detect_world; w = detect_world(); "
             "print(detect_launcher(), w.rank, w.size, w.local_size)")
     script = tmp_path / "job.sh"
     script.write_text(f"#!/bin/bash\nexport PYTHONPATH={ROOT}\n{sys.executable} -c '{code}' > {tmp_path}/batch.txt\n"

@@ -1,4 +1,4 @@
-"""``python -m hpc_asr.ops.doctor``: real checks under ``mpirun -np 2``, clear failures."""
+"""``python -m hpc_asr doctor``: real checks under ``mpirun -np 2``, clear failures."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def lines(out: str, status: str, name: str) -> list[str]:
 
 
 def test_passes_under_mpirun_and_says_there_is_no_gpu(tiny_features):
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.ops.doctor", "--data", str(tiny_features["train"]), "--allreduce-mb", "4"),
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "doctor", "--data", str(tiny_features["train"]), "--allreduce-mb", "4"),
                timeout=120)
     out = proc.stdout
     assert "hpc_asr doctor: 2 rank(s) on 1 node(s)" in out
@@ -37,17 +37,17 @@ def test_passes_under_mpirun_and_says_there_is_no_gpu(tiny_features):
 
 
 def test_missing_data_dir_fails_with_the_fix(tmp_path):
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.ops.doctor", "--data", str(tmp_path / "nope"), "--allreduce-mb", "1"),
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "doctor", "--data", str(tmp_path / "nope"), "--allreduce-mb", "1"),
                timeout=120, check=False)
     assert proc.returncode != 0
     fail = lines(proc.stdout, "fail", "data")
     assert fail == [f"FAIL  data                   {tmp_path / 'nope'}: directory does not exist  -> prepare "
-                    "features (python -m data_prep.fbank --manifest ... --out DIR) or fix --data"]
+                    "features (python -m hpc_asr prep fbank --manifest ... --out DIR) or fix --data"]
     assert "Traceback" not in proc.stderr
 
 
 def test_expect_gpu_fails_here():
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.ops.doctor", "--expect-gpu", "--allreduce-mb", "1"],
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "doctor", "--expect-gpu", "--allreduce-mb", "1"],
                           capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=120)
     assert proc.returncode == 1
     assert len(lines(proc.stdout, "fail", "cuda")) == 1

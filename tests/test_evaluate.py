@@ -1,4 +1,4 @@
-"""hpc_asr.evaluate as users run it: any utterance length, any launcher, every decoder, and the
+"""hpc_asr.decode.evaluate as users run it: any utterance length, any launcher, every decoder, and the
 error breakdown in the JSON."""
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import torch
 from conftest import mpirun_cmd, run
 from helpers import make_feature_dir
 
-from data_prep import librispeech
 from data_prep.fbank import run as fbank_run
+from data_prep.recipes import librispeech
 from hpc_asr import checkpoint
 from hpc_asr.config import Config
-from hpc_asr.dist import World
-from hpc_asr.evaluate import apply_overrides, eval_batches
-from hpc_asr.manifest import write_manifest
+from hpc_asr.data.manifest import write_manifest
+from hpc_asr.data.tokenizer import CharTokenizer
+from hpc_asr.decode.evaluate import apply_overrides, eval_batches
+from hpc_asr.dist.launch import World
 from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import CharTokenizer
 
 MAX_FRAMES = 400  # the checkpoint's data.max_frames: every fixture utterance is longer
 
@@ -66,7 +66,7 @@ def test_evaluate_scores_utterances_longer_than_the_checkpoints_max_frames(real_
     """Defect 12: a split holding an utterance above data.max_frames ended in a traceback."""
     assert real_fixture["longest_s"] * 100 > MAX_FRAMES
     out = tmp_path / "eval.json"
-    proc = run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+    proc = run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
                 "--data", str(real_fixture["data"]), "--out", str(out)], timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
@@ -81,7 +81,7 @@ def test_evaluate_reads_through_the_training_loader_in_worker_processes(real_fix
     res = {}
     for workers in ("0", "1"):
         out = tmp_path / f"eval{workers}.json"
-        proc = run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+        proc = run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
                     "--data", str(real_fixture["data"]), "--data.num_workers", workers, "--out", str(out)],
                    timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr
@@ -90,7 +90,7 @@ def test_evaluate_reads_through_the_training_loader_in_worker_processes(real_fix
 
 
 def test_evaluate_accepts_data_max_frames_and_rejects_model_overrides(real_fixture, tmp_path):
-    args = [sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+    args = [sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
             "--data", str(real_fixture["data"])]
     ok = run([*args, "--data.max_frames", "100000", "--out", str(tmp_path / "e.json")], timeout=120, check=False)
     assert ok.returncode == 0, ok.stderr
@@ -104,13 +104,13 @@ def test_apply_overrides_sets_data_dist_decode_only():
 
 
 def test_evaluate_under_mpirun_two_ranks(real_fixture, tmp_path):
-    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr.evaluate` died with a traceback."""
+    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr evaluate` died with a traceback."""
     out = tmp_path / "eval2.json"
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
                           "--data", str(real_fixture["data"]), "--out", str(out)), timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr
     one = tmp_path / "eval1.json"
-    run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", str(real_fixture["ckpt"]),
+    run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
          "--data", str(real_fixture["data"]), "--out", str(one)], timeout=120)
     two, single = json.loads(out.read_text()), json.loads(one.read_text())
     assert two["utterances"] == real_fixture["n"]
@@ -120,9 +120,9 @@ def test_evaluate_under_mpirun_two_ranks(real_fixture, tmp_path):
 def test_too_short_utterance_is_scored_as_empty(tmp_path):
     """An utterance shorter than the subsampling's receptive field is scored (all deletions)."""
     d = make_feature_dir(tmp_path / "f", 3, ["yes", "go home", "stop"])
-    from hpc_asr.data import FeatureSet
-    from hpc_asr.dist import Engine
-    from hpc_asr.evaluate import evaluate
+    from hpc_asr.data.loader import FeatureSet
+    from hpc_asr.decode.evaluate import evaluate
+    from hpc_asr.dist.engines import Engine
 
     ckpt = tiny_checkpoint(tmp_path / "m.pt")
     model, tok, cfg = checkpoint.load_model(ckpt)
@@ -135,11 +135,12 @@ def test_too_short_utterance_is_scored_as_empty(tmp_path):
 
 def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, tmp_path):
     """The deployable Recognizer runs beam+LM: words only from the LM's vocabulary."""
-    from hpc_asr.latency import Recognizer, measure
-    from hpc_asr.lm import build_arpa
+    from hpc_asr.bench.latency import measure
+    from hpc_asr.decode.ngram import build_arpa
+    from hpc_asr.deploy.recognizer import Recognizer
 
     out = tmp_path / "export"
-    run([sys.executable, "-m", "hpc_asr.export", "--checkpoint", str(real_fixture["ckpt"]),
+    run([sys.executable, "-m", "hpc_asr", "export", "--checkpoint", str(real_fixture["ckpt"]),
          "--data", str(real_fixture["data"]), "--out-dir", str(out), "--max-utts", "1"], timeout=300)
     build_arpa(["call mom", "play jazz", "stop"], 2, out / "lm" / "lm.arpa")
     rec = Recognizer(out, threads=1, decoder="beam+lm")

@@ -14,12 +14,14 @@ import torch
 from conftest import run
 
 from hpc_asr import checkpoint, export
-from hpc_asr.config import Config, load_config
-from hpc_asr.data import FeatureSet
-from hpc_asr.latency import Recognizer, measure
-from hpc_asr.lm import build_arpa
+from hpc_asr.bench.latency import measure
+from hpc_asr.cli import load_config
+from hpc_asr.config import Config
+from hpc_asr.data.loader import FeatureSet
+from hpc_asr.data.tokenizer import CharTokenizer
+from hpc_asr.decode.ngram import build_arpa
+from hpc_asr.deploy.recognizer import Recognizer
 from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import CharTokenizer
 
 tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
 
@@ -47,7 +49,7 @@ def exported(request, tiny_features, tmp_path_factory) -> dict:
     build_arpa(["turn the lights on", "set a timer"], 2, root / "lm" / "lm.arpa")  # the LM beside the model
     (root / "lm" / "decode.json").write_text('{"lm_weight": 0.5, "word_score": 1.0}')
     out = root / "export"
-    proc = run([sys.executable, "-m", "hpc_asr.export",
+    proc = run([sys.executable, "-m", "hpc_asr", "export",
                 "--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir", str(out)],
                timeout=240)
     return {"ckpt": ckpt, "out": out, "proc": proc, "data": tiny_features["dev"]}

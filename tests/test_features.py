@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from hpc_asr.config import ConfigError, FeatureConfig
-from hpc_asr.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames
+from hpc_asr.data.features import AudioError, CmvnStats, available_backends, fbank, load_audio, num_frames
 
 CFG = FeatureConfig()
 SR = CFG.sample_rate
@@ -117,7 +117,7 @@ def test_load_audio_reads_channel0_as_float(tmp_path, librispeech_dir, speech):
 
 
 def test_flac_decodes_through_dr_flac_sample_for_sample_as_libsndfile(tmp_path, librispeech_dir):
-    from hpc_asr.features import _read_flac
+    from hpc_asr.data.features import _read_flac
 
     flacs = sorted(librispeech_dir.glob("test-clean/*/*/*.flac"))
     pcm, sr = sf.read(str(flacs[0]), dtype="float32")
@@ -144,7 +144,7 @@ def test_flac_that_states_no_length_is_decoded_whole(tmp_path, librispeech_dir, 
 
 
 def test_flac_without_miniaudio_goes_through_libsndfile(monkeypatch, librispeech_dir, speech):
-    from hpc_asr.features import _read_flac
+    from hpc_asr.data.features import _read_flac
 
     monkeypatch.setitem(sys.modules, "miniaudio", None)  # as on a node whose wheels lack it
     path = str(librispeech_dir / "test-clean/1089/134686/1089-134686-0001.flac")
@@ -268,7 +268,7 @@ def test_signal_level_preprocessing_equals_kaldi_per_frame(signal, speech):
     the windowed frames must equal Kaldi's per-frame steps (DC removal, pre-emphasis, povey)."""
     import torch
 
-    from hpc_asr.features import _frames, _frames_dithered, _sizes, _tables
+    from hpc_asr.data.features import _frames, _frames_dithered, _sizes, _tables
 
     x = torch.from_numpy((speech if signal == "speech" else chirp()) * 32768.0)
     win, shift, nfft = _sizes(CFG)

@@ -1,4 +1,4 @@
-"""GPU paths of hpc_asr.dist: NCCL (torch engine, backend "cpu:gloo,cuda:nccl") and Horovod on
+"""GPU paths of hpc_asr.dist.launch: NCCL (torch engine, backend "cpu:gloo,cuda:nccl") and Horovod on
 CUDA. Skipped without CUDA; 2-rank cases need 2 GPUs (NCCL refuses two ranks on one GPU)."""
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def test_horovod_gradscaler_order_and_inf_skip_on_gpus(tiny_features, tmp_path):
     out = tmp_path / "hvd"
     cfg = tiny_yaml(tmp_path / "hvd.yaml", tiny_features["train"], tiny_features["dev"], out,
                     train={"epochs": 2, "precision": "fp16", "tensorboard": False}, model={"conv_norm": "batch"})
-    proc = _launch(mpirun_cmd(n, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "3"),
+    proc = _launch(mpirun_cmd(n, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "3"),
                    HPC_ASR_TEST_INF_STEP=f"2:{n - 1}")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -77,6 +77,6 @@ def test_horovod_gradscaler_order_and_inf_skip_on_gpus(tiny_features, tmp_path):
     assert len(set(scales)) == 1 and scales[0] <= 2.0**15  # 65536 backed off at least once, alike on all ranks
     for r in range(n):
         assert "step 2: non-finite gradient norm, step skipped" in (out / f"train.rank{r}.log").read_text()
-    run(mpirun_cmd(n, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "4"), timeout=300)
+    run(mpirun_cmd(n, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "4"), timeout=300)
     s = json.loads((out / "train_summary.json").read_text())
     assert s["replicas_identical"] and s["steps"] == 4

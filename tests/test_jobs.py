@@ -31,7 +31,7 @@ def site_file(tmp_path: Path, **over) -> Path:
 
 
 def jobs(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hpc_asr.ops.jobs", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "jobs", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     if check and proc.returncode != 0:
         raise AssertionError(f"hpc_asr.ops.jobs {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
@@ -54,14 +54,14 @@ def test_slurm_gpu_directives_and_launch(tmp_path):
     assert d["account"] == ["asr42"] and d["signal"] == ["B:USR1@120"] and "requeue" in d
     assert d["open-mode"] == ["append"] and d["output"][0].endswith("logs/%x-%j.out")
     text = scripts["train"]
-    assert "srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none python -m hpc_asr.train" in text
+    assert "srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none python -m hpc_asr train" in text
     assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text and "export OMP_NUM_THREADS=8" in text
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
     assert "module load hpc_asr/0.1.0" in text and 'NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"' in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap warn USR1 TERM" in text
     prep = parse_directives(scripts["prep"])
     assert prep["nodes"] == ["4"] and "gpus-per-node" not in prep and prep["time"] == ["01:00:00"]
-    assert scripts["prep"].count("python -m data_prep.fbank") == 3  # train, dev, test in one job
+    assert scripts["prep"].count("python -m hpc_asr prep fbank") == 3  # train, dev, test in one job
     ev = parse_directives(scripts["evaluate"])
     assert ev["nodes"] == ["1"] and ev["ntasks-per-node"] == ["1"] and ev["gpus-per-node"] == ["1"]
     for text in scripts.values():  # every script is valid bash
@@ -136,7 +136,7 @@ def test_stage_option_points_training_at_the_copy(tmp_path):
     scripts = render(tmp_path, "--scheduler", "slurm", "--gpus-per-node", "8", "--stage")
     text = scripts["train"]
     assert 'STAGE_DIR="/local/hpc_asr-$SLURM_JOB_ID"' in text
-    assert "--ntasks-per-node=1 --ntasks=$SLURM_NNODES python -m hpc_asr.ops.stage" in text
+    assert "--ntasks-per-node=1 --ntasks=$SLURM_NNODES python -m hpc_asr stage" in text
     assert '--data.train="$STAGE_DIR/train" --data.dev="$STAGE_DIR/dev"' in text
 
 
@@ -152,7 +152,7 @@ def test_stage_once_per_node_under_mpirun(tiny_features, tmp_path):
     from conftest import mpirun_cmd, run
 
     dest = tmp_path / "local"
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.ops.stage", "--dest", str(dest), str(tiny_features["train"]),
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "stage", "--dest", str(dest), str(tiny_features["train"]),
                           str(tiny_features["dev"])), timeout=120)
     assert proc.stderr.count("sha256 verified") == 2 and proc.stderr.count("up to date") == 2  # one copier
     for split in ("train", "dev"):
@@ -161,7 +161,7 @@ def test_stage_once_per_node_under_mpirun(tiny_features, tmp_path):
         got = {p.relative_to(dest / split): p.read_bytes() for p in (dest / split).rglob("*")
                if p.is_file() and p.name != ".staged.json"}
         assert got == src
-    from hpc_asr.data import FeatureSet
+    from hpc_asr.data.loader import FeatureSet
 
     assert len(FeatureSet(dest / "train")) == len(FeatureSet(tiny_features["train"]))
 
@@ -192,7 +192,7 @@ def test_stage_recopies_changed_source_and_rejects_bad_copy(tmp_path, monkeypatc
     with pytest.raises(st.StageError, match="copy differs from"):
         st.stage([src], tmp_path / "other")
     assert not (tmp_path / "other" / "train").exists()  # nothing half-copied is published
-    missing = subprocess.run([sys.executable, "-m", "hpc_asr.ops.stage", "--dest", str(tmp_path / "x"),
+    missing = subprocess.run([sys.executable, "-m", "hpc_asr", "stage", "--dest", str(tmp_path / "x"),
                               str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: staging: {tmp_path / 'nope'}: source directory not found"
@@ -240,7 +240,7 @@ def _pbs_config(tmp_path: Path, feats: dict[str, Path], out: Path, **train) -> P
 @pytest.mark.slow
 def test_pbs_chain_runs_under_mom_environment(tmp_path):
     corpus = tmp_path / "va"
-    synth = subprocess.run([sys.executable, "-m", "data_prep.synth", "--out", str(corpus), "--hours", "0.01",
+    synth = subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(corpus), "--hours", "0.01",
                             "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
     assert synth.returncode == 0, synth.stderr

@@ -14,8 +14,8 @@ from conftest import run
 from helpers import make_feature_dir, tiny_yaml
 
 import hpc_asr.train.loop as train_mod
-from hpc_asr.config import load_config
-from hpc_asr.lm import BOS, EOS, UNK, Arpa, build_arpa, kneser_ney
+from hpc_asr.cli import load_config
+from hpc_asr.decode.ngram import BOS, EOS, UNK, Arpa, build_arpa, kneser_ney
 
 WORDS = "set a timer for ten minutes play some jazz turn the lights off call mom what time is it open door".split()
 
@@ -72,10 +72,10 @@ def test_cli_builds_from_manifest_and_bad_input_is_one_line(tmp_path):
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio": "x.wav", "duration": 1.0, "text": t,
                                             "speaker": "s"}) + "\n" for i, t in enumerate(sentences(30, 2))))
-    ok = run([sys.executable, "-m", "hpc_asr.lm", "--manifest", str(manifest), "--order", "3",
+    ok = run([sys.executable, "-m", "hpc_asr", "lm", "--manifest", str(manifest), "--order", "3",
               "--out", str(tmp_path / "lm" / "lm.arpa")], timeout=60)
     assert "order 3" in ok.stderr and Arpa(tmp_path / "lm" / "lm.arpa").order == 3
-    bad = run([sys.executable, "-m", "hpc_asr.lm", "--manifest", str(tmp_path / "nope.jsonl"),
+    bad = run([sys.executable, "-m", "hpc_asr", "lm", "--manifest", str(tmp_path / "nope.jsonl"),
                "--out", str(tmp_path / "x.arpa")], timeout=60, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope.jsonl" in bad.stderr
 
@@ -100,14 +100,14 @@ def test_lm_lowers_dev_wer_of_a_small_trained_model(tmp_path):
     ckpt = str(tmp_path / "run" / "last.pt")
     lm_dir = tmp_path / "run" / "lm"  # beside the model, where evaluate looks by default
     build_arpa(train, 2, lm_dir / "lm.arpa")
-    run([sys.executable, "-m", "hpc_asr.lm", "tune", "--checkpoint", ckpt, "--data", str(dev),
+    run([sys.executable, "-m", "hpc_asr", "lm", "tune", "--checkpoint", ckpt, "--data", str(dev),
          "--lm", str(lm_dir), "--beam-size", "16"], timeout=120)
     tuned = json.loads((lm_dir / "decode.json").read_text())
     assert tuned["dev_wer_greedy"] > 0.05, "the model is too good to show anything"
     assert tuned["dev_wer"] < tuned["dev_wer_greedy"], tuned
     res = {}
     for kind in ("greedy", "beam+lm"):
-        run([sys.executable, "-m", "hpc_asr.evaluate", "--checkpoint", ckpt, "--data", str(test),
+        run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", ckpt, "--data", str(test),
              "--decoder", kind, "--out", str(tmp_path / f"{kind}.json")], timeout=120)
         res[kind] = json.loads((tmp_path / f"{kind}.json").read_text())
     assert res["beam+lm"]["tuned_on_dev"] and res["beam+lm"]["lm_weight"] == tuned["lm_weight"]

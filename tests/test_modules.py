@@ -2,7 +2,7 @@
 
 ``env/provision.sh`` writes DIR/hpc_asr/VERSION.lua and DIR/hpc_asr/VERSION. Each test loads
 them in a fresh bash with `module use DIR && module load hpc_asr`, runs the toolkit from another
-directory (``mpirun -np 2 python -m hpc_asr.ops.doctor``), and checks that `module unload` gives
+directory (``mpirun -np 2 python -m hpc_asr doctor``), and checks that `module unload` gives
 back PATH and the variables it changed. A site dependency (``testdep/1.0``, both formats) stands
 in for the site's openmpi/cuda modules and must be loaded and unloaded with hpc_asr.
 """
@@ -74,7 +74,7 @@ echo "PYTHONPATH=${{PYTHONPATH-unset}}"
 echo "DEP=${{TESTDEP_LOADED-unset}}"
 module help hpc_asr 2>&1 | grep -q "Conformer-CTC" && echo HELP=ok
 cd {workdir}
-mpirun --oversubscribe --bind-to none -np 2 python -m hpc_asr.ops.doctor --data {data} --allreduce-mb 1 \\
+mpirun --oversubscribe --bind-to none -np 2 python -m hpc_asr doctor --data {data} --allreduce-mb 1 \\
   > doctor.out 2>&1
 echo "DOCTOR=$?"
 module unload hpc_asr

@@ -1,4 +1,4 @@
-"""The prep pipeline as users run it: `mpirun -np 2 python -m data_prep.fbank` on real LibriSpeech
+"""The prep pipeline as users run it: `mpirun -np 2 python -m hpc_asr prep fbank` on real LibriSpeech
 audio with every kind of bad file mixed in, kill -9 and resume, --force swaps, shard caps, memory
 bound, one-line abort; and the LibriSpeech manifest recipe."""
 
@@ -19,16 +19,16 @@ import soxr
 from conftest import mpirun_cmd, run
 
 from data_prep import fbank as fbank_mod
-from data_prep import librispeech
 from data_prep.fbank import run as fbank_run
+from data_prep.recipes import librispeech
 from data_prep.verify import verify
-from hpc_asr import shards as shards_mod
 from hpc_asr.config import FeatureConfig
-from hpc_asr.data import FeatureSet
-from hpc_asr.dist import World
-from hpc_asr.features import fbank, load_audio
-from hpc_asr.manifest import Utterance, read_manifest, write_manifest
-from hpc_asr.shards import open_h5
+from hpc_asr.data import shards as shards_mod
+from hpc_asr.data.features import fbank, load_audio
+from hpc_asr.data.loader import FeatureSet
+from hpc_asr.data.manifest import Utterance, read_manifest, write_manifest
+from hpc_asr.data.shards import open_h5
+from hpc_asr.dist.launch import World
 
 CFG = FeatureConfig()
 SUBSET = "test-clean"
@@ -87,7 +87,7 @@ def prepped(tmp_path_factory, librispeech_dir):
     manifest = tmp / "train.jsonl"
     write_manifest(manifest, good + rejected + converted)
     out = tmp / "fbank"
-    cmd = mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+    cmd = mpirun_cmd(2, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out),
                      "--unit-seconds", "4", "--max-reject-fraction", "0.6")
     proc = run(cmd, timeout=120)
     return {"manifest": manifest, "out": out, "proc": proc, "good": good, "rejected": rejected,
@@ -162,7 +162,7 @@ def test_rerun_is_noop(prepped):
 
 
 def test_too_many_rejects_exit_3_naming_count(prepped):
-    cmd = [sys.executable, "-m", "data_prep.fbank", *prepped["cmd"][prepped["cmd"].index("-m") + 2 :]]
+    cmd = [sys.executable, "-m", "hpc_asr", "prep", "fbank", *prepped["cmd"][prepped["cmd"].index("-m") + 2 :]]
     cmd[cmd.index("--max-reject-fraction") + 1] = "0.01"
     proc = run(cmd, check=False)  # a no-op rerun still says the directory has too many rejects
     assert proc.returncode == 3
@@ -185,7 +185,7 @@ def test_kill9_of_a_rank_then_rerun_redoes_only_the_rest(tmp_path, librispeech_d
     utts = many_utts(librispeech_dir, 24)
     manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
     write_manifest(manifest, utts)
-    cmd = mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+    cmd = mpirun_cmd(2, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out),
                      "--unit-seconds", "1", "--shard-utts", "2")
     monkeypatch.setenv(fbank_mod.KILL_ENV, "1:3")  # rank 1 SIGKILLs itself after its 3rd unit, mid-shard
     killed = run(cmd, timeout=120, check=False)
@@ -210,7 +210,7 @@ def test_slow_rank_takes_fewer_units_and_ranks_finish_together(tmp_path, librisp
     manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
     write_manifest(manifest, utts)
     monkeypatch.setenv(fbank_mod.SLOW_ENV, "1:0.3")
-    run(mpirun_cmd(2, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+    run(mpirun_cmd(2, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out),
                    "--unit-seconds", "1"), timeout=120)
     fast, slow = json.loads((out / "index.json").read_text())["rank_stats"]
     assert fast["units"] + slow["units"] == 24 and fast["units"] > 2 * slow["units"], (fast, slow)
@@ -222,7 +222,7 @@ def test_force_killed_midway_keeps_old_index_whole(tmp_path, librispeech_dir, mo
     utts = many_utts(librispeech_dir, 6)
     manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
     write_manifest(manifest, utts)
-    cmd = [sys.executable, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+    cmd = [sys.executable, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out),
            "--unit-seconds", "1", "--shard-utts", "1"]
     run(cmd)
     before = (out / "index.json").read_text()
@@ -294,7 +294,7 @@ def test_error_on_one_rank_aborts_the_job_in_one_line(tmp_path, librispeech_dir)
     utts = many_utts(librispeech_dir, 8)
     manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
     write_manifest(manifest, utts)
-    base = mpirun_cmd(1, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(out),
+    base = mpirun_cmd(1, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out),
                       "--unit-seconds", "1")
     args = base[base.index(sys.executable):]
     cmd = [*base, ":", "-np", "1", "prlimit", "--fsize=100000", *args]
@@ -315,7 +315,7 @@ def test_cuda_fbank_matches_cpu(tmp_path, librispeech_dir):
     utts = fixture_utts(librispeech_dir)
     manifest = tmp_path / "m.jsonl"
     write_manifest(manifest, utts)
-    run([sys.executable, "-m", "data_prep.fbank", "--manifest", str(manifest), "--out", str(tmp_path / "o"),
+    run([sys.executable, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(tmp_path / "o"),
          "--device", "cuda"])
     assert verify(tmp_path / "o") is None
 
@@ -324,7 +324,7 @@ def test_bad_manifest_line_exits_2(tmp_path, prepped):
     lines = prepped["manifest"].read_text().splitlines()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
-    args = ["-m", "data_prep.fbank", "--manifest", str(bad), "--out", str(tmp_path / "o")]
+    args = ["-m", "hpc_asr", "prep", "fbank", "--manifest", str(bad), "--out", str(tmp_path / "o")]
     single = run([sys.executable, *args], check=False)
     assert single.returncode == 2
     assert single.stderr.strip().count("\n") == 0, single.stderr  # one line, no traceback
@@ -337,7 +337,7 @@ def test_bad_manifest_line_exits_2(tmp_path, prepped):
 
 def test_librispeech_recipe_end_to_end(tmp_path, librispeech_dir):
     manifest = tmp_path / "ls" / f"{SUBSET}.jsonl"
-    proc = run([sys.executable, "-m", "data_prep.librispeech", "--root", str(librispeech_dir.parent),
+    proc = run([sys.executable, "-m", "hpc_asr", "prep", "librispeech", "--root", str(librispeech_dir.parent),
                 "--subset", SUBSET, "--out", str(manifest)])
     assert "4 utterances" in proc.stderr
     utts = read_manifest(manifest)
@@ -388,7 +388,7 @@ def test_librispeech_no_transcripts_exits_2(tmp_path, capsys):
 
 
 def test_missing_manifest_is_one_line_naming_it(tmp_path):
-    proc = run([sys.executable, "-m", "data_prep.fbank", "--manifest", str(tmp_path / "nope.jsonl"),
+    proc = run([sys.executable, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(tmp_path / "nope.jsonl"),
                 "--out", str(tmp_path / "out")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: manifest not found"

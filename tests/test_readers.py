@@ -13,7 +13,7 @@ import soundfile as sf
 from conftest import run
 
 from data_prep.readers import main, read_kaldi_dir, read_list
-from hpc_asr.manifest import read_manifest
+from hpc_asr.data.manifest import read_manifest
 
 FLACS = ["1089/134686/1089-134686-0000.flac", "1089/134686/1089-134686-0001.flac",
          "1089/134691/1089-134691-0000.flac"]
@@ -64,7 +64,7 @@ def test_csv_list_quotes_and_repeated_names(tmp_path, audio):
 def test_list_with_one_field_is_one_line_error(tmp_path, audio):
     lst = tmp_path / "bad.tsv"
     lst.write_text(f"{audio[0]}\n")
-    proc = run([sys.executable, "-m", "data_prep.readers", "tsv", "--list", str(lst), "--out",
+    proc = run([sys.executable, "-m", "hpc_asr", "prep", "manifest", "tsv", "--list", str(lst), "--out",
                 str(tmp_path / "m.jsonl")], check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: {lst}:1: expected path, text[, speaker]; got 1 field(s)")
@@ -104,7 +104,7 @@ def test_kaldi_dir_segments(tmp_path, audio):
 
 def test_kaldi_dir_without_text_is_one_line_error(tmp_path):
     (tmp_path / "wav.scp").write_text("u0 x.wav\n")
-    proc = run([sys.executable, "-m", "data_prep.readers", "kaldi", "--dir", str(tmp_path), "--out",
+    proc = run([sys.executable, "-m", "hpc_asr", "prep", "manifest", "kaldi", "--dir", str(tmp_path), "--out",
                 str(tmp_path / "m.jsonl")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'text'}: missing (a Kaldi data dir needs wav.scp and text)"

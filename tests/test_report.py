@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hpc_asr import report
+from hpc_asr.bench import report
 
 
 def _stage_files(run, wer=0.05, match=True, extra=True):

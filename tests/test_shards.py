@@ -14,9 +14,9 @@ import pytest
 
 from data_prep.verify import verify
 from hpc_asr.config import FeatureConfig
-from hpc_asr.data import FeatureSet
-from hpc_asr.features import CmvnStats
-from hpc_asr.shards import (
+from hpc_asr.data.features import CmvnStats
+from hpc_asr.data.loader import FeatureSet
+from hpc_asr.data.shards import (
     FORMAT,
     VERSION,
     ShardError,
@@ -249,7 +249,7 @@ def test_featureset_on_truncated_shard_is_one_line(prepared):
         FeatureSet(directory)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{path}: unreadable shard")
-    assert msg.endswith(f"run `python -m data_prep.verify {directory}`")
+    assert msg.endswith(f"run `python -m hpc_asr prep verify {directory}`")
     assert isinstance(e.value, ValueError)  # train/evaluate print ValueError as `error: ...`
 
 

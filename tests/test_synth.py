@@ -29,7 +29,7 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.wh
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep.synth", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=env, check=False)
 
 

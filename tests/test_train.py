@@ -26,11 +26,11 @@ from helpers import TEXTS, make_feature_dir, tiny_yaml
 
 import hpc_asr.train.loop as train_mod
 from hpc_asr import checkpoint
-from hpc_asr.config import load_config
-from hpc_asr.data import FeatureSet, collate
-from hpc_asr.decode import greedy_batch
-from hpc_asr.metrics import error_counts, rates
-from hpc_asr.tokenizer import normalize
+from hpc_asr.cli import load_config
+from hpc_asr.data.loader import FeatureSet, collate
+from hpc_asr.data.tokenizer import normalize
+from hpc_asr.decode.ctc import greedy_batch
+from hpc_asr.decode.wer import error_counts, rates
 
 tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
 
@@ -120,7 +120,7 @@ def test_horovod_fp16_allreduce_and_ranks_stay_identical(tiny_features, tmp_path
 def test_horovod_cli(tiny_features, tmp_path):
     out = tmp_path / "hvd"
     cfg = tiny_yaml(tmp_path / "tiny.yaml", tiny_features["train"], tiny_features["dev"], out)
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"), timeout=240)
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "2"), timeout=240)
     summary = json.loads((out / "train_summary.json").read_text())
     assert (summary["ranks"], summary["engine"], summary["compression"], summary["steps"]) == (2, "horovod", "fp16", 2)
     assert [h["step"] for h in summary["history"]] == [1, 2] and summary["dev"][0]["utterances"] == 4
@@ -133,7 +133,7 @@ def test_horovod_cli(tiny_features, tmp_path):
 def test_torch_engine_cli(tiny_features, tmp_path):
     out = tmp_path / "ddp"
     cfg = tiny_yaml(tmp_path / "tiny.yaml", tiny_features["train"], tiny_features["dev"], out)
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2",
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "2",
                           "--dist.engine", "torch"), timeout=240)
     assert "engine torch" in proc.stderr and "device cpu" in proc.stderr
     summary = json.loads((out / "train_summary.json").read_text())
@@ -149,7 +149,7 @@ def test_batchnorm_statistics_are_averaged_so_replicas_and_checkpoint_agree(tiny
     out = tmp_path / engine
     cfg = tiny_yaml(tmp_path / f"{engine}.yaml", tiny_features["train"], tiny_features["dev"], out,
                     model={"conv_norm": "batch"}, train={"epochs": 2, "tensorboard": False})
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--dist.engine", engine), timeout=240)
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg), "--dist.engine", engine), timeout=240)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["engine"] == engine and summary["steps"] >= 2 and len(summary["dev"]) == 2
     assert summary["replicas_identical"], summary["replicas"]
@@ -291,9 +291,9 @@ def preempted(tiny_features, tmp_path_factory) -> dict[str, Path]:
     outside, by pid) on rank 1 only while it was about to agree on step 3 (mid-epoch)."""
     root = tmp_path_factory.mktemp("preempt")
     straight, split = root / "straight", root / "split"
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(root, tiny_features, straight))),
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(_hvd_yaml(root, tiny_features, straight))),
         timeout=240)
-    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(root, tiny_features, split))),
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(_hvd_yaml(root, tiny_features, split))),
                    HPC_ASR_TEST_WAIT_SIGNAL="3:1")  # rank 1 pauses before the step-3 agreement
     os.kill(int(_wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
     _, err = proc.communicate(timeout=240)
@@ -310,7 +310,7 @@ def test_sigusr1_to_one_rank_checkpoints_exits_3_and_resumes_exactly(preempted, 
     for r in (0, 1):
         assert "preempted (signal) at step 3" in (split / f"train.rank{r}.log").read_text()
     assert not (split / "train_summary.json").exists()
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(preempted["root"], tiny_features, split))),
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(_hvd_yaml(preempted["root"], tiny_features, split))),
         timeout=240)
     assert "resumed from" in (split / "train.rank0.log").read_text()
     _assert_same_run(preempted["straight"], split)
@@ -364,7 +364,7 @@ def test_horovod_resume_gives_every_rank_rank0s_scaler_and_lr(tiny_features, tmp
     state["scaler"].update(scale=512.0, _growth_tracker=7)  # a state no fresh GradScaler has
     checkpoint.save(out / "last.pt", state)
 
-    run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "4",
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "4",
                    "--train.lr", "3e-3"), timeout=240)
     logs = [(out / f"train.rank{r}.log").read_text().splitlines() for r in (0, 1)]
     resumed = [[ln.split(") ", 1)[1] for ln in lg if ") lr " in ln][-1] for lg in logs]
@@ -382,7 +382,7 @@ def test_nonfinite_gradient_step_is_skipped_on_every_rank(tiny_features, tmp_pat
     """A real inf in rank 1's loss at step 2: the averaged gradient is non-finite on both ranks,
     both skip the step and count it, and the weights stay finite and equal."""
     out = tmp_path / "inf"
-    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(_hvd_yaml(tmp_path, tiny_features, out)),
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(_hvd_yaml(tmp_path, tiny_features, out)),
                               "--train.max_steps", "3"), HPC_ASR_TEST_INF_STEP="2:1")
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
@@ -404,7 +404,7 @@ def test_nonfinite_gradient_step_is_skipped_on_every_rank(tiny_features, tmp_pat
 def _feature_dir_lengths(path: Path, lengths: list[int], text: str = "yes") -> Path:
     """A prepared directory (through the real ShardWriter/write_index) with given frame counts."""
     from hpc_asr.config import FeatureConfig
-    from hpc_asr.shards import ShardWriter, write_index
+    from hpc_asr.data.shards import ShardWriter, write_index
 
     path.mkdir(parents=True)
     feats_cfg = FeatureConfig()
@@ -425,7 +425,7 @@ def test_too_long_dev_utterance_fails_before_training(tiny_features, tmp_path):
     with pytest.raises(ValueError, match=r"utterance len2500_1 has 2500 frames > data\.max_frames=2000"):
         train_mod.train(config(tiny_features["train"], dev, out, *TINY_MODEL, "--data.max_frames", "2000"))
     assert not (out / "last.pt").exists()  # found before step 0, not after an epoch
-    proc = run([sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none", "--data.train",
+    proc = run([sys.executable, "-m", "hpc_asr", "train", "--dist.engine", "none", "--data.train",
                 str(tiny_features["train"]), "--data.dev", str(dev), "--train.out_dir", str(out),
                 "--data.max_frames", "2000"], check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -475,7 +475,7 @@ def test_metrics_jsonl_and_tensorboard(tiny_features, tmp_path):
 def test_progress_bar_only_on_a_terminal(tiny_features, tmp_path):
     import pty
 
-    args = [sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none", "--data.train", str(tiny_features["train"]),
+    args = [sys.executable, "-m", "hpc_asr", "train", "--dist.engine", "none", "--data.train", str(tiny_features["train"]),
             "--data.dev", str(tiny_features["dev"]), *TINY_MODEL, "--train.max_steps", "2", "--train.threads", "1",
             "--train.tensorboard", "false"]
     piped = run([*args, "--train.out_dir", str(tmp_path / "piped")])
@@ -567,7 +567,7 @@ def test_resume_with_another_model_is_one_line_naming_the_keys(tiny_features, tm
     train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "1"))
     with pytest.raises(train_mod.ResumeError, match=r"model\.d_model 32 -> 48; model\.n_layers 1 -> 2"):
         train_mod.train(_resume_config(tiny_features, out, "--model.d_model", "48", "--model.n_layers", "2"))
-    proc = run([sys.executable, "-m", "hpc_asr.train", "--dist.engine", "none", "--data.train",
+    proc = run([sys.executable, "-m", "hpc_asr", "train", "--dist.engine", "none", "--data.train",
                 str(tiny_features["train"]), "--data.dev", str(tiny_features["dev"]), "--train.out_dir", str(out),
                 *TINY_MODEL, "--model.conv_kernel", "7"], check=False)
     assert proc.returncode == 2
@@ -586,7 +586,7 @@ def test_failed_strict_load_on_rank0_ends_every_rank(tiny_features, tmp_path):
     state = checkpoint.load(out / "last.pt")
     del state["model"]["ctc.weight"]
     checkpoint.save(out / "last.pt", state)
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr.train", "--config", str(cfg), "--train.max_steps", "2"),
+    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "2"),
                timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     # One per rank, the same (mpirun may forward the two ranks' lines without a newline between).
@@ -637,7 +637,7 @@ def test_elastic_train_2_to_1_to_2(tiny_features, tmp_path):
                     dist={"engine": "auto", "compression": "fp16", "elastic": True})
     horovodrun = str(Path(sys.executable).with_name("horovodrun"))
     proc = _launch([horovodrun, "-np", "2", "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
-                    "--host-discovery-script", str(discover), sys.executable, "-m", "hpc_asr.train",
+                    "--host-discovery-script", str(discover), sys.executable, "-m", "hpc_asr", "train",
                     "--config", str(cfg)], HPC_ASR_TEST_STEP_SLEEP="0.4")
     try:
         _wait_record(out, proc, lambda r: r["step"] >= 2, "step 2")
@@ -668,9 +668,9 @@ def test_elastic_needs_an_elastic_launcher(tiny_features, tmp_path):
     """dist.elastic under plain mpirun: one line saying how to launch it, no traceback."""
     cfg = tiny_yaml(tmp_path / "e.yaml", tiny_features["train"], tiny_features["dev"], tmp_path / "run",
                     dist={"engine": "auto", "elastic": True})
-    proc = run([sys.executable, "-m", "hpc_asr.train", "--config", str(cfg)], check=False)
+    proc = run([sys.executable, "-m", "hpc_asr", "train", "--config", str(cfg)], check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "dist.elastic is true but this process was not started by an elastic horovodrun" in proc.stderr
-    bad = run([sys.executable, "-m", "hpc_asr.train", "--config", str(cfg), "--dist.engine", "torch"], check=False)
+    bad = run([sys.executable, "-m", "hpc_asr", "train", "--config", str(cfg), "--dist.engine", "torch"], check=False)
     assert bad.returncode != 0 and "dist.elastic needs dist.engine horovod" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -1,7 +1,7 @@
 """Reduced augmentation ablation: the demo pipeline (synth → augment → FBANK → train → evaluate)
 run once per variant on a small corpus, scoring espeak-ng dev and the unseen-engine festival split.
 
-    python -m hpc_asr.bench.ablation --config hpc_asr/configs/demo.yaml --out runs/ablation \\
+    python -m hpc_asr bench ablation --config hpc_asr/configs/demo.yaml --out runs/ablation \\
         --data data/ablation --hours 1.0 --steps 800 --lock /tmp/cpu.lock
 
 Every variant trains the same model for the same number of optimizer steps (``--steps``; the LR
@@ -84,10 +84,10 @@ def _locked(path: str):
 def corpus_commands(args) -> list[list[str]]:
     """Synthesis of the reduced corpus and FBANK of its shared dev and festival splits."""
     py, d = sys.executable, Path(args.data)
-    cmds = [[py, "-m", "data_prep.synth", "--out", str(d), "--hours", str(args.hours), "--dev-utts",
+    cmds = [[py, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(d), "--hours", str(args.hours), "--dev-utts",
              str(args.dev_utts), "--festival-utts", str(args.festival_utts), "--test-utts", "20"]]
     for split in ("dev", "test_festival"):
-        cmds.append([*_mpirun(args.np), py, "-m", "data_prep.fbank", "--config", args.config, "--manifest",
+        cmds.append([*_mpirun(args.np), py, "-m", "hpc_asr", "prep", "fbank", "--config", args.config, "--manifest",
                      str(d / f"{split}.jsonl"), "--out", str(d / "fbank" / split)])
     return cmds
 
@@ -99,16 +99,16 @@ def variant_commands(name: str, overrides: tuple[str, ...], args) -> list[list[s
     aug, feats = d / "variants" / name / "aug", d / "variants" / name / "fbank"
     mpi = _mpirun(args.np)
     cmds = [
-        [*mpi, py, "-m", "data_prep.augment", "--config", args.config, "--manifest", str(d / "train.jsonl"),
+        [*mpi, py, "-m", "hpc_asr", "prep", "augment", "--config", args.config, "--manifest", str(d / "train.jsonl"),
          "--out", str(aug), *prep],
-        [*mpi, py, "-m", "data_prep.fbank", "--config", args.config, "--manifest", str(aug / "train.jsonl"),
+        [*mpi, py, "-m", "hpc_asr", "prep", "fbank", "--config", args.config, "--manifest", str(aug / "train.jsonl"),
          "--out", str(feats)],
-        [*mpi, py, "-m", "hpc_asr.train", "--config", args.config, "--train.out_dir", str(run),
+        [*mpi, py, "-m", "hpc_asr", "train", "--config", args.config, "--train.out_dir", str(run),
          "--data.train", str(feats), "--data.dev", str(d / "fbank" / "dev"), "--train.epochs", "1000",
          "--train.max_steps", str(args.steps), "--train.tensorboard", "false", *(f"--{o}" for o in overrides)],
     ]
     for split, tag in (("dev", "dev"), ("test_festival", "festival")):
-        cmds.append([*mpi, py, "-m", "hpc_asr.evaluate", "--checkpoint", str(run / "last.pt"), "--data",
+        cmds.append([*mpi, py, "-m", "hpc_asr", "evaluate", "--checkpoint", str(run / "last.pt"), "--data",
                      str(d / "fbank" / split), "--decoder", "greedy", "--out", str(run / f"eval_{tag}.json")])
     return cmds
 
@@ -185,7 +185,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.bench.ablation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hpc-asr bench ablation", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="hpc_asr/configs/demo.yaml")
     p.add_argument("--out", default="runs/ablation", help="one run folder per variant + ablation.json/png")
     p.add_argument("--data", default="data/ablation", help="reduced corpus and per-variant features")

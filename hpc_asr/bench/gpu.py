@@ -1,6 +1,6 @@
 """GPU benchmarks on one CUDA device: ``make bench-gpu`` → ``runs/bench/gpu.json``.
 
-    python -m hpc_asr.bench.gpu --out runs/bench/gpu.json
+    python -m hpc_asr bench gpu --out runs/bench/gpu.json
 
 Measured in one run on the device at hand (its name is recorded; numbers from another card are not
 comparable):
@@ -59,7 +59,8 @@ def matmul_tflops(n: int = 8192) -> float:
 def _seed_setup():
     import torch
 
-    from hpc_asr.config import ModelConfig, load_config
+    from hpc_asr.cli import load_config
+    from hpc_asr.config import ModelConfig
     from hpc_asr.model import ConformerCTC
 
     cfg = load_config(ROOT / "hpc_asr" / "configs" / "seed.yaml")
@@ -141,7 +142,7 @@ def fbank_rates() -> dict:
     import numpy as np
 
     from hpc_asr.config import FeatureConfig
-    from hpc_asr.features import available_backends, fbank
+    from hpc_asr.data.features import available_backends, fbank
 
     rng = np.random.default_rng(0)
     wave = (0.1 * rng.standard_normal(60 * 16000)).astype(np.float32)  # 60 s of noise

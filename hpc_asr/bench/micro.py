@@ -1,12 +1,12 @@
 """Benchmarks, each against a peer measured in the same run (ratios survive noisy machines).
 
-    python -m hpc_asr.bench.micro --out runs/bench/bench.json [--seconds 60]
+    python -m hpc_asr bench micro --out runs/bench/bench.json [--seconds 60]
 
 - fbank: our FBANK (kaldi-native-fbank) vs lhotse's torch Kaldi FBANK, audio seconds per second.
 - model: Conformer-CTC inference, ONNX Runtime vs PyTorch eager, same input, one thread.
 - train_step: forward+backward throughput of the demo model, conv1d vs conv2d front end.
 - vs_pocketsphinx: waveform → text on the real LibriSpeech fixture, one thread: our pipeline
-  (FBANK + the demo-size model in ONNX Runtime + greedy CTC) vs PocketSphinx (``hpc_asr.peer``).
+  (FBANK + the demo-size model in ONNX Runtime + greedy CTC) vs PocketSphinx (``hpc_asr.bench.peer``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_asr.config import FeatureConfig, ModelConfig, load_config
-from hpc_asr.features import fbank
+from hpc_asr.cli import load_config
+from hpc_asr.config import FeatureConfig, ModelConfig
+from hpc_asr.data.features import fbank
 from hpc_asr.model import ConformerCTC
 
 
@@ -65,7 +66,7 @@ def bench_fbank(seconds: float) -> dict:
 def bench_model(model_cfg: ModelConfig, frames: int) -> dict:
     import onnxruntime as ort
 
-    from hpc_asr.export import export_onnx
+    from hpc_asr.deploy.export import export_onnx
 
     model_cfg.vocab_size = 29
     model = ConformerCTC(model_cfg).eval()
@@ -106,9 +107,9 @@ def bench_vs_pocketsphinx(model_cfg: ModelConfig, fixtures: Path) -> dict:
     are random: accuracy is the demo report's business)."""
     import onnxruntime as ort
 
-    from hpc_asr import peer
-    from hpc_asr.export import export_onnx
-    from hpc_asr.features import load_audio
+    from hpc_asr.bench import peer
+    from hpc_asr.data.features import load_audio
+    from hpc_asr.deploy.export import export_onnx
 
     waves = [load_audio(str(f), 16000) for f in sorted(fixtures.glob("LibriSpeech/*/*/*/*.flac"))]
     if not waves:

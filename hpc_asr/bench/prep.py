@@ -1,6 +1,6 @@
 """Data-path benchmarks, each a ratio against a peer measured in the same run:
 
-    python -m hpc_asr.bench.prep --out runs/bench/prep.json [--minutes 45]
+    python -m hpc_asr bench prep --out runs/bench/prep.json [--minutes 45]
 
 - speedup_vs_lhotse: our whole prep (decode + FBANK + shard write, 1 process, 1 thread) over
   lhotse's own ``compute_and_store_features`` (Fbank, num_jobs=1, 1 thread) on the same corpus;
@@ -42,9 +42,10 @@ import numpy as np
 import torch
 
 from hpc_asr.bench.micro import best_time, save_result
-from hpc_asr.config import FeatureConfig, ModelConfig, load_config
-from hpc_asr.features import available_backends, fbank, load_audio
-from hpc_asr.manifest import Utterance, read_manifest, write_manifest
+from hpc_asr.cli import load_config
+from hpc_asr.config import FeatureConfig, ModelConfig
+from hpc_asr.data.features import available_backends, fbank, load_audio
+from hpc_asr.data.manifest import Utterance, read_manifest, write_manifest
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "LibriSpeech" / "test-clean"
 A100_BF16_FLOPS = 312e12
@@ -69,7 +70,7 @@ def _corpus(tmp: Path, minutes: float) -> tuple[Path, float]:
 def _ours(manifest: Path, out: Path) -> float:
     """Wall seconds of the in-process prep (1 rank)."""
     from data_prep.fbank import PrepOptions, run
-    from hpc_asr.dist import World
+    from hpc_asr.dist.launch import World
 
     t = time.perf_counter()
     run(manifest, out, FeatureConfig(), World(), None, PrepOptions(unit_seconds=60))
@@ -98,8 +99,7 @@ def _mpi_wall(manifest: Path, out: Path, np_: int) -> float:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "PYTHONPATH": str(root)}
-    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_), sys.executable, "-m",
-           "data_prep.fbank", "--manifest", str(manifest), "--out", str(out), "--unit-seconds", "60"]
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_), sys.executable, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out), "--unit-seconds", "60"]
     subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=root)
     return json.loads((out / "index.json").read_text())["wall_s"]
 
@@ -182,7 +182,7 @@ def bench_fbank() -> dict:
 
 
 def _loader_rate(data, sampler, tok, specaug, workers: int) -> float:
-    from hpc_asr.data import make_loader
+    from hpc_asr.data.loader import make_loader
 
     frames, t = 0, time.perf_counter()
     for epoch in range(2):
@@ -193,7 +193,7 @@ def _loader_rate(data, sampler, tok, specaug, workers: int) -> float:
 
 def _train_rate(cfg, data, sampler, tok) -> float:
     """Audio s/s the demo model trains on one rank: forward, CTC, backward, AdamW step."""
-    from hpc_asr.data import make_loader
+    from hpc_asr.data.loader import make_loader
     from hpc_asr.model import ConformerCTC
 
     model_cfg = ModelConfig(**{**cfg.model.__dict__, "vocab_size": tok.vocab_size})
@@ -228,8 +228,8 @@ def seed_model_flops_per_audio_s() -> float:
 
 
 def bench_loader(config: str, prepped: Path) -> dict:
-    from hpc_asr.data import BucketBatchSampler, FeatureSet
-    from hpc_asr.tokenizer import CharTokenizer
+    from hpc_asr.data.loader import BucketBatchSampler, FeatureSet
+    from hpc_asr.data.tokenizer import CharTokenizer
 
     cfg = load_config(config)
     data, tok = FeatureSet(prepped), CharTokenizer()

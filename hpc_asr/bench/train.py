@@ -1,6 +1,6 @@
 """Training benchmarks: ``make bench-train`` → ``runs/bench/train.json`` and ``runs/bench/scaling.png``.
 
-    python -m hpc_asr.bench.train --out runs/bench/train.json
+    python -m hpc_asr bench train --out runs/bench/train.json
 
 Ratios measured in one run on this machine, against a peer measured in the same run:
 
@@ -59,7 +59,7 @@ def _is_gradient(tensor_name: str) -> bool:
 
 def worker(a: argparse.Namespace) -> int:
     from hpc_asr.config import DistConfig
-    from hpc_asr.dist import make_engine
+    from hpc_asr.dist.engines import make_engine
 
     engine = make_engine(DistConfig(engine=a.engine, compression=a.compression, timeline=a.timeline or ""))
     import torch
@@ -227,8 +227,7 @@ def run_ranks(a: argparse.Namespace, tmp: Path, engine: str, np: int, compressio
               timeline: Path | None = None) -> dict:
     """One real ``mpirun -np NP`` of the worker; returns rank 0's result."""
     result = tmp / f"{engine}-{np}-{compression}.json"
-    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np), sys.executable, "-m",
-           "hpc_asr.bench.train", "--worker", "--engine", engine, "--compression", compression,
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np), sys.executable, "-m", "hpc_asr", "bench", "train", "--worker", "--engine", engine, "--compression", compression,
            "--result", str(result), *(["--timeline", str(timeline)] if timeline else []), *_sizes(a)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode != 0:
@@ -264,7 +263,7 @@ def torchaudio_comparison(a: argparse.Namespace) -> tuple[dict | None, str]:
     python = SIDE_ENV / "bin" / "python"
     if not python.exists():
         return None, f"side environment {SIDE_ENV} absent (torch + torchaudio of matching versions; see README)"
-    cmd = [str(python), "-m", "hpc_asr.bench.train", "--torchaudio-worker", "--threads", str(a.ta_threads),
+    cmd = [str(python), "-m", "hpc_asr", "bench", "train", "--torchaudio-worker", "--threads", str(a.ta_threads),
            *_sizes(a)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode != 0:
@@ -275,7 +274,8 @@ def torchaudio_comparison(a: argparse.Namespace) -> tuple[dict | None, str]:
 def seed_prediction(out_dir: Path) -> dict:
     """The seed preset (16 x 512) on 8..128 A100: FLOPs counted, hardware assumed."""
     from hpc_asr.bench import scaling
-    from hpc_asr.config import ModelConfig, load_config
+    from hpc_asr.cli import load_config
+    from hpc_asr.config import ModelConfig
 
     preset = ROOT / "hpc_asr" / "configs" / "seed.yaml"
     if preset.is_file():

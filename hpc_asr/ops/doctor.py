@@ -1,7 +1,7 @@
-"""Check a node (or a whole allocation) before spending GPU hours: ``python -m hpc_asr.ops.doctor``.
+"""Check a node (or a whole allocation) before spending GPU hours: ``python -m hpc_asr doctor``.
 
-    mpirun -np 16 -H node1:8,node2:8 python -m hpc_asr.ops.doctor --data /lustre/asr/fbank/train
-    srun --mpi=pmix python -m hpc_asr.ops.doctor --data ... --config my.yaml
+    mpirun -np 16 -H node1:8,node2:8 python -m hpc_asr doctor --data /lustre/asr/fbank/train
+    srun --mpi=pmix python -m hpc_asr doctor --data ... --config my.yaml
 
 Runs under the same launcher as training. Every rank checks its own node (versions, GPUs against
 local ranks, NCCL variables, free disk); the ranks then run a real Horovod allreduce and time
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_asr.dist import World, detect_world
+from hpc_asr.dist.launch import World, detect_world
 
 __all__ = ["Check", "allreduce_check", "horovod_build_checks", "main", "node_checks", "sync_check"]
 
@@ -140,18 +140,18 @@ def data_checks(data: Path | None) -> list[Check]:
                       "pass --data <prepared feature directory>")]
     if not data.is_dir():
         return [Check("fail", "data", f"{data}: directory does not exist",
-                      "prepare features (python -m data_prep.fbank --manifest ... --out DIR) or fix --data")]
+                      "prepare features (python -m hpc_asr prep fbank --manifest ... --out DIR) or fix --data")]
     if not (data / "index.json").is_file():
         return [Check("fail", "data", f"{data}: no index.json (prep unfinished or not a feature directory)",
-                      "re-run python -m data_prep.fbank for this split")]
+                      "re-run python -m hpc_asr prep fbank for this split")]
     try:
-        from hpc_asr.data import FeatureSet
+        from hpc_asr.data.loader import FeatureSet
 
         fs = FeatureSet(data)
         first = fs[0] if len(fs) else None
     except Exception as e:  # any unreadable shard is a failed check, not a traceback
         return [Check("fail", "data", f"{data}: cannot read ({type(e).__name__}: {e})",
-                      "re-run python -m data_prep.fbank --force for this split")]
+                      "re-run python -m hpc_asr prep fbank --force for this split")]
     ok = first is not None
     return [Check("pass" if ok else "fail", "data", f"{data}: {len(fs)} utterances, "
                   f"{fs.index.get('hours', 0):.2f} h, readable", "the index lists no utterances: re-run prep")]
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     world = detect_world()
     comm = None
     if world.size > 1:
-        from hpc_asr.dist import mpi_comm
+        from hpc_asr.dist.launch import mpi_comm
 
         comm = mpi_comm()
     checks, gpus = node_checks(world, args.data, args.expect_gpu)

@@ -1,7 +1,7 @@
 """Batch jobs rendered from one config and one site file: SLURM and PBS, prep → train → evaluate → export.
 
-    python -m hpc_asr.ops.jobs render --scheduler slurm --nodes 4 --gpus-per-node 8 --config my.yaml --out jobs/exp7
-    python -m hpc_asr.ops.jobs submit ...same options... [--dry-run] [--wait]
+    python -m hpc_asr jobs render --scheduler slurm --nodes 4 --gpus-per-node 8 --config my.yaml --out jobs/exp7
+    python -m hpc_asr jobs submit ...same options... [--dry-run] [--wait]
 
 ``render`` writes one script per stage (``prep``, ``train``, ``evaluate``, ``export``) with
 long-form directives; ``submit`` renders, then submits the chain with ``afterok`` dependencies.
@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_asr.config import ConfigError, load_config, read_yaml_mapping
+from hpc_asr.cli import load_config, read_yaml_mapping
+from hpc_asr.config import ConfigError
 from hpc_asr.train.preempt import EXIT_PREEMPTED  # the trainer's status after a signal checkpoint
 
 __all__ = ["JobError", "Plan", "Site", "load_site", "make_plan", "parse_directives", "render", "submit"]
@@ -174,14 +175,14 @@ def make_plan(args: argparse.Namespace, site: Site) -> Plan:
     cfg_args = ["--config", config] if config else []
     corpus = args.corpus or str(Path(cfg.data.train).parent.parent)
     splits = {"train": cfg.data.train, "dev": cfg.data.dev, "test": cfg.data.test}
-    prep = [["python", "-m", "data_prep.fbank", *cfg_args, "--manifest", f"{corpus}/{s}.jsonl", "--out", d]
+    prep = [["python", "-m", "hpc_asr", "prep", "fbank", *cfg_args, "--manifest", f"{corpus}/{s}.jsonl", "--out", d]
             for s, d in splits.items()]
     run_dir = cfg.train.out_dir
     ckpt = f"{run_dir}/last.pt"
-    train = [["python", "-m", "hpc_asr.train", *cfg_args, "--train.out_dir", run_dir, *args.overrides]]
-    evaluate = [["python", "-m", "hpc_asr.evaluate", "--checkpoint", ckpt, "--data", cfg.data.test,
+    train = [["python", "-m", "hpc_asr", "train", *cfg_args, "--train.out_dir", run_dir, *args.overrides]]
+    evaluate = [["python", "-m", "hpc_asr", "evaluate", "--checkpoint", ckpt, "--data", cfg.data.test,
                  "--out", f"{run_dir}/eval.json"]]
-    export = [["python", "-m", "hpc_asr.export", "--checkpoint", ckpt, "--data", cfg.data.test,
+    export = [["python", "-m", "hpc_asr", "export", "--checkpoint", ckpt, "--data", cfg.data.test,
                "--out-dir", f"{run_dir}/export"]]
     gpu1 = 1 if args.gpus_per_node else 0
     short = args.prep_walltime or site.prep_walltime
@@ -286,7 +287,7 @@ def _stage_lines(plan: Plan, job: Job) -> tuple[list[str], list[str]]:
     srcs = [o.split("=", 1)[1] for o in plan.train_overrides]
     lines = [f'STAGE_DIR="{plan.site.local_scratch}/hpc_asr-{jid}"',
              "# one copier per node (the others wait on its lock), checksums verified",
-             f"{_launcher(plan, job, per_node=True)} python -m hpc_asr.ops.stage --dest \"$STAGE_DIR\" "
+             f"{_launcher(plan, job, per_node=True)} python -m hpc_asr stage --dest \"$STAGE_DIR\" "
              f"{_q(srcs)} || exit 2"]
     names = [Path(s).name for s in srcs]
     if len(set(names)) != len(names):
@@ -351,7 +352,7 @@ def _script(plan: Plan, job: Job) -> str:
     name = f"hpc_asr-{job.stage}"
     jid, rc = ("$SLURM_JOB_ID", "${SLURM_RESTART_COUNT:-0}") if plan.scheduler == "slurm" else \
         ("$PBS_JOBID", "${PBS_RUN_COUNT:-0}")
-    head = ["#!/bin/bash", f"# hpc_asr {job.stage} job, rendered by `python -m hpc_asr.ops.jobs render`; "
+    head = ["#!/bin/bash", f"# hpc_asr {job.stage} job, rendered by `python -m hpc_asr jobs render`; "
             "edit the site file or the flags, not this script.", *_directives(plan, job, name),
             "set -uo pipefail", f"cd {shlex.quote(str(plan.workdir))}",
             f'echo "[job] {name} {jid} run {rc} on $(hostname) at $(date -u +%FT%TZ)"',
@@ -499,7 +500,7 @@ def wait(ids: list[str], poll_s: float = 2.0, timeout_s: float = 0) -> dict[str,
 # ---- CLI -----------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.ops.jobs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hpc-asr jobs", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("render", "submit"):
         s = sub.add_parser(name)

@@ -1,6 +1,6 @@
 """Node-local staging: copy prepared feature directories from the shared filesystem to local disk.
 
-    srun --ntasks-per-node=1 python -m hpc_asr.ops.stage --dest $TMPDIR/hpc_asr-$SLURM_JOB_ID fbank/train fbank/dev
+    srun --ntasks-per-node=1 python -m hpc_asr stage --dest $TMPDIR/hpc_asr-$SLURM_JOB_ID fbank/train fbank/dev
 
 Reading HDF5 shards from Lustre with every rank of every node is the I/O bottleneck the source
 article warns about; a job copies them once per node to NVMe and trains on the copy. Any number

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hpc_asr.dist import make_engine
+from hpc_asr.dist.engines import make_engine
 
 STEPS, SHRINK_AT, GROW_AT = 24, 4, 12
 

@@ -1,4 +1,4 @@
-"""GPU probe of hpc_asr.dist, run under mpirun/torchrun on a CUDA machine:
+"""GPU probe of hpc_asr.dist.launch, run under mpirun/torchrun on a CUDA machine:
 
     <launcher> python tests/mpi_scripts/dist_gpu_probe.py ENGINE OUT_DIR
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hpc_asr.config import DistConfig
-from hpc_asr.dist import make_engine
+from hpc_asr.dist.engines import make_engine
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 """Run under a launcher (mpirun -np 2, torchrun --nproc_per_node 2, or plain python): probes of
-``hpc_asr.dist`` that the test inspects afterwards.
+``hpc_asr.dist.launch`` that the test inspects afterwards.
 
     <launcher> python tests/mpi_scripts/dist_probe.py ENGINE OUT_DIR [TIMELINE]
 
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from hpc_asr.config import DistConfig
-from hpc_asr.dist import compute_threads, make_engine
+from hpc_asr.dist.engines import make_engine
+from hpc_asr.dist.launch import compute_threads
 
 
 def collectives(engine) -> dict:

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from hpc_asr.config import ModelConfig
-from hpc_asr.data import BucketBatchSampler, FeatureSet, collate
-from hpc_asr.dist import make_engine
+from hpc_asr.data.loader import BucketBatchSampler, FeatureSet, collate
+from hpc_asr.data.tokenizer import CharTokenizer
+from hpc_asr.dist.engines import make_engine
 from hpc_asr.model import ConformerCTC
-from hpc_asr.tokenizer import CharTokenizer
 
 
 def rank_grad(rank: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ per-word insertion bonus (shallow fusion), optionally biased toward hotwords (co
 
 The searches are flashlight-text's C++ decoders (the ones behind ``torchaudio.models.decoder
 .ctc_decoder``): a prebuilt wheel that bundles KenLM, so nothing compiles at set-up, and they
-read the ARPA files that ``hpc_asr.lm`` writes.
+read the ARPA files that ``hpc_asr.decode.ngram`` writes.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def lm_files(path: str | Path) -> LmFiles:
     p = Path(path)
     arpa = p / "lm.arpa" if p.is_dir() else p
     if not arpa.is_file():
-        raise FileNotFoundError(f"{arpa}: language model not found (build it with python -m hpc_asr.lm)")
+        raise FileNotFoundError(f"{arpa}: language model not found (build it with python -m hpc_asr lm)")
     out = LmFiles(arpa)
     tuned = arpa.parent / "decode.json"
     if tuned.is_file():
@@ -111,7 +111,7 @@ class BeamDecoder:
         from flashlight.lib.text.decoder.kenlm import KenLM
         from flashlight.lib.text.dictionary import Dictionary
 
-        from hpc_asr.lm import UNK, read_arpa
+        from hpc_asr.decode.ngram import UNK, read_arpa
 
         fl = self.fl
         words = read_arpa(self.lm.arpa).words
@@ -147,7 +147,7 @@ class BeamDecoder:
                                           len(self.words) - 1, [], False)
 
     def set_weights(self, lm_weight: float, word_score: float) -> None:
-        """Re-tune without rebuilding the lexicon (the grid search in ``hpc_asr.lm tune``)."""
+        """Re-tune without rebuilding the lexicon (the grid search in ``hpc_asr.decode.ngram tune``)."""
         self.lm_weight, self.word_score = lm_weight, word_score
         self._make()
 

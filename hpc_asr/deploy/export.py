@@ -1,6 +1,6 @@
 """Export a checkpoint to ONNX and TorchScript, proving parity before the files are final.
 
-    python -m hpc_asr.export --checkpoint runs/demo/last.pt --data data/va/fbank/test \
+    python -m hpc_asr export --checkpoint runs/demo/last.pt --data data/va/fbank/test \
         --out-dir runs/demo/export
 
 Steps: trace with dynamic batch and time axes → ``onnx.checker`` → run ONNX Runtime and the
@@ -25,9 +25,9 @@ import torch
 
 from hpc_asr import checkpoint
 from hpc_asr.atomic import AtomicFile, write_json_atomic
-from hpc_asr.data import FeatureSet
-from hpc_asr.decode import greedy_batch
-from hpc_asr.evaluate import load_model_and_data
+from hpc_asr.data.loader import FeatureSet
+from hpc_asr.decode.ctc import greedy_batch
+from hpc_asr.decode.evaluate import load_model_and_data
 from hpc_asr.model import ConformerCTC
 
 __all__ = ["check_parity", "export_onnx", "export_torchscript"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpc_asr.text import normalize  # the one normaliser; re-exported for callers of tokenizer.normalize
+from hpc_asr.data.text import normalize  # the one normaliser; re-exported for callers of tokenizer.normalize
 
 __all__ = ["BpeTokenizer", "CharTokenizer", "from_state_dict", "normalize", "train_bpe"]
 

@@ -1,9 +1,7 @@
-"""Word n-gram language model for CTC beam search: build an ARPA file from training transcripts,
-read it back, and tune the decoder's LM weight and word bonus on dev.
+"""Word n-gram language model for CTC beam search: build an ARPA file from training transcripts
+and read it back (the tuning of its weight is ``hpc_asr.decode.tune``).
 
-    python -m hpc_asr.lm --manifest data/va/train.jsonl --order 3 --out runs/demo/lm/lm.arpa
-    python -m hpc_asr.lm tune --checkpoint runs/demo/last.pt --data data/va/fbank/dev \
-        --lm runs/demo/lm/lm.arpa        # writes runs/demo/lm/decode.json
+    hpc-asr lm --manifest data/va/train.jsonl --order 3 --out runs/demo/lm/lm.arpa
 
 The model is interpolated modified Kneser-Ney (Chen & Goodman, 1998), the estimator of KenLM's
 ``lmplz`` and SRILM's ``-kndiscount -interpolate``: three discounts per order from the counts of
@@ -16,14 +14,13 @@ weight), which KenLM (inside flashlight-text's decoder) loads. No ``lmplz`` bina
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from hpc_asr.atomic import atomic_path
-from hpc_asr.text import normalize
+from hpc_asr.data.text import normalize
 
 __all__ = ["Arpa", "build_arpa", "kneser_ney", "main", "read_arpa", "write_arpa"]
 
@@ -179,7 +176,7 @@ def read_arpa(path: str | Path) -> Arpa:
 
 
 def _build(args) -> int:
-    from hpc_asr.manifest import ManifestError, read_manifest
+    from hpc_asr.data.manifest import ManifestError, read_manifest
 
     try:
         texts = [u.text for m in args.manifest for u in read_manifest(m)]
@@ -192,71 +189,9 @@ def _build(args) -> int:
     return 0
 
 
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
-def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[float], beam: int) -> dict:
-    """Grid search of (lm_weight, word_score) for the lowest dev WER; posteriors are computed
-    once. Only dev is read: the test split never influences the weights."""
-    import torch
-
-    from hpc_asr.decode import BeamDecoder, LmFiles, greedy_batch
-    from hpc_asr.dist import Engine, World
-    from hpc_asr.evaluate import load_model_and_data, posteriors
-    from hpc_asr.metrics import error_counts, rates
-
-    model, tok, cfg, data = load_model_and_data(ckpt, dev)
-    with torch.no_grad():
-        outs = list(posteriors(model, data, tok, Engine(World()), cfg, list(range(len(data)))))
-    refs = [normalize(data.texts[i]) for idx, *_ in outs for i in idx]
-
-    def wer(decode) -> float:
-        hyps = [h for _, lp, ln, _ in outs for h in (decode(lp, ln) if lp.shape[1] else [""] * len(ln))]
-        return round(rates(error_counts(refs, hyps))[0], 5)
-
-    dec = BeamDecoder(tok, beam, lm=LmFiles(arpa))
-    grid = []
-    for w in weights:
-        for b in bonuses:
-            dec.set_weights(w, b)
-            grid.append({"lm_weight": w, "word_score": b, "dev_wer": wer(dec.decode_batch)})
-    best = min(grid, key=lambda g: (g["dev_wer"], g["lm_weight"], abs(g["word_score"])))
-    return {**best, "beam_size": beam, "dev": dev, "checkpoint": ckpt, "dev_utterances": len(refs),
-            "dev_wer_greedy": wer(lambda lp, ln: greedy_batch(lp, ln, tok)),
-            "dev_wer_beam": wer(BeamDecoder(tok, beam).decode_batch), "grid": grid}
-
-
-def _tune_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.lm tune",
-                                description="tune LM weight and word bonus on dev; writes decode.json beside the LM")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="the prepared DEV split")
-    p.add_argument("--lm", required=True, type=Path, help="ARPA file (or directory holding lm.arpa)")
-    p.add_argument("--lm-weights", default="0,0.25,0.5,0.75,1,1.5,2")
-    p.add_argument("--word-scores", default="-2,-1,0,1,2,3")
-    p.add_argument("--beam-size", type=int, default=32)
-    args = p.parse_args(argv)
-    arpa = args.lm / "lm.arpa" if args.lm.is_dir() else args.lm
-    try:
-        res = tune(args.checkpoint, args.data, arpa, _floats(args.lm_weights), _floats(args.word_scores),
-                   args.beam_size)
-    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    out = arpa.parent / "decode.json"
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"[lm] {out}: lm_weight {res['lm_weight']} word_score {res['word_score']} -> dev WER "
-          f"{res['dev_wer']:.2%} (greedy {res['dev_wer_greedy']:.2%}, beam {res['dev_wer_beam']:.2%})",
-          file=sys.stderr)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["tune"]:
-        return _tune_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m hpc_asr.lm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hpc-asr lm", description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True, type=Path, action="append",
                    help="JSONL manifest(s) whose transcripts train the LM (repeatable)")
     p.add_argument("--order", type=int, default=3)

@@ -1,6 +1,6 @@
 """Collect a run's stage outputs into ``report.json``, a loss-curve PNG and a short summary.
 
-    python -m hpc_asr.report --run runs/demo [--bar-wer 0.10]
+    python -m hpc_asr report --run runs/demo [--bar-wer 0.10]
 
 Reads ``train_summary.json`` (train), ``eval.json`` (evaluate, the reported decoder),
 ``export/export.json`` (export) and ``latency.json`` (latency) from the run directory, and when
@@ -87,7 +87,7 @@ def build_report(run: Path) -> dict:
 
 
 def _peer(run: Path) -> dict:
-    """The peer recognizer (hpc_asr.peer) on the same splits, where the demo ran it."""
+    """The peer recognizer (hpc_asr.bench.peer) on the same splits, where the demo ran it."""
     peer = {k: _optional(run / f"peer_{k}.json") for k in ("test", "festival", "real")}
     done = [p for p in peer.values() if p is not None]
     return {"peer": done[0]["peer"] if done else None,

@@ -3,8 +3,8 @@ write JSONL manifests.
 
 Usage::
 
-    python -m data_prep.synth --out data/va --hours 3.0 --seed 0 [--jobs N] [--force]
-    mpirun -np 4 python -m data_prep.synth --out data/va --hours 3.0   # split across ranks
+    python -m hpc_asr prep voice-assistant --out data/va --hours 3.0 --seed 0 [--jobs N] [--force]
+    mpirun -np 4 python -m hpc_asr prep voice-assistant --out data/va --hours 3.0   # split across ranks
 
 Layout under OUT::
 
@@ -57,9 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import grammar
+from data_prep.recipes.voice_assistant import grammar
 from hpc_asr.atomic import atomic_path
-from hpc_asr.dist import detect_world
+from hpc_asr.dist.launch import detect_world
 
 FORMAT_VERSION = 2  # 2: wider voices/ranges, word gaps, test_festival
 SAMPLE_RATE = 16000
@@ -111,7 +111,7 @@ class CliError(Exception):
 # ---------------------------------------------------------------------------------------
 
 def mpi_rank_size(env: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, world size, ranks on this node); the launcher table lives in hpc_asr.dist."""
+    """(rank, world size, ranks on this node); the launcher table lives in hpc_asr.dist.launch."""
     w = detect_world(env)
     return w.rank, w.size, w.local_size
 
@@ -564,7 +564,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m data_prep.synth", description=__doc__.split("\n")[0])
+    p = _Parser(prog="hpc-asr prep voice-assistant", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--hours", type=float, default=3.0, help="training audio to make (approx.)")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """LibriSpeech subset -> JSONL manifest.
 
-    python -m data_prep.librispeech --root /data --subset test-clean --out data/librispeech/test-clean.jsonl
+    python -m hpc_asr prep librispeech --root /data --subset test-clean --out data/librispeech/test-clean.jsonl
 
 ``--root`` may be the folder holding ``LibriSpeech/``, ``LibriSpeech/`` itself, or the subset folder.
 Each ``SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt`` line ``UTTID WORDS...`` becomes one utterance
@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hpc_asr.manifest import Utterance, write_manifest
-from hpc_asr.tokenizer import normalize
+from hpc_asr.data.manifest import Utterance, write_manifest
+from hpc_asr.data.tokenizer import normalize
 
 
 def subset_dir(root: Path, subset: str) -> Path:

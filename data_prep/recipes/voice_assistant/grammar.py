@@ -23,7 +23,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 
-from hpc_asr.text import normalize
+from hpc_asr.data.text import normalize
 
 
 def _words(s: str) -> list[str]:
@@ -40,7 +40,7 @@ MIN_WORDS = 2
 MAX_WORDS = 14
 
 def normalize_text(s: str) -> str:
-    """Lower-case, map anything outside [a-z' ] to a space, collapse spaces (`hpc_asr.text`, the
+    """Lower-case, map anything outside [a-z' ] to a space, collapse spaces (`hpc_asr.data.text`, the
     one normaliser the tokenizer, the LM and scoring share).
 
     Hyphens and other punctuation become word breaks rather than vanishing so that
@@ -192,7 +192,7 @@ def _phone_number(rng: random.Random) -> str:
 # words, and a small acoustic model only learns words it hears often.  Over 20000 sampled
 # sentences every word should occur at least ~15 times, so prefer words that several lists
 # share (e.g. presidents reuse street names, spelling words reuse command words) over
-# exotic names and titles.  Check with `python -m data_prep.grammar` after editing a list.
+# exotic names and titles.  Check with `python -m data_prep.recipes.voice_assistant.grammar` after editing a list.
 
 ROOMS = _phrases("kitchen, living room, bedroom, bathroom, office, garage, hallway, "
                  "dining room, basement, guest room, attic, laundry room, kids room, "
@@ -578,7 +578,7 @@ def vocabulary(texts: list[str]) -> set[str]:
     return {w for t in texts for w in t.split()}
 
 
-if __name__ == "__main__":  # quick look: python -m data_prep.grammar
+if __name__ == "__main__":  # quick look: python -m data_prep.recipes.voice_assistant.grammar
     sample = sentences(20000, random.Random(0))
     for s in sample[:25]:
         print(s)

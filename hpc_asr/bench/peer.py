@@ -1,11 +1,11 @@
 """The peer recognizer: PocketSphinx's generic US-English model and LM (shipped in its wheel),
-scored on the same manifest and with the same normaliser and WER as ``hpc_asr.evaluate``.
+scored on the same manifest and with the same normaliser and WER as ``hpc_asr.decode.evaluate``.
 
-    [mpirun -np N] python -m hpc_asr.peer --manifest data/va/test.jsonl --out runs/demo/peer_test.json
+    [mpirun -np N] python -m hpc_asr bench peer --manifest data/va/test.jsonl --out runs/demo/peer_test.json
 
 Each rank decodes every N-th utterance on one thread; rank 0 sums the error counts and the
 decoding time. ``rtf`` is decoding seconds per audio second on one thread, the figure
-``hpc_asr.latency`` reports for our model. The demo report prints it beside ours.
+``hpc_asr.bench.latency`` reports for our model. The demo report prints it beside ours.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_asr.dist import detect_world, mpi_comm
-from hpc_asr.features import AudioError, load_audio
-from hpc_asr.manifest import ManifestError, read_manifest
-from hpc_asr.metrics import COUNT_KEYS, error_counts, rates
-from hpc_asr.text import normalize
+from hpc_asr.data.features import AudioError, load_audio
+from hpc_asr.data.manifest import ManifestError, read_manifest
+from hpc_asr.data.text import normalize
+from hpc_asr.decode.wer import COUNT_KEYS, error_counts, rates
+from hpc_asr.dist.launch import detect_world, mpi_comm
 
 __all__ = ["PEER", "decode_all", "main"]
 

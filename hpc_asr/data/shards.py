@@ -57,7 +57,7 @@ def open_h5(path: str | Path, mode: str = "r"):
 
 
 def _verify_hint(path: Path) -> str:
-    return f"run `python -m data_prep.verify {path.parent}`"
+    return f"run `python -m hpc_asr prep verify {path.parent}`"
 
 
 def open_shard(path: str | Path):

@@ -1,6 +1,6 @@
 """WER/CER of a checkpoint on a prepared split, with greedy, beam or beam+LM CTC decoding.
 
-    python -m hpc_asr.evaluate --checkpoint runs/demo/last.pt --data data/va/fbank/test \
+    python -m hpc_asr evaluate --checkpoint runs/demo/last.pt --data data/va/fbank/test \
         --decoder beam+lm --out runs/demo/eval.json [--lm runs/demo/lm] [--data.max_frames N]
 
 Runs on one process or under any launcher (``mpirun -np 2 ...``): the engine is ``auto`` (what
@@ -25,13 +25,14 @@ import yaml
 from torch import nn
 
 from hpc_asr import checkpoint
+from hpc_asr.cli import override_pairs
 from hpc_asr.config import Config, ConfigError
-from hpc_asr.data import FeatureSet, make_eval_loader
-from hpc_asr.decode import DECODERS, greedy_batch, lm_files, make_decoder
-from hpc_asr.dist import Engine, make_engine
-from hpc_asr.metrics import COUNT_KEYS, error_counts, frequent_errors, rates
-from hpc_asr.model import ConformerCTC, subsampled_lengths
-from hpc_asr.text import normalize
+from hpc_asr.data.loader import FeatureSet, make_eval_loader, usable_subset
+from hpc_asr.data.text import normalize
+from hpc_asr.decode.ctc import DECODERS, greedy_batch, lm_files, make_decoder
+from hpc_asr.decode.wer import COUNT_KEYS, error_counts, frequent_errors, rates
+from hpc_asr.dist.engines import Engine, make_engine
+from hpc_asr.model import ConformerCTC
 
 __all__ = ["eval_batches", "evaluate", "load_model_and_data", "posteriors"]
 
@@ -58,10 +59,9 @@ def posteriors(model: ConformerCTC, data, tok, engine: Engine, cfg: Config,
     """(dataset indices, (B, T, V) log-probs on CPU, (B,) lengths, summed CTC loss) per batch of
     the utterances ``mine``. Utterances too short for the subsampling get zero output frames."""
     ctc = nn.CTCLoss(blank=tok.blank, reduction="sum", zero_infinity=True)
-    amp = cfg.train.amp or getattr(cfg.train, "precision", "fp32") != "fp32"
-    dtype = torch.float16 if engine.device.type == "cuda" else torch.bfloat16
-    factor = cfg.model.subsample_factor
-    ok = [i for i in mine if int(subsampled_lengths(torch.tensor([int(data.num_frames[i])]), factor)) >= 1]
+    dtype = cfg.train.autocast_dtype(engine.device.type)  # the precision it was trained in
+    usable, _ = usable_subset(data.num_frames[mine], cfg.model)
+    ok = [mine[j] for j in usable]
     short = sorted(set(mine) - set(ok))
     if short:
         yield short, torch.zeros(len(short), 0, tok.vocab_size), torch.zeros(len(short), dtype=torch.long), 0.0
@@ -69,7 +69,7 @@ def posteriors(model: ConformerCTC, data, tok, engine: Engine, cfg: Config,
                                                                  cfg.data.max_utts)]
     for batch in make_eval_loader(data, batches, tok, num_workers=cfg.data.num_workers):  # same loader as training
         batch = batch.to(engine.device)
-        with torch.autocast(engine.device.type, dtype=dtype, enabled=amp):
+        with torch.autocast(engine.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             lp, lens = model(batch.feats, batch.feat_lens)
         lp = lp.float()
         loss = float(ctc(lp.transpose(0, 1), batch.targets, lens, batch.target_lens))
@@ -128,22 +128,18 @@ def load_model_and_data(ckpt: str, data_dir: str):
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """``--section.key value`` pairs onto the checkpoint's config; only data, dist and decode
-    sections may change (the rest describes the trained model)."""
-    raw, i = cfg.to_dict(), 0
-    while i < len(overrides):
-        key = overrides[i][2:] if overrides[i].startswith("--") else ""
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif key and i + 1 < len(overrides):
-            value, i = overrides[i + 1], i + 2
-        else:
-            raise ConfigError(f"unexpected argument {overrides[i]!r}; overrides look like --section.key value")
+    sections may change (the rest describes the trained model). The engine is this launch's, not
+    the training run's: ``dist`` starts from the defaults (engine auto), so a model trained with
+    the elastic engine or under another launcher is scored under whatever launched evaluation."""
+    raw = cfg.to_dict()
+    raw["dist"] = {}
+    for key, value in override_pairs(overrides):
         section, _, name = key.partition(".")
         if section not in OVERRIDABLE or not name:
-            raise ConfigError(f"--{key}: only {', '.join(s + '.*' for s in OVERRIDABLE)} can be set at evaluation")
+            raise ConfigError(f"command line: --{key}: only {', '.join(s + '.*' for s in OVERRIDABLE)} can be set "
+                              f"at evaluation")
         raw.setdefault(section, {})[name] = yaml.safe_load(value)
-    return Config.from_dict(raw, "evaluate overrides")
+    return Config.from_dict(raw, "command line")
 
 
 def _parse(argv: list[str] | None):

@@ -1,5 +1,6 @@
 """Reading prepared features: dataset over HDF5 shards, length-bucketed distributed batches,
-padding collate, batch-vectorised SpecAugment, and the DataLoader that runs them in workers."""
+padding collate, and the DataLoader that runs them (and SpecAugment, ``hpc_asr.data.specaug``) in
+workers."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import numpy as np
 import torch
 
 from hpc_asr.config import FeatureConfig, SpecAugConfig
-from hpc_asr.shards import ShardError, open_shard, read_index
-from hpc_asr.tokenizer import CharTokenizer
+from hpc_asr.data.specaug import augment_batch
+from hpc_asr.data.shards import ShardError, open_shard, read_index
+from hpc_asr.data.tokenizer import CharTokenizer
+from hpc_asr.model import subsampled_lengths
 
-__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "augment_batch", "batch_seed", "collate", "make_eval_loader",
-           "make_loader", "spec_augment"]
+__all__ = ["Batch", "BucketBatchSampler", "FeatureSet", "SubsetView", "check_lengths", "collate", "make_eval_loader",
+           "make_loader", "usable_subset"]
 
 
 @contextlib.contextmanager
@@ -25,7 +28,7 @@ def _one_line(path: Path):
         yield
     except (OSError, KeyError) as e:
         raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); "
-                         f"run `python -m data_prep.verify {path.parent}`") from None
+                         f"run `python -m hpc_asr prep verify {path.parent}`") from None
 
 
 class FeatureSet:
@@ -45,7 +48,7 @@ class FeatureSet:
                 n = len(h5["num_frames"])
                 if n != shard["utterances"]:
                     raise ShardError(f"{path}: {n} utterances, index.json says {shard['utterances']}; "
-                                     f"run `python -m data_prep.verify {self.dir}`")
+                                     f"run `python -m hpc_asr prep verify {self.dir}`")
                 shard_of.append(np.full(n, s, np.int32))
                 offsets.append(h5["offsets"][:])
                 frames.append(h5["num_frames"][:])
@@ -167,77 +170,43 @@ def collate(items, texts: list[str], tokenizer: CharTokenizer) -> Batch:
     return Batch(feats, lens, targets, tlens, idx)
 
 
-def _freq_warp(feats: torch.Tensor, width: float, gen: torch.Generator | None) -> torch.Tensor:
-    """Stretch each utterance's mel axis by a random factor in [1 - width, 1 + width], a
-    feature-domain vocal-tract-length perturbation (Jaitly & Hinton, 2013): it imitates voices
-    the corpus lacks, which is what held-out speakers need."""
-    b, t, f = feats.shape
-    alpha = 1 + (torch.rand(b, generator=gen) * 2 - 1) * width
-    src = (torch.arange(f, dtype=torch.float32)[None, :] * alpha[:, None]).clamp(0, f - 1)  # (B, F)
-    src = src.to(feats.device)  # drawn on the CPU generator; applied where the batch lives
-    lo = src.floor().long()
-    hi = (lo + 1).clamp(max=f - 1)
-    w = (src - lo)[:, None, :]
-    below = feats.gather(2, lo[:, None, :].expand(b, t, f))
-    above = feats.gather(2, hi[:, None, :].expand(b, t, f))
-    return below * (1 - w) + above * w
+# ---- checks made before the first step ----------------------------------------------------
+
+def check_lengths(data: FeatureSet, where: str, max_frames: int) -> None:
+    """Every rank scans every length before step 0: an utterance no batch can hold is an error
+    naming it and the key, not a crash on whichever rank meets it after an epoch."""
+    if len(data) and int(data.num_frames.max()) > max_frames:
+        i = int(data.num_frames.argmax())
+        n = int((data.num_frames > max_frames).sum())
+        raise ValueError(f"{where}: utterance {data.ids[i]} has {int(data.num_frames[i])} frames > "
+                         f"data.max_frames={max_frames} ({n} utterance(s) too long); raise data.max_frames")
 
 
-def _fill_values(out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B,) mean of each utterance's valid frames."""
-    n = valid.sum(1).clamp(min=1) * out.shape[2]
-    return (out * valid[:, :, None]).sum((1, 2)) / n
+def usable_subset(num_frames: np.ndarray, model_cfg) -> tuple[np.ndarray, int]:
+    """Indices of utterances that leave at least one frame after subsampling, and how many not:
+    the one too-short rule (training skips them; evaluation scores them as empty hypotheses)."""
+    out = subsampled_lengths(torch.as_tensor(np.asarray(num_frames, np.int64)), model_cfg.subsample_factor)
+    keep = np.nonzero(out.numpy() >= 1)[0]
+    return keep, len(num_frames) - len(keep)
 
 
-def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
-                 gen: torch.Generator | None = None) -> torch.Tensor:
-    """Optional mel-axis warping, then frequency and time masking (Park et al., 2019) filled with
-    each utterance's mean so the masked region looks like neutral input after CMVN. Vectorised
-    over the batch: every draw is a (B,) tensor from ``gen``, in a fixed order, so a batch's
-    augmentation depends only on the generator's seed. Padding is never touched. Returns a new
-    tensor; works on any device (draws are made on the CPU generator, then moved)."""
-    if not cfg.enabled:
-        return feats
-    b, t, f = feats.shape
-    dev = feats.device
-    out = _freq_warp(feats, cfg.freq_warp, gen) if cfg.freq_warp > 0 else feats.clone()
-    lens = lengths.to("cpu", torch.long)
-    valid = (torch.arange(t)[None, :] < lens[:, None]).to(dev)  # (B, T)
-    fill = _fill_values(out, valid)  # (B,)
-    fmask = torch.zeros(b, f, dtype=torch.bool)
-    bins = torch.arange(f)[None, :]
-    for _ in range(cfg.freq_masks):
-        w = torch.randint(0, cfg.freq_width + 1, (b,), generator=gen)
-        f0 = (torch.rand(b, generator=gen) * (f - w).clamp(min=1)).long()
-        fmask |= (bins >= f0[:, None]) & (bins < (f0 + w)[:, None])
-    tmask = torch.zeros(b, t, dtype=torch.bool)
-    frames = torch.arange(t)[None, :]
-    max_w = (cfg.time_width * lens).long().clamp(min=1)
-    for _ in range(cfg.time_masks):
-        w = (torch.rand(b, generator=gen) * (max_w + 1)).long()
-        t0 = (torch.rand(b, generator=gen) * (lens - w).clamp(min=1)).long()
-        tmask |= (frames >= t0[:, None]) & (frames < (t0 + w)[:, None])
-    mask = (fmask.to(dev)[:, None, :] | tmask.to(dev)[:, :, None]) & valid[:, :, None]
-    return torch.where(mask, fill[:, None, None].to(out.dtype), out)
+class SubsetView:
+    """The utterances ``keep`` of a FeatureSet, re-indexed 0..n-1 (what evaluate() reads)."""
+
+    def __init__(self, data: FeatureSet, keep: np.ndarray):
+        self.data, self.keep = data, keep
+        self.num_frames = data.num_frames[keep]
+        self.ids = [data.ids[i] for i in keep]
+        self.texts = [data.texts[i] for i in keep]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, j: int):
+        return j, self.data.feats(int(self.keep[j]))
 
 
 # ---- the loader: batches built in worker processes -----------------------------------------
-
-
-def batch_seed(seed: int, epoch: int, position: int, rank: int) -> int:
-    """The SpecAugment seed of one batch: a function of (seed, epoch, batch position, rank) only,
-    so a resumed run, a run with more workers and the main-thread path draw the same masks."""
-    return seed * 1_000_003 + epoch * 100_003 + position * 31 + rank
-
-
-def augment_batch(batch: Batch, cfg: SpecAugConfig, seed: int, epoch: int, rank: int) -> Batch:
-    """SpecAugment of one batch with its (seed, epoch, position, rank) draws, on whatever device
-    ``batch`` lives: the loader calls it in its workers; on a GPU node the loop may instead build
-    the loader with ``specaug=None`` and call it after ``batch.to(device)`` (same draws)."""
-    if cfg.enabled:
-        gen = torch.Generator().manual_seed(batch_seed(seed, epoch, batch.position, rank))
-        batch.feats = spec_augment(batch.feats, batch.feat_lens, cfg, gen)
-    return batch
 
 
 class _Positioned:

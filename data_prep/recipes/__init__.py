@@ -1,0 +1,1 @@
+"""Corpus recipes: each writes manifests that ``hpc-asr prep fbank`` turns into shards."""

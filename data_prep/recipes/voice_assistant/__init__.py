@@ -1,0 +1,1 @@
+"""The synthetic voice-assistant corpus (grammar + speech synthesizers)."""

@@ -1,0 +1,1 @@
+"""Decoding and scoring: CTC greedy/beam, the n-gram LM, LM tuning, WER, evaluation."""

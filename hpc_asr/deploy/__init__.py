@@ -1,0 +1,1 @@
+"""Deployment: the parity-gated export, the recognizer over an export, the service."""

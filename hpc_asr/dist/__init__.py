@@ -1,0 +1,1 @@
+"""Distributed: ``launch`` (which launcher, rank/size/local rank) and ``engines`` (horovod, torch)."""
