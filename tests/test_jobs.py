@@ -240,7 +240,8 @@ def _pbs_config(tmp_path: Path, feats: dict[str, Path], out: Path, **train) -> P
 @pytest.mark.slow
 def test_pbs_chain_runs_under_mom_environment(tmp_path):
     corpus = tmp_path / "va"
-    synth = subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(corpus), "--hours", "0.01",
+    synth = subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(corpus),
+                            "--hours", "0.01",
                             "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
     assert synth.returncode == 0, synth.stderr

@@ -55,7 +55,8 @@ def tiny_config(path: Path, data: dict[str, Path], out: Path, **train) -> Path:
 @pytest.mark.slow
 def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
     corpus = tmp_path / "va"
-    synth = subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(corpus), "--hours", "0.01",
+    synth = subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(corpus),
+                            "--hours", "0.01",
                                   "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"],
                                  capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=120)
     assert synth.returncode == 0, synth.stderr
