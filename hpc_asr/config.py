@@ -1,7 +1,7 @@
 """One typed config for every hpc_asr CLI.
 
 A config is YAML with one mapping per section (``features``, ``data``, ``specaug``, ``model``,
-``train``, ``dist``, ``export``), overridden from the command line as ``--section.key value`` or
+``train``, ``dist``, ``export``, ..., ``serve``), overridden from the command line as ``--section.key value`` or
 ``--section.key=value``. Unknown sections or keys fail with the offending name, because a typo
 that silently falls back to a default wastes a cluster allocation.
 """
@@ -24,6 +24,7 @@ __all__ = [
     "ExportConfig",
     "FeatureConfig",
     "ModelConfig",
+    "ServeConfig",
     "SpecAugConfig",
     "TrainConfig",
 ]
@@ -307,6 +308,38 @@ class AugmentConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The recognition service (``hpc-asr serve``, hpc_asr.deploy.serve): where it listens, the
+    ONNX Runtime threads, dynamic batching, partial transcripts, and every limit a client meets.
+    The decoder is ``decode.decoder`` (greedy | beam | beam+lm with the LM beside the export)."""
+
+    host: str = "127.0.0.1"  # loopback unless told: an inference node's service sits behind its own proxy
+    port: int = 8000
+    provider: str = "auto"  # auto (CUDA where onnxruntime-gpu sees a GPU, else CPU) | cpu | cuda
+    intra_threads: int = 1  # ONNX Runtime threads per model run
+    inter_threads: int = 1
+    feature_threads: int = 1  # torch threads for FBANK (computed off the event loop)
+    max_batch: int = 8  # offline requests (and streams' partial decodes) run as one padded batch
+    max_batch_frames: int = 12000  # a batch stops growing at this many padded input frames
+    max_wait_ms: float = 5.0  # how long the first queued request waits for company
+    max_body_bytes: int = 10_000_000  # POST /v1/recognize body (413 above)
+    max_audio_s: float = 60.0  # offline request and whole stream (413 / close 4413 above)
+    max_streams: int = 16  # concurrent WebSocket streams (429 / close 4429 above)
+    max_queue: int = 256  # requests waiting for the model (503 above: shed load rather than time out)
+    partial_interval_s: float = 0.5  # re-decode the stream's audio so far after this much new audio
+    idle_timeout_s: float = 10.0  # a stream that sends nothing this long is closed (4408)
+    drain_timeout_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
+
+    def __post_init__(self) -> None:
+        validate(self, "serve", port=">=0", intra_threads=">=0", inter_threads=">=0", feature_threads=">=1",
+                 max_batch=">=1", max_batch_frames=">0", max_wait_ms=">=0", max_body_bytes=">0",
+                 max_audio_s=">0", max_streams=">=1", max_queue=">=1", partial_interval_s=">0",
+                 idle_timeout_s=">0", drain_timeout_s=">=0", provider=("auto", "cpu", "cuda"))
+        if self.port > 65535:
+            raise ConfigError(f"serve.port must be <= 65535, got {self.port}")
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -317,6 +350,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         # dist's numeric knobs all mean "0 = the default": types checked, negatives refused.
