@@ -58,7 +58,7 @@ class Service:
         torch.set_num_threads(self.limits.feature_threads)  # FBANK; ONNX Runtime has its own threads
         try:
             backend = await asyncio.to_thread(Backend, self.model_dir, self.limits, self.cfg.decode)
-        except Exception as e:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
+        except Exception as e:  # reported by /readyz and the log, the process stays up
             self.load_error = f"{type(e).__name__}: {e}"
             print(f"[serve] error: cannot load {self.model_dir}: {self.load_error}", flush=True)
             return
@@ -163,7 +163,7 @@ def create_app(model_dir: str | Path, cfg: Config) -> FastAPI:
             out = await svc.recognize(samples)
         except Rejected as e:
             return _refuse(svc, endpoint, e)
-        except Exception as e:  # noqa: BLE001 - one line to the client and the log; the service keeps serving
+        except Exception as e:  # one line to the client and the log; the service keeps serving
             svc.metrics.errors.labels("internal").inc()
             svc.metrics.requests.labels(endpoint, "500").inc()
             print(f"[serve] error: {endpoint}: {type(e).__name__}: {e}", flush=True)
@@ -209,7 +209,8 @@ def _start_message(text: str, svc: Service) -> RedecodeSession:
         raise Rejected(400, "bad_message", "text messages must be JSON, e.g. {\"type\": \"start\", \"rate\": 16000}")\
             from None
     if not isinstance(msg, dict) or msg.get("type") != "start":
-        raise Rejected(400, "bad_message", f"first message must be {{\"type\": \"start\", \"rate\": R}}, got {text[:80]!r}")
+        raise Rejected(400, "bad_message",
+                       f"first message must be {{\"type\": \"start\", \"rate\": R}}, got {text[:80]!r}")
     rate = msg.get("rate", msg.get("sample_rate"))
     if not isinstance(rate, int) or isinstance(rate, bool) or not 4000 <= rate <= MAX_RATE:
         raise Rejected(400, "bad_rate", f"start.rate must be an integer in [4000, {MAX_RATE}] Hz, got {rate!r}")

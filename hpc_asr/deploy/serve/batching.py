@@ -85,7 +85,7 @@ class Batcher:
                 self.on_batch(len(batch))
             try:
                 results = await loop.run_in_executor(self.pool, self.run, [f for f, _ in batch])
-            except Exception as e:  # noqa: BLE001 - the model failing must reach every waiter, not kill the worker
+            except Exception as e:  # the model failing must reach every waiter, not kill the worker
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
