@@ -10,11 +10,13 @@ BAR_WER ?= 0.10
 FIXTURES ?= ../shared/fixtures
 TRAIN_ARGS ?=
 SYNTH_ARGS ?=
+SERVE_MODEL ?= $(RUN)/export
+SERVE_MANIFEST ?= $(DATA)/test.jsonl
 # mpirun refuses root without these; --oversubscribe lets NP exceed the detected slots.
 MPIRUN  := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1) \
            mpirun --oversubscribe --bind-to none -np $(NP)
 
-.PHONY: setup setup-gpu demo test bench bench-train bench-prep bench-gpu gpu-check ablation lint clean-demo
+.PHONY: setup setup-gpu demo test bench bench-train bench-prep bench-serve bench-gpu gpu-check ablation lint clean-demo
 
 setup:
 	@bash env/setup-local.sh
@@ -69,6 +71,10 @@ ablation: setup
 	$(PY) -m hpc_asr bench ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
 
 # GPU nodes, after `make setup-gpu` (docs/gpu.md): the seed step, torch.compile, torchaudio, FBANK.
+# The service under load (1/4/16 clients, hostile mix, streams) and sherpa-onnx on the same model.
+bench-serve: setup
+	$(PY) -m hpc_asr bench serve --model-dir $(SERVE_MODEL) --manifest $(SERVE_MANIFEST) --out runs/bench/serve.json
+
 bench-gpu:
 	$(PY) -m hpc_asr bench gpu --out runs/bench/gpu.json
 

@@ -25,7 +25,12 @@ setup(
         "flashlight-text>=0.0.7",  # beam search + KenLM (hpc_asr.decode.ctc)
         "sentencepiece>=0.2",  # train.tokenizer: bpe
         "pyroomacoustics>=0.7",  # data_prep.augment
+        "fastapi>=0.110",  # hpc_asr.deploy.serve
+        "uvicorn>=0.30",
+        "websockets>=13",
+        "prometheus-client>=0.20",
     ],
     extras_require={"horovod": ["horovod==0.28.1"], "tensorboard": ["tensorboard"], "peer": ["pocketsphinx>=5.0"],
-                    "test": ["pytest>=8", "lhotse>=1.20", "ruff"]},
+                    "serve-peer": ["sherpa-onnx>=2.0"],
+                    "test": ["pytest>=8", "lhotse>=1.20", "ruff", "httpx", "playwright"]},
 )

@@ -10,6 +10,7 @@ small enough to build once per test session (and for a first ``make bench-serve`
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ if str(ROOT) not in sys.path:
 from hpc_asr.config import FeatureConfig  # noqa: E402
 from hpc_asr.data.features import CmvnStats, fbank, load_audio  # noqa: E402
 
-__all__ = ["SENTENCES", "VOICES", "build", "synth"]
+__all__ = ["SENTENCES", "VOICES", "build", "cache_dir", "synth"]
 
 SENTENCES = ["turn on the lights", "set a timer for ten minutes", "play some jazz", "what is the weather today",
              "call mom", "stop the music"]
@@ -109,9 +110,18 @@ def _train(feat_dir: Path, ckpt: Path, steps: int, seed: int = 0) -> float:
     return float(loss)
 
 
+def cache_dir() -> Path:
+    """~/.cache/hpc_asr/serve-model-<hash of this file>: the build is deterministic, so it is kept."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpc_asr" / f"serve-model-{digest}"
+
+
 def build(root: Path, steps: int = 250) -> dict:
-    """Audio under ``root/audio``, the export under ``root/export``; returns {"export", "audio":
-    {uid: (wav path, text)}, "loss", "wall_s"}. Reused when ``root/export/model.onnx`` exists."""
+    """Audio under ``root/audio`` (and ``root/audio.jsonl``, a manifest for ``hpc-asr bench serve``),
+    the export under ``root/export``; returns {"export", "audio": {uid: (wav path, text)}, "loss",
+    "wall_s"}. Reused when ``root/build.json`` exists."""
     root = Path(root)
     audio_dir, export_dir = root / "audio", root / "export"
     meta_path = root / "build.json"
@@ -126,13 +136,17 @@ def build(root: Path, steps: int = 250) -> dict:
             audio.append((uid, synth(text, voice, speed, wav, seed=s * 10 + v), text))
             index[uid] = [str(wav), text]
     _write_features(audio, root / "fbank", FeatureConfig())
+    from hpc_asr.data.manifest import Utterance, write_manifest
+
+    write_manifest(root / "audio.jsonl", [Utterance(uid, wav, text, len(x) / 16000, "espeak")
+                                          for (uid, x, text), (wav, _) in zip(audio, index.values())])
     from hpc_asr.decode.ngram import build_arpa
 
     build_arpa(SENTENCES, 2, root / "ckpt" / "lm" / "lm.arpa")
     loss = _train(root / "fbank", root / "ckpt" / "last.pt", steps)
     subprocess.run([sys.executable, "-m", "hpc_asr", "export", "--checkpoint", str(root / "ckpt" / "last.pt"),
                     "--data", str(root / "fbank"), "--out-dir", str(export_dir)], check=True, cwd=ROOT,
-                   capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     meta = {"export": str(export_dir), "audio": index, "loss": loss, "wall_s": round(time.time() - t0, 1)}
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta

@@ -8,6 +8,7 @@ process exits 0.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level=args.log_level,
                             timeout_graceful_shutdown=cfg.serve.drain_timeout_s or None, ws="websockets-sansio",
                             ws_max_size=max(1 << 20, cfg.serve.max_body_bytes), access_log=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its drain: a drained
+        signal.signal(sig, lambda *_: None)      # service then exits 0, not killed by the signal
     _Server(config).run()
     return 0
 
