@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hpc_asr.config import FeatureConfig  # noqa: E402
-from hpc_asr.data.features import CmvnStats, fbank, load_audio  # noqa: E402
+from hpc_asr.data.features import CmvnStats, fbank, load_audio, resample  # noqa: E402
 
 __all__ = ["SENTENCES", "VOICES", "build", "cache_dir", "synth"]
 
@@ -34,10 +34,11 @@ VOICES = [("en-us", 160), ("en-gb", 175), ("en-us", 185)]
 NOISE_FLOOR = 3e-3  # a microphone's hiss: digital silence would make dithered front ends (sherpa) see noise only
 
 
-def synth(text: str, voice: str, speed: int, out: Path, lead_s: float = 0.25, tail_s: float = 0.25,
-          seed: int = 0) -> np.ndarray:
-    """espeak-ng speech at 16 kHz with silence around it and a low noise floor; written to ``out``
-    (16-bit WAV) and returned as float32 samples."""
+def synth(text: str, voice: str, speed: int, out: Path, seed: int = 0) -> np.ndarray:
+    """espeak-ng speech at 16 kHz between stretches of silence of random length (a client may
+    start early and stop late, and a stream's partials see long silent tails), with a low noise
+    floor, band-limited to 7 kHz (a browser's 48 kHz path cuts the top band; the model must not
+    rely on it). Written to ``out`` (16-bit WAV) and returned as float32 samples."""
     import soundfile as sf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,9 +47,11 @@ def synth(text: str, voice: str, speed: int, out: Path, lead_s: float = 0.25, ta
                        capture_output=True)
         x = load_audio(str(raw), 16000, convert=True)
     rng = np.random.default_rng(seed)
-    x = np.concatenate([np.zeros(int(lead_s * 16000), np.float32), 0.7 * x / max(1e-3, np.abs(x).max()),
-                        np.zeros(int(tail_s * 16000), np.float32)])
-    x = (x + NOISE_FLOOR * rng.standard_normal(len(x))).astype(np.float32)
+    lead, tail = rng.uniform(0.1, 0.8), rng.uniform(0.2, 3.0)
+    x = np.concatenate([np.zeros(int(lead * 16000), np.float32), 0.7 * x / max(1e-3, np.abs(x).max()),
+                        np.zeros(int(tail * 16000), np.float32)])
+    x = x + NOISE_FLOOR * rng.standard_normal(len(x)).astype(np.float32)
+    x = resample(resample(x, 16000, 14000), 14000, 16000)[: len(x)]  # low-pass at 7 kHz
     out.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(out), x, 16000, subtype="PCM_16")
     return sf.read(str(out), dtype="float32")[0]

@@ -376,10 +376,10 @@ def test_browser_page_streams_microphone_and_uploads(server, model, offline, tmp
     sync_api = pytest.importorskip("playwright.sync_api")
     uid = "s2v1"
     x = load_audio(model["audio"][uid][0], 16000)
-    fake = tmp_path / "mic.wav"  # Chromium loops the file: speech, then long silence (with the noise floor)
-    rng = np.random.default_rng(0)
-    pad = (serve_model.NOISE_FLOOR * rng.standard_normal(8 * 16000)).astype(np.float32)
-    sf.write(str(fake), np.concatenate([pad[:8000], x, pad]), 16000, subtype="PCM_16")
+    fake = tmp_path / "mic.wav"  # Chromium loops the file: the utterance, then seconds of the noise floor
+    noise = serve_model.NOISE_FLOOR * np.random.default_rng(0).standard_normal(6 * 16000).astype(np.float32)
+    pad = resample(resample(noise, 16000, 14000), 14000, 16000)  # band-limited like the model's audio
+    sf.write(str(fake), np.concatenate([x, pad]), 16000, subtype="PCM_16")
     args = ["--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={fake}",
             "--use-fake-ui-for-media-stream", "--no-sandbox", "--disable-gpu", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -405,3 +405,25 @@ def test_browser_page_streams_microphone_and_uploads(server, model, offline, tmp
             page.screenshot(path=shot, full_page=True)
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- providers
+
+
+def test_provider_choice(model, offline):
+    import onnxruntime as ort
+
+    from hpc_asr.config import DecodeConfig, ServeConfig
+    from hpc_asr.deploy.serve.backend import Backend, providers_for
+
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match=r"serve\.provider=cuda"):
+            providers_for("cuda")
+        assert providers_for("auto") == ["CPUExecutionProvider"]
+        pytest.skip("no CUDA provider in this onnxruntime: the GPU half of this test needs onnxruntime-gpu")
+    b = Backend(model["export"], ServeConfig(provider="cuda"), DecodeConfig())
+    assert b.providers[0] == "CUDAExecutionProvider"
+    wav, _ = model["audio"]["s1v2"]
+    (lp,) = b.run_batch([b.featurize(load_audio(wav, 16000))])
+    assert b.decode(lp)[0] == offline["s1v2"]
