@@ -307,6 +307,25 @@ def test_too_many_streams_refused_at_handshake(server, model, offline):
     assert msgs[-1]["text"] == offline["s0v1"]
 
 
+def test_beam_lm_decoder_chosen_by_config(model):
+    """--decode.decoder beam+lm: the LM beside the export, the same answer as the offline Recognizer
+    with that decoder, over POST and the stream; no word times (the beam decoder gives none)."""
+    rec = Recognizer(model["export"], decoder="beam+lm")
+    s = Server(model["export"], "--decode.decoder", "beam+lm", "--decode.beam_size", "8")
+    try:
+        assert httpx.get(f"{s.url}/readyz").json()["decoder"] == "beam+lm"
+        for uid in ("s0v2", "s3v0"):
+            wav, text = model["audio"][uid]
+            want = Recognizer(model["export"], decoder="beam+lm", beam_size=8)(load_audio(wav, 16000))
+            out = post(s.url, wav_bytes(wav)).json()
+            assert out["text"] == want and "words" not in out
+            assert rec(load_audio(wav, 16000)) == text  # the LM knows the sentences: beam+lm gets them right
+            msgs, _ = stream_audio(s, load_audio(wav, 16000), chunk_s=0.5, pace=0)
+            assert msgs[-1]["text"] == want
+    finally:
+        assert s.stop() == 0
+
+
 # ---------------------------------------------------------------- lifecycle
 
 

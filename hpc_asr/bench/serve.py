@@ -150,9 +150,12 @@ async def _streams(url: str, waves: list[np.ndarray], refs: list[str], n: int, c
 def _engines(model_dir: Path, waves: list[np.ndarray], refs: list[str], threads: int, rate: int) -> dict:
     """Ours (Recognizer: FBANK + ONNX Runtime + greedy) vs sherpa-onnx on the same ONNX network,
     waveform -> text, one utterance at a time, ``threads`` threads each, best of 3 passes."""
+    import torch
+
     from hpc_asr.deploy import sherpa
     from hpc_asr.deploy.recognizer import Recognizer
 
+    torch.set_num_threads(threads)  # our FBANK (torch) gets the same threads as both ONNX Runtime sessions
     ours = Recognizer(model_dir, threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         sherpa.export_sherpa(model_dir, tmp)

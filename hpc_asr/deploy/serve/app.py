@@ -27,7 +27,7 @@ from hpc_asr.deploy.serve.batching import Batcher
 from hpc_asr.deploy.serve.limits import Rejected
 from hpc_asr.deploy.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from hpc_asr.deploy.serve.page import PAGE
-from hpc_asr.deploy.serve.stream import RedecodeSession
+from hpc_asr.deploy.serve.stream import RedecodeSession, StreamSession
 
 __all__ = ["Service", "create_app"]
 
@@ -202,12 +202,14 @@ def create_app(model_dir: str | Path, cfg: Config) -> FastAPI:
     return app
 
 
-def _start_message(text: str, svc: Service) -> RedecodeSession:
+def _start_message(text: str, svc: Service) -> StreamSession:
+    """The session for a stream's first message. Today's offline export re-decodes; a streaming
+    export would return its cache-carrying session here."""
     try:
         msg = json.loads(text)
     except json.JSONDecodeError:
-        raise Rejected(400, "bad_message", "text messages must be JSON, e.g. {\"type\": \"start\", \"rate\": 16000}")\
-            from None
+        reason = 'text messages must be JSON, e.g. {"type": "start", "rate": 16000}'
+        raise Rejected(400, "bad_message", reason) from None
     if not isinstance(msg, dict) or msg.get("type") != "start":
         raise Rejected(400, "bad_message",
                        f"first message must be {{\"type\": \"start\", \"rate\": R}}, got {text[:80]!r}")
@@ -218,18 +220,20 @@ def _start_message(text: str, svc: Service) -> RedecodeSession:
     return RedecodeSession(rate, svc.backend.sample_rate, svc.recognize, s.partial_interval_s, s.max_audio_s)
 
 
-async def _send_partial(ws: WebSocket, session: RedecodeSession) -> None:
+async def _send_partial(ws: WebSocket, session: StreamSession) -> None:
+    """Best effort: a busy queue, too little audio or a client gone skips this partial (the final
+    still comes, or the loop sees the disconnect)."""
     try:
         out = await session.partial()
-    except Rejected:  # a partial is best effort (busy queue, audio too short): the final still comes
+        if ws.client_state == WebSocketState.CONNECTED:
+            await ws.send_json({"type": "partial", **out})
+    except (Rejected, WebSocketDisconnect, RuntimeError):
         return
-    if ws.client_state == WebSocketState.CONNECTED:
-        await ws.send_json({"type": "partial", **out})
 
 
 async def _run_stream(ws: WebSocket, svc: Service) -> int:
     """The session loop; returns the close code (1000 final sent, 4xxx refused, 1001 client left)."""
-    session: RedecodeSession | None = None
+    session: StreamSession | None = None
     partial: asyncio.Task | None = None
     idle = svc.limits.idle_timeout_s
     try:
