@@ -129,7 +129,7 @@ def build(root: Path, steps: int = 250) -> dict:
     audio_dir, export_dir = root / "audio", root / "export"
     meta_path = root / "build.json"
     if (export_dir / "model.onnx").is_file() and meta_path.is_file():
-        return json.loads(meta_path.read_text())
+        return _absolute(json.loads(meta_path.read_text()), root)
     t0 = time.time()
     audio, index = [], {}
     for s, text in enumerate(SENTENCES):
@@ -141,8 +141,8 @@ def build(root: Path, steps: int = 250) -> dict:
     _write_features(audio, root / "fbank", FeatureConfig())
     from hpc_asr.data.manifest import Utterance, write_manifest
 
-    write_manifest(root / "audio.jsonl", [Utterance(uid, wav, text, len(x) / 16000, "espeak")
-                                          for (uid, x, text), (wav, _) in zip(audio, index.values())])
+    write_manifest(root / "audio.jsonl", [Utterance(uid, f"audio/{uid}.wav", text, len(x) / 16000, "espeak")
+                                          for uid, x, text in audio])  # relative: the cache can move
     from hpc_asr.decode.ngram import build_arpa
 
     build_arpa(SENTENCES, 2, root / "ckpt" / "lm" / "lm.arpa")
@@ -150,9 +150,15 @@ def build(root: Path, steps: int = 250) -> dict:
     subprocess.run([sys.executable, "-m", "hpc_asr", "export", "--checkpoint", str(root / "ckpt" / "last.pt"),
                     "--data", str(root / "fbank"), "--out-dir", str(export_dir)], check=True, cwd=ROOT,
                    capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    meta = {"export": str(export_dir), "audio": index, "loss": loss, "wall_s": round(time.time() - t0, 1)}
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return meta
+    meta = {"export": "export", "audio": {k: [str(Path(w).relative_to(root)), t] for k, (w, t) in index.items()},
+            "loss": loss, "wall_s": round(time.time() - t0, 1)}
+    meta_path.write_text(json.dumps(meta, indent=1))  # paths relative to root: the cache can move
+    return _absolute(meta, root)
+
+
+def _absolute(meta: dict, root: Path) -> dict:
+    return {**meta, "export": str(root / meta["export"]),
+            "audio": {k: [str(root / w), t] for k, (w, t) in meta["audio"].items()}}
 
 
 if __name__ == "__main__":
