@@ -110,7 +110,7 @@ async def _streams(url: str, waves: list[np.ndarray], refs: list[str], n: int, c
     ws_url = url.replace("http://", "ws://") + "/v1/stream"
 
     async def one(i: int) -> None:
-        x = (np.clip(waves[i % len(waves)], -1, 1) * 32767).astype("<i2")
+        x = np.clip(np.round(waves[i % len(waves)] * 32768), -32768, 32767).astype("<i2")
         step = rate // 10
         async with sem, connect(ws_url, max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "rate": rate}))

@@ -45,7 +45,7 @@ function toPcm16(f32) {
   const out = new Int16Array(f32.length);
   for (let i = 0; i < f32.length; i++) {
     const s = Math.max(-1, Math.min(1, f32[i]));
-    out[i] = s < 0 ? s * 32768 : s * 32767;
+    out[i] = Math.round(s < 0 ? s * 32768 : s * 32767);
   }
   return out.buffer;
 }
