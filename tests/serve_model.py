@@ -108,7 +108,7 @@ def _train(feat_dir: Path, ckpt: Path, steps: int, seed: int = 0) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        if float(loss) < 0.005:  # overfitted enough: every utterance decodes right well before this
+        if loss.item() < 0.005:  # overfitted enough: every utterance decodes right well before this
             break
     model.eval()
     checkpoint.save(ckpt, {"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": tok.state_dict()})
