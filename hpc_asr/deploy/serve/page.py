@@ -5,7 +5,8 @@ elsewhere: an inference node's page must work without the internet.
 
 The microphone is read through an ``AudioContext`` at 16 kHz where the browser offers it (the
 browser resamples), else at its own rate, which the start message declares; samples go out as
-16-bit little-endian PCM every ~256 ms.
+16-bit little-endian PCM every ~256 ms. Capture starts as soon as the microphone is open (chunks
+wait until the socket is), and "stop after N s" ends the recording by itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PAGE = """<!doctype html>
 <h1>hpc_asr speech recognition</h1>
 <section>
  <button id="record">Record</button><button id="stop" disabled>Stop</button>
+ <label>stop after <input id="seconds" type="number" min="0.5" step="0.5" style="width:4rem"> s</label>
  <span id="status">idle</span>
  <div>Partial</div><div id="partial" class="box"></div>
  <div>Final</div><div id="final" class="box"></div>
@@ -37,7 +39,7 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-let ws = null, ctx = null, source = null, proc = null, stream = null;
+let ws = null, ctx = null, source = null, proc = null, stream = null, pending = [];
 
 function status(text) { $("status").textContent = text; }
 
@@ -57,17 +59,28 @@ async function record() {
       noiseSuppression: false, autoGainControl: false, channelCount: 1 } });
   } catch (e) { status("microphone: " + e.message); $("record").disabled = false; return; }
   try { ctx = new AudioContext({ sampleRate: 16000 }); } catch (e) { ctx = new AudioContext(); }
+  // Capture starts now; chunks wait in `pending` until the socket is open, so no speech is lost.
+  const limit = parseFloat($("seconds").value) * ctx.sampleRate;  // NaN (empty field): no limit
+  let sent = 0;
+  pending = [];
+  source = ctx.createMediaStreamSource(stream);
+  proc = ctx.createScriptProcessor(4096, 1, 1);
+  proc.onaudioprocess = (ev) => {
+    let x = ev.inputBuffer.getChannelData(0);
+    if (sent + x.length >= limit) x = x.subarray(0, Math.max(0, limit - sent));
+    sent += x.length;
+    pending.push(toPcm16(x));
+    if (ws && ws.readyState === WebSocket.OPEN) { pending.forEach((b) => ws.send(b)); pending = []; }
+    if (sent >= limit) stop();
+  };
+  const mute = ctx.createGain(); mute.gain.value = 0;
+  source.connect(proc); proc.connect(mute); mute.connect(ctx.destination);
   ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/stream");
   ws.binaryType = "arraybuffer";
   ws.onopen = () => {
     ws.send(JSON.stringify({ type: "start", rate: ctx.sampleRate }));
-    source = ctx.createMediaStreamSource(stream);
-    proc = ctx.createScriptProcessor(4096, 1, 1);
-    proc.onaudioprocess = (ev) => {
-      if (ws && ws.readyState === WebSocket.OPEN) ws.send(toPcm16(ev.inputBuffer.getChannelData(0)));
-    };
-    const mute = ctx.createGain(); mute.gain.value = 0;
-    source.connect(proc); proc.connect(mute); mute.connect(ctx.destination);
+    pending.forEach((b) => ws.send(b)); pending = [];
+    if (!proc) { ws.send(JSON.stringify({ type: "end" })); status("finishing"); return; }  // stopped already
     $("stop").disabled = false; status("recording at " + ctx.sampleRate + " Hz");
   };
   ws.onmessage = (ev) => {
@@ -83,7 +96,8 @@ async function record() {
 
 function stop() {
   $("stop").disabled = true;
-  if (proc) { proc.disconnect(); proc.onaudioprocess = null; }
+  if (!proc) return;
+  proc.disconnect(); proc.onaudioprocess = null; proc = null;
   if (source) source.disconnect();
   if (stream) stream.getTracks().forEach((t) => t.stop());
   if (ctx) ctx.close();
