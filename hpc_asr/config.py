@@ -321,7 +321,7 @@ class ServeConfig:
     feature_threads: int = 1  # torch threads for FBANK (computed off the event loop)
     max_batch: int = 8  # offline requests (and streams' partial decodes) run as one padded batch
     max_batch_frames: int = 12000  # a batch stops growing at this many padded input frames
-    max_wait_ms: float = 5.0  # how long the first queued request waits for company
+    max_wait_ms: float = 0.0  # how long a lone request waits for company (0: batch what queued while the model ran)
     max_body_bytes: int = 10_000_000  # POST /v1/recognize body (413 above)
     max_audio_s: float = 60.0  # offline request and whole stream (413 / close 4413 above)
     max_streams: int = 16  # concurrent WebSocket streams (429 / close 4429 above)

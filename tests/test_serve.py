@@ -33,7 +33,7 @@ ws_client = pytest.importorskip("websockets.sync.client")
 ws_exceptions = pytest.importorskip("websockets.exceptions")
 
 LIMITS = ["--serve.max_body_bytes", "400000", "--serve.max_audio_s", "8", "--serve.max_streams", "2",
-          "--serve.idle_timeout_s", "1.5", "--serve.partial_interval_s", "0.3", "--serve.max_wait_ms", "20"]
+          "--serve.idle_timeout_s", "1.5", "--serve.partial_interval_s", "0.3"]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Dynamic batching: concurrent requests' feature matrices become one padded model run.
 
-The first queued item waits at most ``max_wait_ms`` for company; a batch closes at ``max_batch``
+Whatever queued while the model ran forms the next batch, so batches grow with the load and a
+lone request never waits; ``max_wait_ms`` > 0 also holds the first item that long for company
+(more batching, more latency at low load). A batch closes at ``max_batch``
 items or when the next would push the padded size past ``max_batch_frames``. The run (model +
 decoding) happens on one worker thread, so the event loop keeps accepting and the decoders, which
 are not thread-safe, are only ever called from that thread. Offline requests and the streams'
