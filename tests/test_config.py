@@ -237,7 +237,7 @@ def test_train_cli_rejects_bad_accum_steps_in_one_line(value):
     proc = subprocess.run([sys.executable, "-m", "hpc_asr", "train", "--train.accum_steps", value],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: defaults: train.accum_steps must be >= 1, got {value}"]
+    assert proc.stderr.strip().splitlines() == [f"error: command line: train.accum_steps must be >= 1, got {value}"]
 
 
 def test_model_cmvn_is_validated():

@@ -162,7 +162,7 @@ def test_rerun_is_noop(prepped):
 
 
 def test_too_many_rejects_exit_3_naming_count(prepped):
-    cmd = [sys.executable, "-m", "hpc_asr", "prep", "fbank", *prepped["cmd"][prepped["cmd"].index("-m") + 2 :]]
+    cmd = [sys.executable, "-m", "hpc_asr", "prep", "fbank", *prepped["cmd"][prepped["cmd"].index("-m") + 4 :]]
     cmd[cmd.index("--max-reject-fraction") + 1] = "0.01"
     proc = run(cmd, check=False)  # a no-op rerun still says the directory has too many rejects
     assert proc.returncode == 3

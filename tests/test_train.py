@@ -31,6 +31,7 @@ from hpc_asr.data.loader import FeatureSet, collate
 from hpc_asr.data.tokenizer import normalize
 from hpc_asr.decode.ctc import greedy_batch
 from hpc_asr.decode.wer import error_counts, rates
+from hpc_asr.train import schedule
 
 tiny_features = helpers.tiny_features  # the shared session fixture, by module attribute
 
@@ -448,13 +449,13 @@ def test_utterances_shorter_than_the_front_end_are_skipped(tmp_path):
 @pytest.mark.parametrize("rule, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
 def test_lr_scaling_rule(tiny_features, tmp_path, rule, factor):
     """Global batch = max_frames x accum_steps x ranks = 2000 x 2 x 1 = 4x the reference 1000."""
-    assert train_mod.lr_scale(rule, 4000, 1000) == factor
+    assert schedule.lr_scale(rule, 4000, 1000) == factor
     out = tmp_path / rule
     s = train_mod.train(config(tiny_features["train"], tiny_features["dev"], out, *TINY_MODEL,
                                "--data.max_frames", "2000", "--train.accum_steps", "2", "--train.max_steps", "1",
                                "--train.lr", "1e-3", "--train.warmup_steps", "4", "--train.log_every", "1",
                                "--train.lr_scaling", rule, "--train.ref_batch_frames", "1000"))
-    assert s["history"][0]["lr"] == pytest.approx(1e-3 * factor * train_mod.lr_lambda(0, 4, 1), rel=1e-12)
+    assert s["history"][0]["lr"] == pytest.approx(1e-3 * factor * schedule.lr_lambda(0, 4, 1), rel=1e-12)
     assert f"peak lr {1e-3 * factor:.3e} (lr_scaling {rule})" in (out / "train.rank0.log").read_text()
 
 
@@ -526,7 +527,7 @@ def test_presets_build_with_documented_size_and_flops(name):
     m = re.search(r"~(\d+) M parameters", header)
     if m:
         assert abs(params / 1e6 - int(m.group(1))) <= 1, f"{name}: header says {m.group(0)}, model has {params}"
-    flops = train_mod.flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
+    flops = schedule.flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
     m = re.search(r"~([\d.]+) GFLOPs forward per audio second", header)
     if m:
         assert flops / 1e9 == pytest.approx(float(m.group(1)), rel=0.02), f"{name}: {flops / 1e9:.3f} GFLOPs"
@@ -542,7 +543,7 @@ def test_flops_counter_counts_a_known_layer():
                         vocab_size=29)
     big = ModelConfig(**{**vars(small), "vocab_size": 129})
     t_out = 24  # 100 frames -> ((100 - 1) // 2 - 1) // 2
-    diff = train_mod.flops_per_audio_second(big) - train_mod.flops_per_audio_second(small)
+    diff = schedule.flops_per_audio_second(big) - schedule.flops_per_audio_second(small)
     assert diff == 2 * t_out * 32 * 100
 
 
@@ -557,8 +558,8 @@ def test_mixed_precision_on_cpu(tiny_features, tmp_path, precision):
         assert scaler["scale"] == 65536.0 * 0.5 ** s["skipped_steps"]
     else:
         assert scaler == {} and s["skipped_steps"] == 0
-    assert train_mod.autocast_dtype(load_config(None, ["--train.precision", precision]).train,
-                                    torch.device("cpu")) == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert load_config(None, ["--train.precision", precision]).train.autocast_dtype("cpu") == \
+        {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ---- a checkpoint that cannot continue this run ---------------------------------------------

@@ -196,3 +196,4 @@ def resume(run: Run) -> None:
                 f"(schedule step {p['sched_step']:g})")
         for c in msg["changed"]:
             run.log(f"config changed since the checkpoint: {c}")
+        run.log(f"lr {run.optimizer.param_groups[0]['lr']:.6e} scaler {run.scaler.state_dict()}")  # the restored state
