@@ -38,10 +38,11 @@ def jobs(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def render(tmp_path: Path, *args: str, **site) -> dict[str, str]:
+def render(tmp_path: Path, *args: str, config: str = "demo.yaml", **site) -> dict[str, str]:
+    """Render a recipe's chain; the recipe's data is not prepared here, so no path check."""
     out = tmp_path / "jobs"
     jobs("render", "--site", str(site_file(tmp_path, **site)), "--out", str(out),
-         "--config", str(ROOT / "hpc_asr" / "configs" / "demo.yaml"), *args)
+         "--config", str(ROOT / "hpc_asr" / "configs" / config), "--no-path-check", *args)
     return {p.stem: p.read_text() for p in out.iterdir() if p.suffix in (".sbatch", ".pbs")}
 
 
@@ -58,10 +59,11 @@ def test_slurm_gpu_directives_and_launch(tmp_path):
     assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text and "export OMP_NUM_THREADS=8" in text
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
     assert "module load hpc_asr/0.1.0" in text and 'NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"' in text
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap warn USR1 TERM" in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap warn USR1\ntrap stop TERM\n" in text
     prep = parse_directives(scripts["prep"])
     assert prep["nodes"] == ["4"] and "gpus-per-node" not in prep and prep["time"] == ["01:00:00"]
     assert scripts["prep"].count("python -m hpc_asr prep fbank") == 3  # train, dev, test in one job
+    assert scripts["prep"].count("--threads 8") == 3  # the 8 CPUs per rank it asks for are used
     ev = parse_directives(scripts["evaluate"])
     assert ev["nodes"] == ["1"] and ev["ntasks-per-node"] == ["1"] and ev["gpus-per-node"] == ["1"]
     for text in scripts.values():  # every script is valid bash
@@ -113,14 +115,14 @@ def test_bad_site_file_is_one_line(tmp_path):
 
 def test_dry_run_prints_scripts_and_chain(tmp_path):
     proc = jobs("submit", "--dry-run", "--site", str(site_file(tmp_path)), "--out", str(tmp_path / "o"),
-                "--scheduler", "slurm", "--gpus-per-node", "8")
+                "--scheduler", "slurm", "--gpus-per-node", "8", "--no-path-check")
     out = proc.stdout
     assert out.count("#!/bin/bash") == 4
     assert "PREP_ID=$(sbatch --parsable " in out
     assert "TRAIN_ID=$(sbatch --parsable '--dependency=afterok:$PREP_ID' " in out
     assert "EXPORT_ID=$(sbatch --parsable '--dependency=afterok:$EVALUATE_ID' " in out
     proc = jobs("submit", "--dry-run", "--site", str(site_file(tmp_path)), "--out", str(tmp_path / "p"),
-                "--scheduler", "pbs", "--gpus-per-node", "8")
+                "--scheduler", "pbs", "--gpus-per-node", "8", "--no-path-check")
     assert "TRAIN_ID=$(qsub -W depend=afterok:\\$PREP_ID" in proc.stdout or \
         "TRAIN_ID=$(qsub -W 'depend=afterok:$PREP_ID'" in proc.stdout
 
@@ -140,10 +142,84 @@ def test_stage_option_points_training_at_the_copy(tmp_path):
     assert '--data.train="$STAGE_DIR/train" --data.dev="$STAGE_DIR/dev"' in text
 
 
-@pytest.mark.parametrize("flag", ["--nodes=0", "--gpus-per-node=-1"])
-def test_bad_counts(tmp_path, flag):
-    proc = jobs("render", "--site", str(site_file(tmp_path)), "--out", str(tmp_path / "o"), flag, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --nodes")
+@pytest.mark.parametrize("flags, line", [
+    (["--nodes=0"], "--nodes must be >= 1, got 0"),
+    (["--gpus-per-node=-1"], "--gpus-per-node must be >= 0, got -1"),
+    (["--ranks-per-node=-2"], "--ranks-per-node must be >= 0, got -2"),
+    (["--cpus-per-task=-4"], "--cpus-per-task must be >= 0, got -4"),
+    (["--node-cpus=-1"], "--node-cpus must be >= 0, got -1"),
+    (["--walltime=99:99:99"], "--walltime '99:99:99': minutes and seconds must be < 60 (hours < 24 after a day count)"),
+    (["--walltime=1-30:00:00"], "--walltime '1-30:00:00': minutes and seconds must be < 60 (hours < 24 after a day count)"),
+    (["--walltime=soon"], "--walltime 'soon': expected [D-]HH:MM:SS"),
+    (["--walltime=00:00:00"], "--walltime '00:00:00': must be longer than 0"),
+    (["--prep-walltime=4h"], "--prep-walltime '4h': expected [D-]HH:MM:SS"),
+    (["--walltime=00:01:00"], "SITE: requeue_signal_s 120 leaves no training time in a train walltime of 00:01:00 "
+                              "(60 s); lower it or raise --walltime"),
+])
+def test_every_option_is_validated_in_one_line(tmp_path, flags, line):
+    """issue 17.4: nonsense was rendered into scripts the scheduler then refused or ran wrong."""
+    site = site_file(tmp_path)
+    proc = jobs("render", "--site", str(site), "--out", str(tmp_path / "o"), "--no-path-check", *flags, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: " + line.replace("SITE", str(site))]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key, value, line", [
+    ("prep_walltime", "99:99:99", "SITE: prep_walltime '99:99:99': minutes and seconds must be < 60"),
+    ("cpus_per_task", 0, "SITE: site.cpus_per_task must be >= 1, got 0"),
+    ("requeue_signal_s", -5, "SITE: site.requeue_signal_s must be >= 0, got -5"),
+])
+def test_site_values_are_validated_in_one_line(tmp_path, key, value, line):
+    site = site_file(tmp_path, **{key: value})
+    proc = jobs("render", "--site", str(site), "--out", str(tmp_path / "o"), "--no-path-check", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: " + line.replace("SITE", str(site))), proc.stderr
+
+
+# ---- what the chain reads: manifests, shards, the checkpoint ----------------------------------
+
+def _ls_tree(root: Path, splits=("train-clean-100", "dev-clean", "test-clean")) -> None:
+    for s in splits:
+        (root / "data" / "ls").mkdir(parents=True, exist_ok=True)
+        (root / "data" / "ls" / f"{s}.jsonl").write_text("")
+
+
+def test_render_names_the_first_path_the_chain_cannot_read(tmp_path):
+    """issue 17.7: the prep job read data/ls/train.jsonl while the librispeech100 recipe (and its
+    own comment) prepares data/ls/train-clean-100.jsonl; render now checks every input."""
+    cfg = str(ROOT / "hpc_asr" / "configs" / "librispeech100.yaml")
+    site = str(site_file(tmp_path))
+    work = tmp_path / "work"
+    _ls_tree(work)
+    jobs("render", "--site", site, "--out", str(tmp_path / "ok"), "--config", cfg, "--workdir", str(work))
+    prep = (tmp_path / "ok" / "prep.sbatch").read_text()
+    for split in ("train-clean-100", "dev-clean", "test-clean"):
+        assert f"--manifest data/ls/{split}.jsonl --out data/ls/fbank/{split}" in prep
+    (work / "data" / "ls" / "dev-clean.jsonl").unlink()
+    proc = jobs("render", "--site", site, "--out", str(tmp_path / "bad"), "--config", cfg, "--workdir", str(work),
+                check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: the prep job reads data/ls/dev-clean.jsonl: not found under {work} and no earlier job in the "
+        "chain writes it (prep makes data.<split>=DIR from CORPUS/<name of DIR>.jsonl; --corpus sets CORPUS); "
+        "--no-path-check renders for another machine"]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_and_export_use_the_averaged_checkpoint_when_the_recipe_makes_one(tmp_path):
+    """issue 17.8: the recipe sets train.average_last 10, yet evaluate/export read last.pt."""
+    scripts = render(tmp_path, "--gpus-per-node", "8", config="librispeech100.yaml")
+    for stage in ("evaluate", "export"):
+        text = scripts[stage]
+        assert "CKPT=runs/ls100/avg.pt\n" in text and "CKPT=runs/ls100/last.pt" in text  # fallback
+        assert '--checkpoint "$CKPT"' in text and "last.pt --data" not in text
+    (tmp_path / "demo").mkdir()
+    other = render(tmp_path / "demo", "--gpus-per-node", "8")  # no average_last: the best dev WER
+    assert "CKPT=runs/demo/best.pt\n" in other["evaluate"]
+    proc = jobs("render", "--site", str(site_file(tmp_path)), "--out", str(tmp_path / "o"), "--no-path-check",
+                "--config", str(ROOT / "hpc_asr" / "configs" / "librispeech100.yaml"))
+    assert "[jobs] evaluate and export use avg.pt (train.average_last=10" in proc.stderr
 
 
 # ---- node-local staging --------------------------------------------------------------------

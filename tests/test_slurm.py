@@ -157,6 +157,33 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     assert summary["steps"] == 60
 
 
+@pytest.mark.slow
+def test_scancel_stops_training_at_a_checkpoint_without_requeue(slurm_cluster, tmp_path):
+    """issue 17.1: a user's scancel (SIGTERM to the batch shell and the ranks) ends the job: the
+    ranks checkpoint, the job ends CANCELLED with Restarts=0 and stays ended."""
+    data = {"train": make_feature_dir(tmp_path / "train", 16, seed=0, shards=2),
+            "dev": make_feature_dir(tmp_path / "dev", 2, seed=1, shards=1)}
+    data["test"] = data["dev"]
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", data, out, epochs=100000, max_steps=100000)
+    proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--nodes", "1",
+                    "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--no-path-check")
+    assert proc.returncode == 0, proc.stderr
+    jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
+    rank0 = out / "train.rank0.log"
+    _until("training to pass step 3", lambda: max(_steps(rank0), default=0) >= 3, 120, slurm_cluster, jid)
+    slurm_cluster.run("scancel", jid)
+    _until("the job to end", lambda: slurm_cluster.job(jid).get("JobState") not in (
+        "RUNNING", "PENDING", "REQUEUED", "COMPLETING", "CONFIGURING"), 90, slurm_cluster, jid)
+    time.sleep(8)  # a requeue asked by the dying shell would show by now
+    job = slurm_cluster.job(jid)
+    log = (tmp_path / "jobs" / "logs" / f"hpc_asr-train-{jid}.out").read_text()
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), f"{job}\n{log}"
+    assert "requeueing" not in log and "[job] stopped" in log, log
+    assert "preempted (signal)" in rank0.read_text(), rank0.read_text()  # checkpointed on the way out
+    assert checkpoint.load(out / "last.pt")["position"]["step"] >= 3
+
+
 def test_request_larger_than_the_node_is_refused_not_left_pending(slurm_cluster, tmp_path, monkeypatch):
     s = site(tmp_path, slurm_cluster)
     raw = json.loads(s.read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from hpc_asr.ops.plan import Job, Plan, walltime_s
+from hpc_asr.ops.plan import CKPT, Job, Plan, walltime_s
 from hpc_asr.ops.site import JobError
 from hpc_asr.train.preempt import EXIT_PREEMPTED  # the trainer's status after a signal checkpoint
 
@@ -18,7 +18,7 @@ SUFFIX = {"slurm": "sbatch", "pbs": "pbs"}
 
 
 def _q(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd)
+    return " ".join(c if c == CKPT else shlex.quote(c) for c in cmd)
 
 
 def _directives(plan: Plan, job: Job, name: str) -> list[str]:
@@ -105,10 +105,14 @@ def _stage_lines(plan: Plan, job: Job) -> tuple[list[str], list[str]]:
         return [], []
     jid = "$SLURM_JOB_ID" if plan.scheduler == "slurm" else "$PBS_JOBID"
     srcs = [o.split("=", 1)[1] for o in plan.train_overrides]
+    per_node = _launcher(plan, job, per_node=True)
     lines = [f'STAGE_DIR="{plan.site.local_scratch}/hpc_asr-{jid}"',
+             "# the copy is removed on every node when the job ends, failed or not (on a scancel/qdel the",
+             "# scheduler refuses new steps: only this node's copy goes; job-local TMPDIRs are purged anyway)",
+             f'unstage() {{ timeout 120 {per_node} rm -rf "$STAGE_DIR" 2>/dev/null; rm -rf "$STAGE_DIR"; }}',
+             "trap unstage EXIT",
              "# one copier per node (the others wait on its lock), checksums verified",
-             f"{_launcher(plan, job, per_node=True)} python -m hpc_asr stage --dest \"$STAGE_DIR\" "
-             f"{_q(srcs)} || exit 2"]
+             f"{per_node} python -m hpc_asr stage --dest \"$STAGE_DIR\" {_q(srcs)} || exit 2"]
     names = [Path(s).name for s in srcs]
     if len(set(names)) != len(names):
         raise JobError(f"--stage: train and dev directories share the name {names[0]!r}")
@@ -116,8 +120,13 @@ def _stage_lines(plan: Plan, job: Job) -> tuple[list[str], list[str]]:
 
 
 def _train_body(plan: Plan, job: Job) -> list[str]:
-    """Run the ranks in the background so the batch shell can take the warning signal, forward
-    it, and requeue when the trainer reports it checkpointed (exit status 3)."""
+    """Run the ranks in the background so the batch shell can take signals while they train:
+
+    - USR1 is the warning the job asked for (SLURM ``--signal=B:USR1@N``; PBS: the timer below):
+      forwarded to the ranks, which checkpoint and exit 3; then the job requeues itself.
+    - TERM is someone ending the job (``scancel``/``qdel``, ``scontrol requeue``, the time limit):
+      forwarded, the ranks checkpoint if the scheduler's grace time allows, the job exits and does
+      not requeue itself (a node failure or ``scontrol requeue`` is requeued by the scheduler)."""
     stage, extra = _stage_lines(plan, job)
     cmd = f"{_launcher(plan, job)} {_q(job.commands[0])} {' '.join(extra)}".strip()
     if plan.scheduler == "slurm":
@@ -133,9 +142,13 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
                  "TIMER=$!"]
     summary = shlex.quote(f"{plan.run_dir}/train_summary.json")
     return stage + timer + [
-        "RANKS='' WARNED=0",
-        f'warn() {{ WARNED=1; echo "[job] warning signal: ranks checkpoint and exit {EXIT_PREEMPTED}"; {forward}; }}',
-        "trap warn USR1 TERM",
+        "RANKS='' WARNED=0 STOPPED=0",
+        f'warn() {{ WARNED=1; echo "[job] warning signal (USR1): ranks checkpoint and exit {EXIT_PREEMPTED}, '
+        f'then the job requeues"; {forward}; }}',
+        'stop() { STOPPED=1; echo "[job] TERM (scancel/qdel, scontrol requeue or the time limit): ranks checkpoint'
+        ' and exit; this job does not requeue itself"; [ -z "$RANKS" ] || kill -TERM "$RANKS" 2>/dev/null; }',
+        "trap warn USR1",
+        "trap stop TERM",
         f'stamp() {{ stat -c %y {summary} 2>/dev/null || echo none; }}  # train writes it when it finishes',
         f"for TRY in $(seq {LAUNCH_TRIES}); do",
         "  BEFORE=$(stamp)",
@@ -145,20 +158,26 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
         '  while [ "$rc" -gt 128 ] && kill -0 "$RANKS" 2>/dev/null; do rc=0; wait "$RANKS" || rc=$?; done',
         # srun exits 0 when no task started at all ("task 0 launch failed", e.g. a requeued job's
         # step meeting the PMIx socket its previous run left behind); a new step gets a new socket.
-        '  if [ "$rc" -eq 0 ] && [ "$WARNED" = 0 ] && [ "$(stamp)" = "$BEFORE" ]; then',
+        '  if [ "$rc" -eq 0 ] && [ "$WARNED$STOPPED" = 00 ] && [ "$(stamp)" = "$BEFORE" ]; then',
         '    rc=1; echo "[job] the launcher exited 0 but train did not finish (no new train_summary.json):'
         f' launching again in 10 s (try $TRY of {LAUNCH_TRIES})"; sleep 10; continue',
         "  fi",
         "  break",
         "done",
         *(['pkill -P "$TIMER" 2>/dev/null; kill "$TIMER" 2>/dev/null'] if timer else []),
+        'if [ "$STOPPED" = 1 ]; then',
+        '  echo "[job] stopped (train exited $rc); last.pt holds the last checkpoint: submit the train job again'
+        ' to resume"',
+        '  exit "$rc"',
+        "fi",
         # The launcher may report a rank killed after the others exited 3 (kill-on-bad-exit): after
         # a warning any non-zero exit means "stopped at a checkpoint", and last.pt is atomic.
-        f'if [ "$rc" -eq {EXIT_PREEMPTED} ] || {{ [ "$WARNED" = 1 ] && [ "$rc" -ne 0 ]; }}; then',
+        'if [ "$WARNED" = 1 ] && [ "$rc" -ne 0 ]; then',
         '  echo "[job] checkpointed after the warning signal: requeueing; the next run resumes from last.pt"',
         # From here on a signal is the scheduler ending this run: no more forwarding (a scancel
         # from this dying shell would wait out the requeue and could signal the next run's ranks).
         "  trap - USR1 TERM",
+        *(["  unstage; trap - EXIT  # the next run may start on another node: it copies again"] if stage else []),
         f"  {requeue} || {{ echo '[job] error: requeue refused; resubmit train to resume' >&2; "
         f"exit {EXIT_PREEMPTED}; }}",
         "  sleep 300  # the scheduler ends this run and starts the requeued one",
@@ -168,20 +187,38 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
     ]
 
 
+def _checkpoint_lines(job: Job) -> list[str]:
+    """evaluate/export read the best checkpoint the run has (avg.pt, else best.pt, else last.pt)."""
+    first, *rest = job.checkpoints
+    lines = [f"CKPT={shlex.quote(first)}"]
+    for alt in rest:
+        lines.append(f'[ -f "$CKPT" ] || {{ echo "[job] $CKPT not found: using {alt}"; CKPT={shlex.quote(alt)}; }}')
+    lines.append(f'echo "[job] {job.stage}: checkpoint $CKPT"')
+    return lines
+
+
+def _header(plan: Plan, job: Job) -> list[str]:
+    return [f"# hpc_asr {job.stage} job, generated by `hpc-asr jobs render` (hpc_asr/ops/jobscript.py):",
+            f"#   {plan.command}",
+            "# Make your own with the same command and your config/site file; edit those, not this script."]
+
+
 def script(plan: Plan, job: Job) -> str:
     name = f"hpc_asr-{job.stage}"
     jid, rc = ("$SLURM_JOB_ID", "${SLURM_RESTART_COUNT:-0}") if plan.scheduler == "slurm" else \
         ("$PBS_JOBID", "${PBS_RUN_COUNT:-0}")
-    head = ["#!/bin/bash", f"# hpc_asr {job.stage} job, rendered by `python -m hpc_asr jobs render`; "
-            "edit the site file or the flags, not this script.", *_directives(plan, job, name),
-            "set -uo pipefail", f"cd {shlex.quote(str(plan.workdir))}",
+    submit_dir = "${SLURM_SUBMIT_DIR:?}" if plan.scheduler == "slurm" else "${PBS_O_WORKDIR:?}"
+    workdir = shlex.quote(plan.workdir) if plan.workdir else f'"{submit_dir}"  # the directory you submit from'
+    head = ["#!/bin/bash", *_header(plan, job), *_directives(plan, job, name),
+            "set -uo pipefail", f"cd {workdir}",
             f'echo "[job] {name} {jid} run {rc} on $(hostname) at $(date -u +%FT%TZ)"',
             *_env_block(plan, job)]
     if job.stage == "train":
         body = _train_body(plan, job)
     else:
         launch = _launcher(plan, job)
-        body = [f"{launch} {_q(c)} || exit $?".strip() for c in job.commands]
+        body = _checkpoint_lines(job) if job.checkpoints else []
+        body += [f"{launch} {_q(c)} || exit $?".strip() for c in job.commands]
         body.append(f'echo "[job] {job.stage} done"')
     return "\n".join(head + body) + "\n"
 

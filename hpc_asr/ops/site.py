@@ -31,7 +31,6 @@ from hpc_asr.cli import read_yaml_mapping
 __all__ = ["SCHEDULERS", "JobError", "Site", "find_site", "load_site", "parse_nccl_env"]
 
 SCHEDULERS = ("pbs", "slurm")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class JobError(ValueError):
@@ -52,7 +51,7 @@ class Site:
     cpu_ranks_per_node: int = 1
     cpu_bind: str = "none"
     env: dict = field(default_factory=lambda: {"modules": [], "venv": ""})
-    nccl_env: str = "env/nccl.env"
+    nccl_env: str = ""  # "" = no presets; relative paths are relative to the site file's directory
     local_scratch: str = "${TMPDIR:-/tmp}"
     requeue_signal_s: int = 120
     modulefile: dict = field(default_factory=dict)
@@ -62,7 +61,7 @@ class Site:
         if not self.nccl_env:
             return None
         p = Path(self.nccl_env)
-        return p if p.is_absolute() else ROOT / p
+        return p if p.is_absolute() else Path(self.path).parent / p
 
     def nccl_vars(self) -> list[tuple[str, str]]:
         """(KEY, VALUE) pairs of the NCCL/IB preset file, comments dropped."""
@@ -93,7 +92,18 @@ def parse_nccl_env(path: Path) -> list[tuple[str, str]]:
 
 def find_site(path: str | Path | None = None) -> Path:
     """The site file by the lookup order above; none found fails with what was tried."""
-    return Path(path or os.environ.get("HPC_ASR_SITE") or ROOT / "env" / "site.yaml")
+    if path:
+        return Path(path)
+    if os.environ.get("HPC_ASR_SITE"):
+        return Path(os.environ["HPC_ASR_SITE"])
+    home = os.environ.get("HPC_ASR_HOME")
+    tried = [Path(home) / "env" / "site.yaml"] if home else []
+    tried.append(Path("env") / "site.yaml")
+    for p in tried:
+        if p.is_file():
+            return p
+    raise JobError(f"no site file: pass --site FILE, set HPC_ASR_SITE, or `module load hpc_asr` "
+                   f"(tried {', '.join(map(str, tried))})")
 
 
 def load_site(path: str | Path | None = None) -> Site:

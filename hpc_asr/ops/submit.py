@@ -19,7 +19,9 @@ __all__ = ["submit", "wait"]
 
 # squeue reasons that never clear by waiting: the request cannot fit the partition or node.
 _HOPELESS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
-             "ReqNodeNotAvail", "InvalidAccount", "InvalidQOS", "DependencyNeverSatisfied")
+             "ReqNodeNotAvail", "InvalidAccount", "InvalidQOS")
+_ORPHAN = "DependencyNeverSatisfied"  # a job it depends on (afterok) failed: it pends for ever
+_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
 
 
 def _submit_cmd(scheduler: str, script: Path, dep: str | None) -> list[str]:
@@ -92,24 +94,37 @@ def _refuse_hopeless(scheduler: str, ids: list[str], settle_s: float = 3.0) -> N
                            f"partition's nodes or limits); chain {' '.join(ids)} cancelled")
 
 
-def wait(ids: list[str], poll_s: float = 2.0, timeout_s: float = 0) -> dict[str, str]:
-    """Wait for SLURM jobs to end, printing every state change; returns {id: final state}."""
+def wait(ids: list[str], poll_s: float = 2.0, timeout_s: float = 0, cancel_orphans: bool = False) -> dict[str, str]:
+    """Wait for SLURM jobs to end, printing every state change; returns {id: final state}.
+    A job that can never start fails; one left pending because a job it depends on failed
+    (``DependencyNeverSatisfied``) is cancelled with ``cancel_orphans`` (and said so), else fails."""
     last: dict[str, str] = {}
+    names: dict[str, str] = {}
     t0 = time.time()
     while True:
+        orphans = []
         for jid in ids:
             st = _slurm_state(jid)
-            state = st.get("JobState", "UNKNOWN")
+            state, names[jid] = st.get("JobState", "UNKNOWN"), st.get("JobName", "")
             show = f"{state} ({st.get('Reason')})" if state == "PENDING" else state
             if last.get(jid) != show:
-                print(f"[jobs] {jid} {st.get('JobName', '')}: {show} restarts={st.get('Restarts', 0)}",
+                print(f"[jobs] {jid} {names[jid]}: {show} restarts={st.get('Restarts', 0)}",
                       file=sys.stderr, flush=True)
                 last[jid] = show
             if state == "PENDING" and st.get("Reason") in _HOPELESS:
                 raise JobError(f"job {jid} can never start (Reason={st['Reason']})")
+            if state == "PENDING" and st.get("Reason") == _ORPHAN:
+                orphans.append(jid)
         finals = {j: last[j].split()[0] for j in ids}
-        if all(s not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
-               for s in finals.values()):
+        if orphans:
+            failed = ", ".join(f"{j} ({names[j]}) {s}" for j, s in finals.items() if s not in (*_ACTIVE, "COMPLETED"))
+            what = ", ".join(f"{j} ({names[j]})" for j in orphans)
+            if not cancel_orphans:
+                raise JobError(f"jobs {what} can never start ({_ORPHAN}: {failed or 'a dependency'} failed)")
+            _cancel("slurm", orphans)
+            print(f"[jobs] cancelled {what}: they were left pending on {_ORPHAN} after {failed or 'a dependency'}",
+                  file=sys.stderr, flush=True)
+        elif all(s not in _ACTIVE for s in finals.values()):
             return finals
         if timeout_s and time.time() - t0 > timeout_s:
             raise JobError(f"jobs {' '.join(ids)} still {finals} after {timeout_s:.0f}s")
