@@ -140,6 +140,7 @@ def test_stage_option_points_training_at_the_copy(tmp_path):
     assert 'STAGE_DIR="/local/hpc_asr-$SLURM_JOB_ID"' in text
     assert "--ntasks-per-node=1 --ntasks=$SLURM_NNODES python -m hpc_asr stage" in text
     assert '--data.train="$STAGE_DIR/train" --data.dev="$STAGE_DIR/dev"' in text
+    assert "trap unstage EXIT" in text and "--ntasks=$SLURM_NNODES rm -rf \"$STAGE_DIR\"" in text
 
 
 WALL = "minutes and seconds must be < 60 (hours < 24 after a day count)"
@@ -222,7 +223,7 @@ def test_evaluate_and_export_use_the_averaged_checkpoint_when_the_recipe_makes_o
     assert "CKPT=runs/demo/best.pt\n" in other["evaluate"]
     proc = jobs("render", "--site", str(site_file(tmp_path)), "--out", str(tmp_path / "o"), "--no-path-check",
                 "--config", str(ROOT / "hpc_asr" / "configs" / "librispeech100.yaml"))
-    assert "[jobs] evaluate and export use avg.pt (train.average_last=10" in proc.stderr
+    assert "evaluate and export use avg.pt (train.average_last=10" in proc.stdout
 
 
 # ---- node-local staging --------------------------------------------------------------------
@@ -337,13 +338,26 @@ def test_pbs_chain_runs_under_mom_environment(tmp_path):
             assert proc.stderr.count("sha256 verified") == 2, proc.stderr  # one copier on the one node
             state = checkpoint.load(out / "last.pt")
             assert state["config"]["data"]["train"] == str(staged / "train")  # trained on the copy
-            assert (staged / "train" / "index.json").read_bytes() == (feats["train"] / "index.json").read_bytes()
+            assert not staged.exists()  # removed when the job ended
     assert json.loads((feats["train"] / "index.json").read_text())["ranks"] == 2  # prep: mpirun -np 2
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["ranks"] == 2 and summary["engine"] == "horovod"
     n_test = len((corpus / "test.jsonl").read_text().splitlines())
     assert json.loads((out / "eval.json").read_text())["utterances"] == n_test
     assert (out / "export" / "model.onnx").is_file()
+
+
+def test_staged_copy_is_removed_when_the_train_job_fails(tiny_features, tmp_path):
+    """issue 17.8: the node-local copy stayed on scratch after the job, failed or not."""
+    (tmp_path / "a-file").write_text("")  # train.out_dir below a file: training fails at once
+    cfg = _pbs_config(tmp_path, {"train": tiny_features["train"], "dev": tiny_features["dev"],
+                                 "test": tiny_features["dev"]}, tmp_path / "a-file" / "run")
+    jobs("render", "--site", str(pbs_site(tmp_path)), "--out", str(tmp_path / "jobs"), "--gpus-per-node", "0",
+         "--config", str(cfg), "--stage", "--no-path-check")
+    proc = run_like_mom(tmp_path / "jobs" / "train.pbs", tmp_path, "8.pbs-server", timeout=180)
+    assert proc.returncode != 0 and "[job] train exited" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.count("sha256 verified") == 2, proc.stderr  # the copy was made ...
+    assert list((tmp_path / "mom-tmp").iterdir()) == []  # ... and is gone
 
 
 def test_pbs_walltime_warning_checkpoints_and_asks_for_rerun(tiny_features, tmp_path):
@@ -476,10 +490,9 @@ def test_checked_in_chains_are_what_render_makes(tmp_path):
         assert sorted(have) == sorted(want), f"jobs/{d}: files {sorted(have)} != {sorted(want)}; {fix}"
         for name, text in want.items():
             if have[name] != text:
-                diff = next(i for i, (a, b) in enumerate(zip(have[name].splitlines() + [""], text.splitlines() + [""]))
-                            if a != b)
-                raise AssertionError(f"jobs/{d}/{name} line {diff + 1} differs: "
-                                     f"{have[name].splitlines()[diff:diff + 1]} != {text.splitlines()[diff:diff + 1]}; {fix}")
+                old, new = [*have[name].splitlines(), ""], [*text.splitlines(), ""]
+                i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+                raise AssertionError(f"jobs/{d}/{name} line {i + 1} differs: {old[i]!r} != {new[i]!r}; {fix}")
 
 
 @pytest.mark.parametrize("d", REFERENCE)

@@ -201,7 +201,7 @@ def test_wait_cancels_the_jobs_a_failed_job_leaves_pending(slurm_cluster, tmp_pa
     ids = proc.stdout.split()
     assert proc.returncode == 1 and len(ids) == 4, proc.stderr
     assert f"[jobs] cancelled {ids[1]} (hpc_asr-train), {ids[2]} (hpc_asr-evaluate), {ids[3]} (hpc_asr-export): " \
-           f"they were left pending on DependencyNeverSatisfied after {ids[0]} (hpc_asr-prep) FAILED" in proc.stderr
+           f"left pending on DependencyNeverSatisfied after {ids[0]} (hpc_asr-prep) FAILED\n" in proc.stderr
     assert [slurm_cluster.job(i)["JobState"] for i in ids] == ["FAILED"] + ["CANCELLED"] * 3
     assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
 

@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.command = command
         if not args.no_path_check:
             check_paths(plan, Path(plan.workdir or os.getcwd()))
-        print(f"[jobs] evaluate and export use {plan.checkpoint_note}", file=sys.stderr)
         paths = render(plan, Path(args.out))
         if args.cmd == "render":
             for stage, path in paths.items():
                 print(f"{stage:9s} {path}")
+            print(f"evaluate and export use {plan.checkpoint_note}")
             return 0
         ids = submit(plan, paths, dry_run=args.dry_run)
         if ids:

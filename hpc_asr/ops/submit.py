@@ -102,7 +102,7 @@ def wait(ids: list[str], poll_s: float = 2.0, timeout_s: float = 0, cancel_orpha
     names: dict[str, str] = {}
     t0 = time.time()
     while True:
-        orphans = []
+        waiting = []  # (id, reason) of jobs pending on a dependency
         for jid in ids:
             st = _slurm_state(jid)
             state, names[jid] = st.get("JobState", "UNKNOWN"), st.get("JobName", "")
@@ -113,16 +113,17 @@ def wait(ids: list[str], poll_s: float = 2.0, timeout_s: float = 0, cancel_orpha
                 last[jid] = show
             if state == "PENDING" and st.get("Reason") in _HOPELESS:
                 raise JobError(f"job {jid} can never start (Reason={st['Reason']})")
-            if state == "PENDING" and st.get("Reason") == _ORPHAN:
-                orphans.append(jid)
+            if state == "PENDING" and st.get("Reason", "").startswith("Dependency"):
+                waiting.append((jid, st["Reason"]))
         finals = {j: last[j].split()[0] for j in ids}
-        if orphans:
+        if any(reason == _ORPHAN for _, reason in waiting):  # and the jobs waiting on them, in one go
+            orphans = [j for j, _ in waiting]
             failed = ", ".join(f"{j} ({names[j]}) {s}" for j, s in finals.items() if s not in (*_ACTIVE, "COMPLETED"))
             what = ", ".join(f"{j} ({names[j]})" for j in orphans)
             if not cancel_orphans:
                 raise JobError(f"jobs {what} can never start ({_ORPHAN}: {failed or 'a dependency'} failed)")
             _cancel("slurm", orphans)
-            print(f"[jobs] cancelled {what}: they were left pending on {_ORPHAN} after {failed or 'a dependency'}",
+            print(f"[jobs] cancelled {what}: left pending on {_ORPHAN} after {failed or 'a dependency'}",
                   file=sys.stderr, flush=True)
         elif all(s not in _ACTIVE for s in finals.values()):
             return finals
