@@ -43,7 +43,8 @@ def write_site(tmp: Path) -> tuple[Path, Path]:
     (deps / "1.0.lua").write_text('setenv("TESTDEP_LOADED", "1")\n')
     (deps / "1.0").write_text("#%Module1.0\nsetenv TESTDEP_LOADED 1\n")
     site = tmp / "site.yaml"
-    site.write_text("modulefile:\n  deps: [testdep/1.0]\n  cpu_deps: [testdep/1.0]\n")
+    site.write_text(f"nccl_env: {ROOT / 'env' / 'nccl.env'}\n"  # presets beside the site file, or named
+                    "modulefile:\n  deps: [testdep/1.0]\n  cpu_deps: [testdep/1.0]\n")
     return site, deps.parent
 
 
