@@ -85,6 +85,11 @@ class FeatureConfig:
         if self.backend not in ("torch", "kaldi_native", "torchaudio"):
             raise ConfigError(f"features.backend: {self.backend!r}, expected torch, kaldi_native or torchaudio")
 
+    def differences(self, other: FeatureConfig) -> str:
+        """The fields that differ, as ``num_mel_bins 80 vs 40`` (self's value first)."""
+        return ", ".join(f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}"
+                         for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name))
+
 
 @dataclass
 class DataConfig:

@@ -143,6 +143,7 @@ def test_disabled_writes_the_originals_only(corpus, tmp_path):
 def test_bad_config_is_one_line(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"augment\.speeds"):
         AugmentConfig(speeds="0.9,fast")
-    proc = run([sys.executable, "-m", "hpc_asr", "prep", "augment", "--manifest", str(corpus), "--out", str(tmp_path / "x"),
+    proc = run([sys.executable, "-m", "hpc_asr", "prep", "augment", "--manifest", str(corpus), "--out",
+                str(tmp_path / "x"),
                 "--augment.noise_prob", "1.5"], timeout=60, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "noise_prob" in proc.stderr

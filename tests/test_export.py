@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import run
 
-from hpc_asr import checkpoint, export
+from hpc_asr import checkpoint
 from hpc_asr.bench.latency import measure
 from hpc_asr.cli import load_config
 from hpc_asr.config import Config
 from hpc_asr.data.loader import FeatureSet
 from hpc_asr.data.tokenizer import CharTokenizer
 from hpc_asr.decode.ngram import build_arpa
+from hpc_asr.deploy import export
 from hpc_asr.deploy.recognizer import Recognizer
 from hpc_asr.model import ConformerCTC
 

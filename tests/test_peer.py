@@ -42,8 +42,10 @@ def test_two_ranks_give_the_same_result(fixture_manifest, tmp_path):
 
 def test_rerun_is_skipped_when_up_to_date(fixture_manifest, tmp_path):
     out = tmp_path / "peer.json"
-    run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(fixture_manifest), "--out", str(out), "--limit", "1"])
-    again = run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(fixture_manifest), "--out", str(out),
+    run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(fixture_manifest), "--out", str(out),
+         "--limit", "1"])
+    again = run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(fixture_manifest), "--out",
+                 str(out),
                  "--limit", "1"])
     assert "up to date" in again.stdout and json.loads(out.read_text())["utterances"] == 1
 
@@ -51,13 +53,15 @@ def test_rerun_is_skipped_when_up_to_date(fixture_manifest, tmp_path):
 def test_bad_manifest_and_unreadable_audio(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\n')
-    proc = run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(bad), "--out", str(tmp_path / "o.json")],
+    proc = run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(bad), "--out",
+                str(tmp_path / "o.json")],
                check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "bad.jsonl:1" in proc.stderr
     (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEfmt nonsense")
     m = tmp_path / "m.jsonl"
     write_manifest(m, [Utterance("x", str(tmp_path / "broken.wav"), "hello")])
-    proc = run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(m), "--out", str(tmp_path / "o.json")])
+    proc = run([sys.executable, "-m", "hpc_asr", "bench", "peer", "--manifest", str(m), "--out",
+                str(tmp_path / "o.json")])
     assert "skipped" in proc.stderr and "broken.wav" in proc.stderr
     assert json.loads((tmp_path / "o.json").read_text())["utterances"] == 0
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep import grammar, synth
+from data_prep.recipes.voice_assistant import grammar, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARSET = re.compile(r"^[a-z']+( [a-z']+)*$")
@@ -236,7 +236,7 @@ def test_normalize_text_and_number_words():
 
 
 def test_one_normaliser_for_corpus_tokenizer_and_scoring():
-    from hpc_asr import text, tokenizer
+    from hpc_asr.data import text, tokenizer
 
     for s in ["  Set a Timer: 25-minutes!  It's OK ", "ÀB--c''d\tE\nf", "", "twenty-five"]:
         assert grammar.normalize_text(s) == text.normalize(s) == tokenizer.normalize(s)

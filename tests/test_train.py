@@ -475,7 +475,8 @@ def test_metrics_jsonl_and_tensorboard(tiny_features, tmp_path):
 def test_progress_bar_only_on_a_terminal(tiny_features, tmp_path):
     import pty
 
-    args = [sys.executable, "-m", "hpc_asr", "train", "--dist.engine", "none", "--data.train", str(tiny_features["train"]),
+    args = [sys.executable, "-m", "hpc_asr", "train", "--dist.engine", "none", "--data.train",
+            str(tiny_features["train"]),
             "--data.dev", str(tiny_features["dev"]), *TINY_MODEL, "--train.max_steps", "2", "--train.threads", "1",
             "--train.tensorboard", "false"]
     piped = run([*args, "--train.out_dir", str(tmp_path / "piped")])

@@ -99,7 +99,8 @@ def _mpi_wall(manifest: Path, out: Path, np_: int) -> float:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "PYTHONPATH": str(root)}
-    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_), sys.executable, "-m", "hpc_asr", "prep", "fbank", "--manifest", str(manifest), "--out", str(out), "--unit-seconds", "60"]
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_), sys.executable, "-m", "hpc_asr",
+           "prep", "fbank", "--manifest", str(manifest), "--out", str(out), "--unit-seconds", "60"]
     subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=root)
     return json.loads((out / "index.json").read_text())["wall_s"]
 

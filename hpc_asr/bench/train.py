@@ -227,7 +227,8 @@ def run_ranks(a: argparse.Namespace, tmp: Path, engine: str, np: int, compressio
               timeline: Path | None = None) -> dict:
     """One real ``mpirun -np NP`` of the worker; returns rank 0's result."""
     result = tmp / f"{engine}-{np}-{compression}.json"
-    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np), sys.executable, "-m", "hpc_asr", "bench", "train", "--worker", "--engine", engine, "--compression", compression,
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np), sys.executable, "-m", "hpc_asr",
+           "bench", "train", "--worker", "--engine", engine, "--compression", compression,
            "--result", str(result), *(["--timeline", str(timeline)] if timeline else []), *_sizes(a)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode != 0:

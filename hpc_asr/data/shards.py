@@ -35,6 +35,7 @@ import numpy as np
 
 from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.config import FeatureConfig
+from hpc_asr.data.features import CmvnStats  # the one CMVN rule (std floor included)
 
 __all__ = ["FORMAT", "VERSION", "ShardError", "ShardWriter", "check_shard", "open_h5", "open_shard",
            "read_index", "write_index"]
@@ -236,14 +237,13 @@ def write_index(directory: str | Path, features: FeatureConfig, shards: list[dic
     total, total_sq, count = cmvn_sums
     if count == 0:
         raise ValueError(f"{directory}: CMVN over zero frames (no utterance was featurized)")
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-5))
+    mean, std = CmvnStats(np.asarray(total, np.float64), np.asarray(total_sq, np.float64), count).mean_std()
     frames = sum(s["frames"] for s in shards)
     index = {
         "format": FORMAT, "version": VERSION, "features": asdict(features), "shards": shards,
         "utterances": sum(s["utterances"] for s in shards), "frames": frames,
         "hours": round(frames * features.frame_shift_ms / 3.6e6, 4),
-        "cmvn": {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
+        "cmvn": {"mean": mean.tolist(), "std": std.tolist(),
                  "frames": int(count)},
         "rejected": 0, **extra,
     }

@@ -122,7 +122,8 @@ def load_model_and_data(ckpt: str, data_dir: str):
     model, tok, cfg = checkpoint.load_model(ckpt)
     data = FeatureSet(data_dir)
     if data.features != cfg.features:
-        raise ValueError(f"{data_dir}: features {data.features} differ from the model's {cfg.features}")
+        raise ValueError(f"{data_dir}: features differ from the model's ({data.features.differences(cfg.features)}; "
+                         f"the data's value first)")
     return model, tok, cfg, data
 
 

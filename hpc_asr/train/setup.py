@@ -87,7 +87,8 @@ def _load_data(cfg: Config, engine: Engine, log) -> tuple[FeatureSet, Any, np.nd
     """Both splits scanned up front on every rank: too long → error, too short → dropped."""
     train_set, dev_set = FeatureSet(cfg.data.train), FeatureSet(cfg.data.dev)
     if train_set.features != cfg.features:
-        raise ValueError(f"{cfg.data.train}: features {train_set.features} differ from config {cfg.features}")
+        raise ValueError(f"{cfg.data.train}: features differ from the config's "
+                         f"({train_set.features.differences(cfg.features)}; the data's value first)")
     check_lengths(train_set, cfg.data.train, cfg.data.max_frames)
     check_lengths(dev_set, cfg.data.dev, cfg.data.max_frames)
     keep, dropped = usable_subset(train_set.num_frames, cfg.model)
@@ -195,4 +196,3 @@ def resume(run: Run) -> None:
                 f"(schedule step {p['sched_step']:g})")
         for c in msg["changed"]:
             run.log(f"config changed since the checkpoint: {c}")
-    run.log(f"lr {run.optimizer.param_groups[0]['lr']:.6e} scaler {run.scaler.state_dict()}")
