@@ -289,8 +289,8 @@ def pbs_site(tmp_path: Path, **over) -> Path:
                      env={"modules": [], "venv": str(ROOT / ".venv")}, **over)
 
 
-def run_like_mom(script: Path, tmp_path: Path, job_id: str, slots: int = 2, path_extra: Path | None = None,
-                 timeout: float = 240) -> subprocess.CompletedProcess:
+def mom_env(script: Path, tmp_path: Path, job_id: str, slots: int = 2, path_extra: Path | None = None) -> dict:
+    """The environment a PBS MOM gives a job, with $PBS_NODEFILE listing this host ``slots`` times."""
     from conftest import run_env
 
     nodefile = tmp_path / f"nodefile.{job_id}"
@@ -301,8 +301,22 @@ def run_like_mom(script: Path, tmp_path: Path, job_id: str, slots: int = 2, path
            "PBS_JOBNAME": script.stem, "PBS_ENVIRONMENT": "PBS_BATCH", "TMPDIR": str(scratch)}
     if path_extra:
         env["PATH"] = f"{path_extra}:{env['PATH']}"
-    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=Path.home(),
-                          timeout=timeout)
+    return env
+
+
+def run_like_mom(script: Path, tmp_path: Path, job_id: str, slots: int = 2, path_extra: Path | None = None,
+                 timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=Path.home(), timeout=timeout,
+                          env=mom_env(script, tmp_path, job_id, slots, path_extra))
+
+
+def _qrerun_stub(tmp_path: Path) -> Path:
+    """The PBS server's qrerun, recording its call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "qrerun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'qrerun.args'}\n")
+    (bin_dir / "qrerun").chmod(0o755)
+    return bin_dir
 
 
 def _pbs_config(tmp_path: Path, feats: dict[str, Path], out: Path, **train) -> Path:
@@ -368,10 +382,7 @@ def test_pbs_walltime_warning_checkpoints_and_asks_for_rerun(tiny_features, tmp_
                                  "test": tiny_features["dev"]}, out, epochs=100000)
     jobs("render", "--site", str(pbs_site(tmp_path, requeue_signal_s=120)), "--out", str(tmp_path / "jobs"),
          "--gpus-per-node", "0", "--config", str(cfg), "--walltime", "00:02:25")  # warning after 25 s
-    bin_dir = tmp_path / "bin"  # the PBS server's qrerun, recording its call
-    bin_dir.mkdir()
-    (bin_dir / "qrerun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'qrerun.args'}\n")
-    (bin_dir / "qrerun").chmod(0o755)
+    bin_dir = _qrerun_stub(tmp_path)
     text = (tmp_path / "jobs" / "train.pbs").read_text().replace("sleep 300", "sleep 0")
     (tmp_path / "jobs" / "train.pbs").write_text(text)  # the MOM would end the job at qrerun
     proc = run_like_mom(tmp_path / "jobs" / "train.pbs", tmp_path, "7.pbs-server", path_extra=bin_dir, timeout=120)
@@ -525,3 +536,36 @@ def test_docs_name_the_warning_signal_the_job_asks_for():
         found = re.findall(r"[A-Z:]*USR1@\d+", text)
         assert set(found) <= {asked[0]}, f"{name}: {sorted(set(found))}, the job asks --signal={asked[0]}"
     assert asked[0] in docs["docs/training.md"] and asked[0] in docs["docs/hpc.md"]
+
+
+def test_pbs_qdel_stops_training_at_a_checkpoint_without_rerun(tiny_features, tmp_path):
+    """issue 17.1 under PBS: qdel (TERM to every process of the job, KILL after kill_delay) ends
+    the job after the ranks checkpoint; only the walltime warning asks for qrerun."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cfg = _pbs_config(tmp_path, {"train": tiny_features["train"], "dev": tiny_features["dev"],
+                                 "test": tiny_features["dev"]}, out, epochs=100000)
+    jobs("render", "--site", str(pbs_site(tmp_path)), "--out", str(tmp_path / "jobs"), "--gpus-per-node", "0",
+         "--config", str(cfg), "--walltime", "01:00:00", "--no-path-check")
+    script = tmp_path / "jobs" / "train.pbs"
+    env = mom_env(script, tmp_path, "9.pbs-server", path_extra=_qrerun_stub(tmp_path))
+    log = tmp_path / "job.out"
+    with open(log, "w") as f:
+        job = subprocess.Popen(["bash", str(script)], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=Path.home(),
+                               start_new_session=True)
+    try:
+        rank0, t0 = out / "train.rank0.log", time.time()
+        while " step 2/" not in (rank0.read_text() if rank0.is_file() else "") and time.time() - t0 < 120:
+            time.sleep(0.5)
+        os.killpg(job.pid, signal.SIGTERM)  # qdel
+        rc = job.wait(timeout=10)  # PBS's default kill_delay: KILL after 10 s
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "[job] stopped" in text and "requeueing" not in text, text
+    assert not (tmp_path / "qrerun.args").exists() and rc != 0, text  # mpirun: 1 or 3
+    assert "preempted (signal)" in rank0.read_text()
+    assert checkpoint.load(out / "last.pt")["position"]["step"] >= 2
