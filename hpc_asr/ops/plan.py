@@ -132,7 +132,8 @@ def check_paths(plan: Plan, here: Path) -> None:
                 continue
             hint = " (prep makes data.<split>=DIR from CORPUS/<name of DIR>.jsonl; --corpus sets CORPUS)" \
                 if p.endswith(".jsonl") else ""
-            raise JobError(f"the {job.stage} job reads {p}: not found under {here} and no earlier job in the chain "
+            where = "" if os.path.isabs(p) else f" under {here}"
+            raise JobError(f"the {job.stage} job reads {p}: not found{where} and no earlier job in the chain "
                            f"writes it{hint}; --no-path-check renders for another machine")
         written.update(os.path.normpath(p) for p in job.writes)
 
