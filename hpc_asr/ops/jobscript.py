@@ -107,8 +107,8 @@ def _stage_lines(plan: Plan, job: Job) -> tuple[list[str], list[str]]:
     srcs = [o.split("=", 1)[1] for o in plan.train_overrides]
     per_node = _launcher(plan, job, per_node=True)
     lines = [f'STAGE_DIR="{plan.site.local_scratch}/hpc_asr-{jid}"',
-             "# the copy is removed on every node when the job ends, failed or not (on a scancel/qdel the",
-             "# scheduler refuses new steps: only this node's copy goes; job-local TMPDIRs are purged anyway)",
+             "# the copy is removed on every node when the job ends, failed or not (after a scancel/qdel no new",
+             "# job step can start: then only this node's copy goes; sites with per-job TMPDIRs purge the rest)",
              f'unstage() {{ timeout 120 {per_node} rm -rf "$STAGE_DIR" 2>/dev/null; rm -rf "$STAGE_DIR"; }}',
              "trap unstage EXIT",
              "# one copier per node (the others wait on its lock), checksums verified",
