@@ -8,8 +8,9 @@
 # checked with `horovodrun --check-build`, and the toolkit copied in, not linked to this checkout).
 # The modulefiles are DIR/hpc_asr/VERSION.lua (Lmod) and DIR/hpc_asr/VERSION (Tcl); DIR defaults to
 # PREFIX/modulefiles. They load the site's dependencies (env/site.yaml: modulefile.deps on GPU
-# installs, modulefile.cpu_deps otherwise), put PREFIX/bin on PATH (no PYTHONPATH) and set the
-# NCCL/HDF5 presets of env/nccl.env; `module unload hpc_asr` restores the environment.
+# installs, modulefile.cpu_deps otherwise), put PREFIX/bin on PATH (no PYTHONPATH), set the
+# NCCL/HDF5 presets of env/nccl.env and HPC_ASR_SITE=PREFIX/env/site.yaml (a copy of --site);
+# `module unload hpc_asr` restores the environment.
 #   Users: module use DIR && module load hpc_asr && python -m hpc_asr doctor
 set -euo pipefail
 
@@ -44,20 +45,21 @@ fi
 [ -x "$PREFIX/bin/python" ] || { echo "provision: $PREFIX/bin/python missing (install first)" >&2; exit 2; }
 
 # ---- 2. modulefiles, rendered from env/modulefiles/*.in with the site's choices ---------------
+# The site file and its nccl_env are read by hpc_asr/ops/site.py (the one parser) and copied into
+# PREFIX/env/, where the modulefile points HPC_ASR_SITE (so `hpc-asr jobs` finds them after a load).
+"$PREFIX/bin/python" -m hpc_asr.ops.site install --site "$SITE" --dest "$PREFIX/env" \
+  | sed 's/^/[provision] site file: /'
 mkdir -p "$MODDIR/hpc_asr"
-"$PREFIX/bin/python" - "$ROOT" "$SITE" "$PREFIX" "$MODDIR/hpc_asr" "$VERSION" "$GPU" <<'PY'
+"$PREFIX/bin/python" - "$ROOT" "$PREFIX/env/site.yaml" "$PREFIX" "$MODDIR/hpc_asr" "$VERSION" "$GPU" <<'PY'
 import datetime, sys
 from pathlib import Path
 
-import yaml
+from hpc_asr.ops.site import load_site
 
 root, site_path, prefix, out, version, gpu = sys.argv[1:]
-site = yaml.safe_load(Path(site_path).read_text()) or {}
-mf = site.get("modulefile") or {}
-deps = mf.get("deps" if gpu == "1" else "cpu_deps") or []
-nccl = Path(site.get("nccl_env") or "env/nccl.env")
-nccl = nccl if nccl.is_absolute() else Path(root) / nccl
-env = [ln.split("=", 1) for ln in nccl.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+site = load_site(site_path)
+deps = site.modulefile.get("deps" if gpu == "1" else "cpu_deps") or []
+env = site.nccl_vars()
 from importlib.metadata import PackageNotFoundError, version as dist_version
 try:
     torch_v, hvd_v = dist_version("torch"), dist_version("horovod")

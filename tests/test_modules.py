@@ -43,7 +43,8 @@ def write_site(tmp: Path) -> tuple[Path, Path]:
     (deps / "1.0.lua").write_text('setenv("TESTDEP_LOADED", "1")\n')
     (deps / "1.0").write_text("#%Module1.0\nsetenv TESTDEP_LOADED 1\n")
     site = tmp / "site.yaml"
-    site.write_text("modulefile:\n  deps: [testdep/1.0]\n  cpu_deps: [testdep/1.0]\n")
+    site.write_text(f"nccl_env: {ROOT / 'env' / 'nccl.env'}\n"  # presets beside the site file, or named
+                    "modulefile:\n  deps: [testdep/1.0]\n  cpu_deps: [testdep/1.0]\n")
     return site, deps.parent
 
 
@@ -69,6 +70,7 @@ before="$PATH"
 module load hpc_asr || {{ echo LOAD_FAILED; exit 9; }}
 echo "PY=$(command -v python)"
 echo "HDF5=$HDF5_USE_FILE_LOCKING"
+echo "SITE=$HPC_ASR_SITE"
 echo "NCCL_DEBUG=$NCCL_DEBUG"
 echo "PYTHONPATH=${{PYTHONPATH-unset}}"
 echo "DEP=${{TESTDEP_LOADED-unset}}"
@@ -95,6 +97,7 @@ def check_loaded(got: dict[str, str], prefix: Path) -> None:
     assert got.get("PY") == str(prefix / "bin" / "python"), got["_out"]
     assert got["HDF5"] == "FALSE" and got["NCCL_DEBUG"] == "WARN" and got["PYTHONPATH"] == "unset"
     assert got["DEP"] == "1" and got.get("HELP") == "ok", got["_out"]
+    assert got["SITE"] == str(prefix / "env" / "site.yaml") and Path(got["SITE"]).is_file()  # hpc-asr jobs reads it
     assert got["DOCTOR"] == "0", got["_doctor"]
     assert "PASS  allreduce" in got["_doctor"] and "2 rank(s)" in got["_doctor"]
     # unload gives everything back, the user's own NCCL_DEBUG included
