@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.recipes.voice_assistant import grammar, synth
+from data_prep.recipes.voice_assistant import audio, espeak, festival, grammar, plan, slots, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARSET = re.compile(r"^[a-z']+( [a-z']+)*$")
@@ -78,7 +78,7 @@ def test_festival_split_is_another_engine_never_in_training(corpus: Path):
     rows = read_manifest(corpus / "test_festival.jsonl")
     voices = {r["speaker"] for r in rows}
     assert len(rows) == 6 and voices and all(v.startswith("festival+") for v in voices)
-    assert {v.split("+")[1] for v in voices} <= set(synth.FESTIVAL_VOICES)
+    assert {v.split("+")[1] for v in voices} <= set(festival.FESTIVAL_VOICES)
     for split in ("train", "dev", "test"):
         assert not any(r["speaker"].startswith("festival+") for r in read_manifest(corpus / f"{split}.jsonl"))
     other = {r["text"] for s in ("dev", "test") for r in read_manifest(corpus / f"{s}.jsonl")}
@@ -86,11 +86,11 @@ def test_festival_split_is_another_engine_never_in_training(corpus: Path):
 
 
 def test_festival_script_speaks_each_text_with_its_voice(tmp_path: Path):
-    utt = synth.Utt(0, "test_festival_000001", "test_festival", "what's the time", "festival+kal_diphone",
+    utt = plan.Utt(0, "test_festival_000001", "test_festival", "what's the time", "festival+kal_diphone",
                     300, 50, 0, 0.1, 0.1, 0.5, None)
-    script = synth.festival_script([utt], tmp_path)
+    script = festival.festival_script([utt], tmp_path)
     assert "(voice_kal_diphone)" in script and '"what\'s the time"' in script
-    assert f"Duration_Stretch {synth.STRETCH_RANGE[0]:.3f}" in script  # fast speech, clamped stretch
+    assert f"Duration_Stretch {festival.STRETCH_RANGE[0]:.3f}" in script  # fast speech, clamped stretch
 
 
 @needs_espeak
@@ -120,11 +120,11 @@ def test_missing_espeak_is_one_line_exit_2(tmp_path: Path):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_split_speakers_holds_out_combinations_only(seed: int):
-    accents, variants = list(synth.ACCENTS), list(synth.VARIANTS)
-    split = synth.split_speakers(accents, variants, seed)
+    accents, variants = list(espeak.ACCENTS), list(espeak.VARIANTS)
+    split = plan.split_speakers(accents, variants, seed)
     train = set(split["train"])
     assert len(train) + len(split["dev"]) + len(split["test"]) == len(accents) * len(variants)
-    n_held = round(synth.HELDOUT_FRAC * len(accents) * len(variants))
+    n_held = round(plan.HELDOUT_FRAC * len(accents) * len(variants))
     for name in ("dev", "test"):
         held = set(split[name])
         assert len(held) == n_held and not held & train
@@ -135,43 +135,43 @@ def test_split_speakers_holds_out_combinations_only(seed: int):
     assert not set(split["dev"]) & set(split["test"])
     assert {s.split("+")[0] for s in train} == set(accents)
     assert {s.split("+")[1] for s in train} == set(variants)
-    assert split == synth.split_speakers(accents, variants, seed)   # deterministic
+    assert split == plan.split_speakers(accents, variants, seed)   # deterministic
 
 
 def test_split_speakers_tiny_grid():
-    split = synth.split_speakers(["a1", "a2"], ["v1", "v2"], 0)
+    split = plan.split_speakers(["a1", "a2"], ["v1", "v2"], 0)
     assert len(split["dev"]) == len(split["test"]) == 1
     assert {s.split("+")[0] for s in split["train"]} == {"a1", "a2"}
     assert {s.split("+")[1] for s in split["train"]} == {"v1", "v2"}
 
 
 def test_plan_corpus_splits_are_disjoint_and_deterministic():
-    speakers = synth.split_speakers(list(synth.ACCENTS), list(synth.VARIANTS), 0)
-    speakers["test_festival"] = [f"festival+{v}" for v in synth.FESTIVAL_VOICES]
-    plan = synth.plan_corpus(speakers, 1.0, 200, 200, 0, festival_utts=100)
-    by_split = {s: [u for u in plan if u.split == s] for s in synth.SPLITS}
+    speakers = plan.split_speakers(list(espeak.ACCENTS), list(espeak.VARIANTS), 0)
+    speakers["test_festival"] = [f"festival+{v}" for v in festival.FESTIVAL_VOICES]
+    utts = plan.plan_corpus(speakers, 1.0, 200, 200, 0, festival_utts=100)
+    by_split = {s: [u for u in utts if u.split == s] for s in synth.SPLITS}
     assert len(by_split["dev"]) == len(by_split["test"]) == 200 and len(by_split["test_festival"]) == 100
     train_texts = {u.text for u in by_split["train"]}
     for split in synth.SPLITS:
         assert {u.speaker for u in by_split[split]} <= set(speakers[split])
         if split != "train":
             assert not train_texts & {u.text for u in by_split[split]}
-    estimated = sum(synth.estimate_seconds(u.text, u.speed, u.lead, u.trail, u.gap)
+    estimated = sum(plan.estimate_seconds(u.text, u.speed, u.lead, u.trail, u.gap)
                     for u in by_split["train"])
     assert 3600 <= estimated < 3600 + 20
-    assert len({u.id for u in plan}) == len(plan)
-    assert [u.index for u in plan] == list(range(len(plan)))
-    assert plan == synth.plan_corpus(speakers, 1.0, 200, 200, 0, festival_utts=100)
+    assert len({u.id for u in utts}) == len(utts)
+    assert [u.index for u in utts] == list(range(len(utts)))
+    assert utts == plan.plan_corpus(speakers, 1.0, 200, 200, 0, festival_utts=100)
 
 
 @needs_espeak
 def test_voice_coverage_every_english_accent_and_wide_ranges():
     """Every non-MBROLA English espeak-ng voice, the six Klatt variants, wide prosody ranges."""
-    accents, variants = synth.available_voices()
-    assert set(accents) == set(synth.ACCENTS)
+    accents, variants = espeak.available_voices()
+    assert set(accents) == set(espeak.ACCENTS)
     assert {f"klatt{i}" for i in ("", 2, 3, 4, 5, 6)} <= set(variants) and len(variants) >= 60
-    assert synth.SPEED_RANGE[1] - synth.SPEED_RANGE[0] >= 100 and synth.PITCH_RANGE[1] - synth.PITCH_RANGE[0] >= 70
-    assert synth.WORD_GAP_RANGE[1] > 0
+    assert plan.SPEED_RANGE[1] - plan.SPEED_RANGE[0] >= 100 and plan.PITCH_RANGE[1] - plan.PITCH_RANGE[0] >= 70
+    assert plan.WORD_GAP_RANGE[1] > 0
 
 
 def test_mpi_rank_size_from_environment():
@@ -186,7 +186,7 @@ def test_mpi_rank_size_from_environment():
 
 def test_resample_keeps_a_tone():
     t = np.arange(22050) / 22050
-    y = synth.resample(np.sin(2 * np.pi * 1000 * t).astype(np.float32), 22050, 16000)
+    y = audio.resample(np.sin(2 * np.pi * 1000 * t).astype(np.float32), 22050, 16000)
     assert len(y) == 16000
     ref = np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)
     assert np.max(np.abs(y[500:-500] - ref[500:-500])) < 1e-3
@@ -199,16 +199,16 @@ def test_parse_wav_ignores_streaming_sizes():
               (1).to_bytes(2, "little") + (22050).to_bytes(4, "little") +
               (44100).to_bytes(4, "little") + (2).to_bytes(2, "little") +
               (16).to_bytes(2, "little") + b"data" + (0x7FFFFFFF).to_bytes(4, "little"))
-    x, rate = synth.parse_wav(header + pcm)
+    x, rate = audio.parse_wav(header + pcm)
     assert rate == 22050 and len(x) == 100 and x[2] == pytest.approx(100 / 32768)
 
 
 @needs_espeak
 def test_failed_synthesis_is_reported_not_raised(tmp_path: Path):
-    utt = synth.Utt(index=0, id="train_000001", split="train", text="", speaker="en-us+m1",
+    utt = plan.Utt(index=0, id="train_000001", split="train", text="", speaker="en-us+m1",
                     speed=160, pitch=50, gap=0, lead=0.1, trail=0.1, peak=0.5, snr_db=None)
     (tmp_path / "wav" / "train").mkdir(parents=True)
-    row = synth.synthesize(utt, tmp_path, seed=0)
+    row = espeak.synthesize(utt, tmp_path, seed=0)
     assert row["id"] == "train_000001" and "error" in row
 
 
@@ -228,10 +228,10 @@ def test_grammar_vocabulary_charset_and_lengths():
 def test_normalize_text_and_number_words():
     assert grammar.normalize_text("  Set a Timer: 25-minutes!  It's OK ") == \
         "set a timer minutes it's ok"
-    assert grammar.number_words(25) == "twenty five"
-    assert grammar.number_words(350, use_and=True) == "three hundred and fifty"
-    assert grammar.number_words(2024) == "two thousand twenty four"
-    assert [grammar.ordinal_words(n) for n in (1, 3, 12, 21, 30)] == \
+    assert slots.number_words(25) == "twenty five"
+    assert slots.number_words(350, use_and=True) == "three hundred and fifty"
+    assert slots.number_words(2024) == "two thousand twenty four"
+    assert [slots.ordinal_words(n) for n in (1, 3, 12, 21, 30)] == \
         ["first", "third", "twelfth", "twenty first", "thirtieth"]
 
 
