@@ -1,25 +1,39 @@
-"""Synthesizer output → corpus audio: WAV bytes decoded, resampled to 16 kHz, trimmed, padded,
-levelled, optionally noised, and written as 16-bit PCM with its manifest row."""
+"""Synthesizer output → corpus audio: a synthesizer process run and its WAV decoded, resampled to
+16 kHz as prep resamples (`hpc_asr.data.features.resample`, soxr), trimmed, padded, levelled,
+optionally noised, and written as 16-bit PCM with its manifest row."""
 
 from __future__ import annotations
 
-import math
+import subprocess
 import wave
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.recipes.voice_assistant.plan import Utt
+from hpc_asr.data.features import resample
 
-__all__ = ["SAMPLE_RATE", "finish", "parse_wav", "postprocess", "resample", "trim_silence", "write_wav"]
+__all__ = ["SAMPLE_RATE", "finish", "parse_wav", "postprocess", "run_synthesizer", "trim_silence", "write_wav"]
 
 SAMPLE_RATE = 16000
+TIMEOUT_S = 60      # one synthesizer process, one utterance
+
+
+def run_synthesizer(cmd: list[str], text: str | None = None) -> bytes:
+    """Run one synthesizer process (``text`` on its stdin) and return its stdout; a failure raises
+    RuntimeError naming the program, its exit status and the start of its stderr."""
+    res = subprocess.run(cmd, input=None if text is None else text.encode(), capture_output=True, check=False,
+                         stdin=subprocess.DEVNULL if text is None else None, timeout=TIMEOUT_S)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exit {res.returncode}: {res.stderr.decode(errors='replace').strip()[:200]}")
+    return res.stdout
 
 
 def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode 16-bit PCM WAV bytes as written by ``espeak-ng --stdout``.
+    """Decode 16-bit PCM WAV bytes as written by ``espeak-ng --stdout``, ``mbrola - -.wav`` or
+    ``RHVoice-test -o -``.
 
-    espeak-ng streams, so its RIFF/data sizes are placeholders (0x7fffffff); the data chunk
+    These stream, so their RIFF/data sizes are placeholders (0x7fffffff, or 0); the data chunk
     is taken to run to the end of the bytes instead of trusting its size.
     """
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
@@ -43,47 +57,10 @@ def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
     raise ValueError("WAV stream has no data chunk")
 
 
-def _next_smooth(n: int) -> int:
-    """Smallest m >= n with only factors 2, 3, 5, so the FFTs below stay fast."""
-    m = n
-    while True:
-        k = m
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        if k == 1:
-            return m
-        m += 1
-
-
-def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    """Band-limited FFT resampling (no scipy needed).
-
-    The input is zero-padded to a whole number of sr_in/gcd blocks so the rate change is
-    exact; the top 10% of the kept band gets a raised-cosine taper instead of a brick wall
-    to limit ringing.  espeak-ng output starts and ends near silence, so the FFT's circular
-    wrap-around is harmless.
-    """
-    if sr_in == sr_out or len(x) == 0:
-        return x.astype(np.float32)
-    g = math.gcd(sr_in, sr_out)
-    up, down = sr_out // g, sr_in // g
-    blocks = _next_smooth(-(-len(x) // down))
-    n_in, n_out = blocks * down, blocks * up
-    spec = np.fft.rfft(x, n_in)
-    keep = min(len(spec), n_out // 2 + 1)
-    out_spec = np.zeros(n_out // 2 + 1, dtype=np.complex128)
-    out_spec[:keep] = spec[:keep]
-    taper_start = int(0.9 * keep)
-    ramp = 0.5 * (1 + np.cos(np.linspace(0, np.pi, keep - taper_start)))
-    out_spec[taper_start:keep] *= ramp
-    y = np.fft.irfft(out_spec, n_out) * (n_out / n_in)
-    return y[:round(len(x) * up / down)].astype(np.float32)
-
-
 def trim_silence(x: np.ndarray, keep_s: float = 0.03) -> np.ndarray:
-    """Cut espeak-ng's own leading/trailing silence (about 0.25 s + 0.6 s, a third of a short
-    command) so the padding below is the only silence, and training spends no compute on it."""
+    """Cut the synthesizer's own leading/trailing silence (espeak-ng: about 0.25 s + 0.6 s, a third
+    of a short command) so the padding below is the only silence, and training spends no compute
+    on it."""
     env = np.convolve(x * x, np.ones(160, np.float32) / 160, mode="same")
     loud = np.flatnonzero(env > max(float(env.max()) * 1e-4, 1e-9))
     if loud.size == 0:
@@ -117,12 +94,11 @@ def write_wav(path: Path, x: np.ndarray) -> None:
 
 
 
-def finish(utt: Utt, wav: bytes, out: Path, seed: int) -> dict:
-    """Synthesizer WAV bytes → trimmed, padded, levelled 16 kHz file and its manifest row, or
-    {"id", "error"} instead of raising."""
+def finish(utt: Utt, x: np.ndarray, rate: int, out: Path, seed: int) -> dict:
+    """Synthesizer samples at ``rate`` → trimmed, padded, levelled 16 kHz file and its manifest row
+    (with ``engine`` and ``voice``), or {"id", "split", "error"} instead of raising."""
     try:
-        x, rate = parse_wav(wav)
-        x = resample(x, rate, SAMPLE_RATE)
+        x = resample(x, rate, SAMPLE_RATE, utt.id)
         if len(x) < SAMPLE_RATE // 20 or float(np.max(np.abs(x), initial=0.0)) < 1e-4:
             raise RuntimeError("empty audio")
         x = postprocess(trim_silence(x), utt, seed)
@@ -130,6 +106,5 @@ def finish(utt: Utt, wav: bytes, out: Path, seed: int) -> dict:
         write_wav(out / rel, x)
     except Exception as exc:
         return {"id": utt.id, "split": utt.split, "error": f"{type(exc).__name__}: {exc}"}
-    return {"id": utt.id, "split": utt.split, "audio": rel.as_posix(),
-            "duration": round(len(x) / SAMPLE_RATE, 4), "text": utt.text,
-            "speaker": utt.speaker}
+    return {"id": utt.id, "split": utt.split, "audio": rel.as_posix(), "duration": round(len(x) / SAMPLE_RATE, 4),
+            "text": utt.text, "speaker": utt.speaker, "engine": utt.engine, "voice": utt.voice}

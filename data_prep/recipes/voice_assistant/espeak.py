@@ -1,18 +1,21 @@
-"""espeak-ng, the formant engine: its English voices (accents), voice variants, and one process per
+"""espeak-ng, the formant engine: every English voice (accent) × voice variant, one process per
 utterance."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
-from pathlib import Path
 
-from data_prep.recipes.voice_assistant.audio import finish
-from data_prep.recipes.voice_assistant.plan import CorpusError, Utt
+import numpy as np
 
-__all__ = ["ACCENTS", "VARIANTS", "available_voices", "espeak_command", "synthesize"]
+from data_prep.recipes.voice_assistant.audio import parse_wav, run_synthesizer
+from data_prep.recipes.voice_assistant.plan import EngineMissing, EngineVoices, Prosody, Utt, split_speakers
 
+__all__ = ["ACCENTS", "NAME", "PROSODY", "VARIANTS", "available_voices", "espeak_command", "render", "splits"]
+
+NAME = "espeak"
 # Every English espeak-ng voice (accent).  MBROLA voices (en-uk, us-mbrola-*, en-german-*...)
-# are left out: they need extra packages and ignore variants.  Missing ones are dropped at run
+# are left out here: the `mbrola` engine drives four of them.  Missing ones are dropped at run
 # time.
 ACCENTS = ("en-us", "en-us-nyc", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd", "en-029")
@@ -28,19 +31,23 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f
             "Marco", "Mario", "max", "Michael", "michel", "miguel", "Mike", "Mr", "Nguyen", "norbert",
             "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph",
             "steph2", "steph3", "Storm", "travis", "victor", "zac", "anika")
-ESPEAK_TIMEOUT_S = 60
+# words a minute (-s), pitch 0..99 (-p), extra pause between words in 10 ms (-g)
+PROSODY = Prosody(speed=(115, 235), pitch=(10, 90), gap=(0, 6))
+_LIST_TIMEOUT_S = 60
 
 
 def _espeak_list(kind: str) -> str:
     res = subprocess.run(["espeak-ng", f"--voices={kind}"], capture_output=True, text=True,
-                         check=False, timeout=ESPEAK_TIMEOUT_S)
+                         check=False, timeout=_LIST_TIMEOUT_S)
     if res.returncode != 0:
-        raise CorpusError(f"espeak-ng --voices={kind} failed: {res.stderr.strip()}")
+        raise EngineMissing(f"espeak-ng --voices={kind} failed: {res.stderr.strip()}")
     return res.stdout
 
 
 def available_voices() -> tuple[list[str], list[str]]:
     """ACCENTS and VARIANTS that this espeak-ng installation actually has."""
+    if shutil.which("espeak-ng") is None:
+        raise EngineMissing("espeak-ng not found on PATH (apt-get install espeak-ng)")
     accent_rows = [line.split() for line in _espeak_list("en").splitlines()[1:]]
     langs = {row[1] for row in accent_rows if len(row) > 4 and not row[4].startswith("mb/")}
     files = {row[-1].split("/")[-1].lower() for row in
@@ -48,26 +55,20 @@ def available_voices() -> tuple[list[str], list[str]]:
     accents = [a for a in ACCENTS if a in langs]
     variants = [v for v in VARIANTS if v.lower() in files]
     if not accents or not variants:
-        raise CorpusError("espeak-ng has no usable English voices or variants")
+        raise EngineMissing("espeak-ng has no usable English voices or variants")
     return accents, variants
 
 
+def splits(seed: int) -> EngineVoices:
+    """accent+variant pairs per split: dev and test get new combinations (`split_speakers`)."""
+    return split_speakers(*available_voices(), seed)
+
 
 def espeak_command(utt: Utt) -> list[str]:
-    accent, variant = utt.speaker.split("+", 1)
-    return ["espeak-ng", "-v", f"{accent}+{variant}", "-s", str(utt.speed),
-            "-p", str(utt.pitch), "-g", str(utt.gap), "--stdout", utt.text]
+    return ["espeak-ng", "-v", utt.voice, "-s", str(utt.speed), "-p", str(utt.pitch), "-g", str(utt.gap),
+            "--stdout", utt.text]
 
 
-
-def synthesize(utt: Utt, out: Path, seed: int) -> dict:
-    """Render one utterance with espeak-ng; returns a manifest row or {"id", "error"}."""
-    try:
-        res = subprocess.run(espeak_command(utt), capture_output=True, check=False,
-                             stdin=subprocess.DEVNULL, timeout=ESPEAK_TIMEOUT_S)
-        if res.returncode != 0:
-            raise RuntimeError(f"espeak-ng exit {res.returncode}: "
-                               f"{res.stderr.decode(errors='replace').strip()[:200]}")
-    except Exception as exc:
-        return {"id": utt.id, "split": utt.split, "error": f"{type(exc).__name__}: {exc}"}
-    return finish(utt, res.stdout, out, seed)
+def render(utt: Utt) -> tuple[np.ndarray, int]:
+    """One utterance: (samples in [-1, 1], sample rate); a failure raises."""
+    return parse_wav(run_synthesizer(espeak_command(utt)))

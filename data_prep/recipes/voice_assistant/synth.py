@@ -1,36 +1,38 @@
-"""Synthesize a voice-assistant speech corpus with espeak-ng (and a festival test split) and
-write JSONL manifests.
+"""Synthesize a voice-assistant speech corpus with several speech engines (and festival test/dev
+splits) and write JSONL manifests.
 
 Usage::
 
-    python -m hpc_asr prep voice-assistant --out data/va --hours 3.0 --seed 0 [--jobs N] [--force]
+    python -m hpc_asr prep voice-assistant --out data/va --hours 3.0 --seed 0 [--engines espeak,mbrola,pico,rhvoice]
+        [--jobs N] [--force] [--require-engines]
     mpirun -np 4 python -m hpc_asr prep voice-assistant --out data/va --hours 3.0   # split across ranks
 
 Layout under OUT::
 
     wav/<split>/<id>.wav        16 kHz, mono, 16-bit PCM
-    train.jsonl dev.jsonl test.jsonl test_festival.jsonl
-    corpus.json                 summary (hours/utterances/speakers per split, vocabulary, args)
+    train.jsonl dev.jsonl test.jsonl test_festival.jsonl dev_festival.jsonl
+    corpus.json                 summary (hours/utterances/speakers per split and engine, vocabulary, args)
 
-Manifest lines are JSON objects ``{"id", "audio", "duration", "text", "speaker"}``.
-``audio`` is a path **relative to the directory holding the manifest** (e.g.
-``wav/train/train_000001.wav``), so a corpus can be moved or copied as one folder.
-``duration`` is in seconds, ``text`` uses only ``[a-z' ]`` and ``speaker`` is
-``"<accent>+<variant>"`` (an espeak-ng voice plus a voice variant) or ``"festival+<voice>"``.
+Manifest lines are JSON objects ``{"id", "audio", "duration", "text", "speaker", "engine", "voice"}``
+written by `hpc_asr.data.manifest` (which reads them).  ``audio`` is a path **relative to the
+directory holding the manifest** (e.g. ``wav/train/train_000001.wav``), so a corpus can be moved or
+copied as one folder.  ``duration`` is in seconds, ``text`` uses only ``[a-z' ]``, ``engine`` is
+espeak, mbrola, pico, rhvoice or festival, ``voice`` that engine's voice, and ``speaker`` is
+``"<accent>+<variant>"`` for espeak-ng and ``"<engine>+<voice>"`` for the others.
 
-Cross-synthesizer split: ``test_festival`` holds further held-out sentences spoken by Debian's
-``festival`` (diphone and HTS voices: another synthesis engine and other voices). Only espeak-ng
-ever speaks training audio, so this split measures what a model does on an engine it never heard
-(``--festival-utts 0`` leaves it out).
+Engines (`engines`): ``--engines`` names the training engines (default espeak, what ``make demo``
+uses); each takes turns utterance by utterance up to ``--hours``, and gets ``--dev-utts`` and
+``--test-utts`` held-out sentences of its own.  An engine that is not installed is skipped with one
+line on stderr (``--require-engines``: an error).  festival never speaks training audio:
+``test_festival`` is the cross-engine test and ``dev_festival`` is for choosing settings only.
 
-Held-out splits: dev and test use speakers (accent+variant pairs) never seen in training and
-sentences never seen in training (see `plan`).
+Held-out splits: dev and test hold out sentences and voices (see `plan`).
 
 Modules: this driver (CLI, ranks, thread pool, manifests); `plan` (splits and per-utterance
-settings); `espeak` and `festival` (the engines); `audio` (decode, resample, trim, level, write);
-`grammar` and `slots` (the sentences).
+settings); `engines` with `espeak`, `mbrola`, `pico`, `rhvoice` and `festival`; `audio` (run,
+decode, resample, trim, level, write); `grammar` and `slots` (the sentences).
 
-Speed matters because this is the first stage of ``make demo``: espeak-ng processes run in a
+Speed matters because this is the first stage of ``make demo``: synthesizer processes run in a
 thread pool (``--jobs``, default: CPU cores per local MPI rank), and under ``mpirun`` rank r
 synthesizes utterances i with i % size == r; rank 0 gathers the results and writes the
 manifests.  Everything (texts, voices, speed, pitch, silence, noise) is derived from
@@ -51,16 +53,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_prep.recipes.voice_assistant import grammar
+from data_prep.recipes.voice_assistant import engines, festival, grammar
 from data_prep.recipes.voice_assistant.audio import SAMPLE_RATE
-from data_prep.recipes.voice_assistant.espeak import available_voices, synthesize
-from data_prep.recipes.voice_assistant.festival import FESTIVAL_BATCH, festival_voices, synthesize_festival
-from data_prep.recipes.voice_assistant.plan import CorpusError, Utt, plan_corpus, split_speakers
+from data_prep.recipes.voice_assistant.plan import CorpusError, Utt, plan_corpus
 from hpc_asr.atomic import atomic_path
+from hpc_asr.data.manifest import Utterance, write_manifest
 from hpc_asr.dist.launch import detect_world
 
-FORMAT_VERSION = 2  # 2: wider voices/ranges, word gaps, test_festival
-SPLITS = ("train", "dev", "test", "test_festival")
+FORMAT_VERSION = 3  # 2: wider voices/ranges, word gaps, test_festival; 3: engines, engine/voice fields, dev_festival
+SPLITS = ("train", "dev", "test", "test_festival", "dev_festival")
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,16 +117,16 @@ class Progress:
 
 def synthesize_all(utts: list[Utt], out: Path, seed: int, jobs: int,
                    progress: Progress) -> list[dict]:
-    """Run espeak-ng (one process per utterance) and festival (one per batch) for `utts` on a
-    thread pool (the work is in the subprocesses)."""
-    fest = [u for u in utts if u.speaker.startswith("festival+")]
-    tasks: list = [[u] for u in utts if not u.speaker.startswith("festival+")]
-    tasks += [fest[i:i + FESTIVAL_BATCH] for i in range(0, len(fest), FESTIVAL_BATCH)]
+    """Render `utts` on a thread pool: one task per utterance (the work is in the synthesizer
+    processes; Pico runs in-process) and one per festival batch."""
+    fest = [u for u in utts if u.engine == festival.NAME]
+    tasks: list = [[u] for u in utts if u.engine != festival.NAME]
+    tasks += [fest[i:i + festival.FESTIVAL_BATCH] for i in range(0, len(fest), festival.FESTIVAL_BATCH)]
 
     def render(task: list[Utt]) -> list[dict]:
-        if task[0].speaker.startswith("festival+"):
-            return synthesize_festival(task, out, seed)
-        return [synthesize(task[0], out, seed)]
+        if task[0].engine == festival.NAME:
+            return festival.synthesize_festival(task, out, seed)
+        return [engines.synthesize(task[0], out, seed)]
 
     rows = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -146,14 +147,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_manifests(out: Path, rows: list[dict]) -> dict[str, list[dict]]:
-    """One JSONL per split, in id order; returns the rows grouped by split."""
+    """One JSONL per split, in id order, through `hpc_asr.data.manifest`; returns the rows grouped by split."""
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for row in sorted(rows, key=lambda r: r["id"]):
-        by_split[row["split"]].append(
-            {k: row[k] for k in ("id", "audio", "duration", "text", "speaker")})
+        by_split[row["split"]].append(row)
     for split, split_rows in by_split.items():
-        _write_atomic(out / f"{split}.jsonl",
-                      "".join(json.dumps(r) + "\n" for r in split_rows))
+        write_manifest(out / f"{split}.jsonl", [Utterance(r["id"], r["audio"], r["text"], r["duration"], r["speaker"],
+                                                          r["engine"], r["voice"]) for r in split_rows])
     return by_split
 
 
@@ -166,7 +166,10 @@ def corpus_summary(by_split: dict[str, list[dict]], failed: list[dict], key: dic
         "splits": {s: {"utterances": len(rows),
                        "hours": round(sum(r["duration"] for r in rows) / 3600, 4),
                        "speakers": len({r["speaker"] for r in rows}),
-                       "vocabulary": len(grammar.vocabulary([r["text"] for r in rows]))}
+                       "vocabulary": len(grammar.vocabulary([r["text"] for r in rows])),
+                       "engines": {e: {"utterances": sum(r["engine"] == e for r in rows),
+                                       "hours": round(sum(r["duration"] for r in rows if r["engine"] == e) / 3600, 4)}
+                                   for e in sorted({r["engine"] for r in rows})}}
                    for s, rows in by_split.items()},
         "vocabulary_size": len(grammar.vocabulary(texts)),
         "voices": voices,
@@ -215,33 +218,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-utts", type=int, default=200)
     p.add_argument("--festival-utts", type=int, default=200,
                    help="held-out sentences spoken by festival (split test_festival; 0 = none)")
+    p.add_argument("--festival-dev-utts", type=int, default=200,
+                   help="festival sentences for choosing settings only (split dev_festival; 0 = none)")
+    p.add_argument("--engines", default=",".join(engines.DEFAULT_ENGINES),
+                   help=f"training engines, comma-separated, from {','.join(engines.TRAINING_ENGINES)} "
+                        "(default: %(default)s); --dev-utts and --test-utts are per engine")
+    p.add_argument("--require-engines", action="store_true",
+                   help="a missing engine is an error (default: skipped with one line on stderr)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="parallel espeak-ng processes per rank (default: cores / local ranks)")
+                   help="parallel synthesizer processes per rank (default: cores / local ranks)")
     p.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = p.parse_args(argv)
-    if min(args.hours, args.dev_utts, args.test_utts, args.festival_utts) < 0:
-        p.error("--hours, --dev-utts, --test-utts and --festival-utts must be >= 0")
+    if min(args.hours, args.dev_utts, args.test_utts, args.festival_utts, args.festival_dev_utts) < 0:
+        p.error("--hours, --dev-utts, --test-utts, --festival-utts and --festival-dev-utts must be >= 0")
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be >= 1")
+    try:
+        args.engines = engines.parse_engines(args.engines)
+    except ValueError as exc:
+        p.error(f"--engines: {exc}")
     return args
 
 
 def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: Comm) -> int:
     start = time.monotonic()
     out: Path = args.out.resolve()
-    key = {"hours": args.hours, "seed": args.seed, "dev_utts": args.dev_utts,
-           "test_utts": args.test_utts, "festival_utts": args.festival_utts, "format_version": FORMAT_VERSION}
+    key = {"hours": args.hours, "seed": args.seed, "dev_utts": args.dev_utts, "test_utts": args.test_utts,
+           "festival_utts": args.festival_utts, "festival_dev_utts": args.festival_dev_utts,
+           "engines": args.engines, "format_version": FORMAT_VERSION}
     if not args.force and is_up_to_date(out, key):
         if rank == 0:
             print("corpus up to date", file=sys.stderr)
         return 0
-    if shutil.which("espeak-ng") is None:
-        raise CorpusError("espeak-ng not found on PATH (apt-get install espeak-ng)")
-    accents, variants = available_voices()
-    speakers = split_speakers(accents, variants, args.seed)
-    fest_voices = festival_voices() if args.festival_utts else []
-    speakers["test_festival"] = [f"festival+{v}" for v in fest_voices]
-    utts = plan_corpus(speakers, args.hours, args.dev_utts, args.test_utts, args.seed, args.festival_utts)
+    voices, missing = engines.find_voices(args.engines, args.seed, bool(args.festival_utts or args.festival_dev_utts),
+                                          args.require_engines)
+    if rank == 0:
+        for line in missing:
+            print(f"[synth] {line}", file=sys.stderr)
+    utts = plan_corpus(voices, engines.prosody(args.engines), args.hours, args.dev_utts, args.test_utts, args.seed,
+                       args.festival_utts, args.festival_dev_utts)
     problem = None
     if rank == 0:
         try:
@@ -265,7 +280,6 @@ def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: C
     for f in failed:
         print(f"[synth] skipped {f['id']}: {f['error']}", file=sys.stderr)
     by_split = write_manifests(out, [r for r in rows if "error" not in r])
-    voices = {"accents": accents, "variants": variants, "speakers": speakers}
     summary = corpus_summary(by_split, failed, key, voices, time.monotonic() - start)
     _write_atomic(out / "corpus.json", json.dumps(summary, indent=2) + "\n")
     parts = ", ".join(f"{s} {v['utterances']} utts {v['hours']:.2f} h"
