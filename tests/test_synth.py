@@ -177,7 +177,8 @@ def test_missing_espeak_is_one_line_exit_2(tmp_path: Path):
 @needs_espeak
 def test_missing_engine_is_one_line_and_skipped(tmp_path: Path):
     """An engine that is not installed (RHVoice-test not on PATH) is one line naming it and its packages; the
-    corpus is made from the others.  ``--require-engines`` makes it a one-line error (exit 2)."""
+    corpus is made from the others, and is not taken as up to date on the next run.  ``--require-engines``
+    makes it a one-line error (exit 2)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "espeak-ng").symlink_to(shutil.which("espeak-ng"))
@@ -190,6 +191,8 @@ def test_missing_engine_is_one_line_and_skipped(tmp_path: Path):
     assert len(lines) == 1 and lines[0].startswith("[synth] skipping engine rhvoice:") and "apt-get install rhvoice" \
         in lines[0]
     assert {r["engine"] for r in read_manifest(tmp_path / "va" / "train.jsonl")} == {"espeak"}
+    again = run_cli("--out", str(tmp_path / "va"), *args, env=env)   # not "up to date": rhvoice may be installed now
+    assert again.returncode == 0 and "up to date" not in again.stderr and "skipping engine rhvoice" in again.stderr
     res = run_cli("--out", str(tmp_path / "vb"), *args, "--require-engines", env=env)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "rhvoice" in res.stderr
 

@@ -181,12 +181,14 @@ def corpus_summary(by_split: dict[str, list[dict]], failed: list[dict], key: dic
 
 
 def is_up_to_date(out: Path, key: dict) -> bool:
-    """True if OUT holds a finished corpus made with the same arguments."""
+    """True if OUT holds a finished corpus made with the same arguments and every engine they asked for (an
+    engine skipped as missing may have been installed since)."""
     try:
         summary = json.loads((out / "corpus.json").read_text())
     except (OSError, ValueError):
         return False
-    return summary.get("args") == key and all((out / f"{s}.jsonl").is_file() for s in SPLITS)
+    return (summary.get("args") == key and set(summary.get("voices", {})) >= set(key["engines"])
+            and all((out / f"{s}.jsonl").is_file() for s in SPLITS))
 
 
 def clear_outputs(out: Path) -> None:
