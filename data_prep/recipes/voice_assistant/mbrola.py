@@ -6,8 +6,8 @@ pitch and word gap act), the phoneme names are fixed for the database, and ``mbr
 the diphones.  Going through ``--pho`` rather than ``espeak-ng -v mb-us3`` directly is what lets
 the fix happen: espeak-ng's us3 table writes the LOT vowel ("on", "boston", "long", "calendar")
 as ``O2``, a phoneme the us3 database lacks, so the default path replaces it with silence (on a
-sample of this grammar PocketSphinx heard "boston" as "sentimental"; mbrola reports ``O2``
-unknown 1,330 times in 3,000 sentences). us3 has ``A`` ("arthur"), the American LOT vowel.
+sample of this grammar PocketSphinx heard "boston" as "sentimental"; ``O2`` is in 1,330 of mbrola's
+unknown-diphone warnings over 3,000 sentences). us3 has ``A`` ("arthur"), the American LOT vowel.
 """
 
 from __future__ import annotations
