@@ -220,8 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-utts", type=int, default=200)
     p.add_argument("--festival-utts", type=int, default=200,
                    help="held-out sentences spoken by festival (split test_festival; 0 = none)")
-    p.add_argument("--festival-dev-utts", type=int, default=200,
-                   help="festival sentences for choosing settings only (split dev_festival; 0 = none)")
+    p.add_argument("--festival-dev-utts", type=int, default=0,
+                   help="festival sentences for choosing settings only (split dev_festival; 0 = none, the "
+                        "demo's default: nothing is tuned on it yet)")
     p.add_argument("--engines", default=",".join(engines.DEFAULT_ENGINES),
                    help=f"training engines, comma-separated, from {','.join(engines.TRAINING_ENGINES)} "
                         "(default: %(default)s); --dev-utts and --test-utts are per engine")
