@@ -1,0 +1,1 @@
+"""Data: audio and FBANK features, manifests, HDF5 shards, text, tokenizers, the loader."""
