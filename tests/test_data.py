@@ -315,3 +315,17 @@ def test_augment_on_gpu_draws_the_same_masks(loader_setup):
     for ref, plain in zip(cpu, make_loader(data, sampler, tok, None, 4, 1, 2, num_workers=0)):
         gpu = augment_batch(plain.to("cuda"), AUG, 4, 2, 1)
         torch.testing.assert_close(gpu.feats.cpu(), ref.feats, atol=1e-4, rtol=1e-5)
+
+
+def test_zero_widths_mask_nothing():
+    """time_width 0 (and freq_width 0) means that mask is off, even with time_masks/freq_masks > 0;
+    the same masks with a width mask something (the check can fail)."""
+    torch.manual_seed(0)
+    lens = torch.tensor([100, 60, 30, 8, 1, 200, 45, 70])
+    feats = torch.randn(len(lens), 200, 80)
+    off = SpecAugConfig(enabled=True, freq_masks=3, freq_width=0, time_masks=3, time_width=0.0)
+    for seed in range(5):
+        out = spec_augment(feats, lens, off, gen=torch.Generator().manual_seed(seed))
+        assert torch.equal(out, feats), f"seed {seed}: a zero-width mask masked frames"
+    on = SpecAugConfig(enabled=True, freq_masks=0, freq_width=0, time_masks=3, time_width=0.05)
+    assert not torch.equal(spec_augment(feats, lens, on, gen=torch.Generator().manual_seed(0)), feats)
