@@ -178,3 +178,56 @@ def test_export_cli_rejects_garbage_checkpoint(tiny_features, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and str(garbage) in err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_threads_follow_the_cpu_affinity(tiny_features, tmp_path, monkeypatch, keep_threads):
+    """A job given one CPU of the node (SLURM --cpus-per-task, taskset) exports with one thread,
+    not one per core of the node."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with at least 2 CPUs to restrict")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    ckpt = tmp_path / "m.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"])
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        rc = export.main(["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir",
+                          str(tmp_path / "export"), "--max-utts", "1"])
+        threads = torch.get_num_threads()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert rc == 0 and threads == 1
+
+
+def test_export_directory_is_complete_or_untouched_after_a_crash(tiny_features, tmp_path, monkeypatch, keep_threads):
+    """A crash while the metadata is written (after ONNX and TorchScript passed parity) leaves no
+    model without its model.json: a new export directory does not appear, and an earlier complete
+    export stays as it was, every file of it."""
+    ckpt = tmp_path / "m.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"])
+    args = ["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--max-utts", "1"]
+
+    def killed(self):
+        raise RuntimeError("killed while writing model.json")
+
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(CharTokenizer, "json_state", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            export.main([*args, "--out-dir", str(fresh)])
+    assert not (fresh / "model.onnx").exists() and not (fresh / "model.ts").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries either
+
+    done = tmp_path / "done"
+    assert export.main([*args, "--out-dir", str(done)]) == 0
+    files = {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    assert {"model.onnx", "model.ts", "model.json", "export.json"} <= {str(p) for p in files}
+    with monkeypatch.context() as m:
+        m.setattr(CharTokenizer, "json_state", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            export.main([*args, "--out-dir", str(done)])
+    assert {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()} == files
+    meta = json.loads((done / "model.json").read_text())
+    assert meta["checkpoint_sha256"] == __import__("hashlib").sha256(ckpt.read_bytes()).hexdigest()
