@@ -149,3 +149,22 @@ def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, 
     assert measure(rec, [wave, wave], warmup=1)["utterances"] == 2
     with pytest.raises(FileNotFoundError):
         Recognizer(out, decoder="beam+lm", lm=str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("dist", [{"engine": "horovod", "elastic": True}, {"engine": "torch"}],
+                         ids=["elastic", "torch"])
+def test_evaluation_picks_its_own_engine_whatever_training_used(real_fixture, tmp_path, dist):
+    """A model trained with the elastic engine (horovodrun --min-np) or with torch.distributed
+    is evaluated under plain python and under mpirun -np 2: the engine is this launch's, not the
+    checkpoint's dist section, and both launches score the same."""
+    state = checkpoint.load(real_fixture["ckpt"])
+    state["config"]["dist"].update(dist)
+    ckpt = tmp_path / "trained_elsewhere.pt"
+    checkpoint.save(ckpt, state)
+    args = ["-m", "hpc_asr", "evaluate", "--checkpoint", str(ckpt), "--data", str(real_fixture["data"])]
+    one = run([sys.executable, *args, "--out", str(tmp_path / "one.json")], timeout=120, check=False)
+    assert one.returncode == 0, one.stderr
+    two = run(mpirun_cmd(2, *args, "--out", str(tmp_path / "two.json")), timeout=180, check=False)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["utterances"] == b["utterances"] == real_fixture["n"] and a["hypotheses"] == b["hypotheses"]
