@@ -329,3 +329,27 @@ def test_zero_widths_mask_nothing():
         assert torch.equal(out, feats), f"seed {seed}: a zero-width mask masked frames"
     on = SpecAugConfig(enabled=True, freq_masks=0, freq_width=0, time_masks=3, time_width=0.05)
     assert not torch.equal(spec_augment(feats, lens, on, gen=torch.Generator().manual_seed(0)), feats)
+
+
+def test_training_batches_reshuffle_per_epoch_and_seed_and_cover_every_utterance(loader_setup):
+    """What the loop receives from make_loader: another epoch or another seed gives another order
+    (and other batch compositions), the same (seed, epoch) the same; over both ranks every epoch
+    covers every utterance exactly once (so the two ranks' batches are disjoint)."""
+    data, _, tok = loader_setup
+
+    def epoch_order(seed: int, epoch: int) -> list[list[list[int]]]:
+        out = []
+        for rank in (0, 1):
+            s = BucketBatchSampler(data.num_frames, max_frames=800, max_utts=3, rank=rank, size=2, seed=seed)
+            out.append([b.indices for b in make_loader(data, s, tok, None, seed=0, rank=rank, epoch=epoch,
+                                                       num_workers=0)])
+        return out
+
+    e0, e1, other_seed = epoch_order(5, 0), epoch_order(5, 1), epoch_order(6, 0)
+    assert epoch_order(5, 0) == e0
+    for a, b in ((e0, e1), (e0, other_seed)):
+        assert a != b
+        assert {tuple(sorted(x)) for r in a for x in r} != {tuple(sorted(x)) for r in b for x in r}  # regrouped
+    for order in (e0, e1, other_seed):
+        flat = [i for r in order for b in r for i in b]
+        assert sorted(flat) == list(range(len(data)))  # each once: these lengths need no padding batch
