@@ -13,7 +13,6 @@ substitutions/deletions/insertions, the most frequent errors and every hypothesi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import yaml
 from torch import nn
 
 from hpc_asr import checkpoint
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.cli import override_pairs
 from hpc_asr.config import Config, ConfigError
 from hpc_asr.data.loader import FeatureSet, make_eval_loader, usable_subset
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CER {res['cer']:.2%}", file=sys.stderr)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+            write_json_atomic(args.out, res)
     engine.shutdown()
     return 0
 

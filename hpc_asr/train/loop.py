@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from hpc_asr import checkpoint
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.cli import parse_cli
 from hpc_asr.config import Config, ConfigError
 from hpc_asr.data.loader import make_loader
@@ -290,7 +291,7 @@ def _finish(run: Run) -> dict:
             if paths:
                 checkpoint.save(run.out / "avg.pt", checkpoint.average(paths))
                 run.log(f"avg.pt: mean of {[p.name for p in paths]}")
-        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json_atomic(run.out / "train_summary.json", summary)
         run.log(f"done in {summary['train_wall_s']:.0f}s; checkpoint {run.out / 'last.pt'}")
     return summary
 
