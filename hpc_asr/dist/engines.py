@@ -326,10 +326,8 @@ class TorchEngine(Engine):
     def wrap_model(self, model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers=False: each rank keeps the BatchNorm statistics of its own batches, as under
-        # Horovod, and average_batchnorm_stats averages them (DDP's default copies rank 0's before every forward)
         ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                  broadcast_buffers=False)  # dist
+                  broadcast_buffers=False)  # dist: BatchNorm statistics stay each rank's own, as under Horovod
         if self.compression == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
