@@ -6,14 +6,14 @@
 Steps: trace with dynamic batch and time axes → ``onnx.checker`` → run ONNX Runtime and the
 TorchScript module on real utterances (one at a time and as one padded batch, which exercises
 the masks) → compare log-probs (max abs diff) and greedy transcripts with PyTorch. Files are
-written under temporary names and renamed only when parity holds; otherwise exit code 1.
+written into a hidden temporary directory that replaces ``--out-dir`` in one rename only when parity
+holds (model, metadata and LM together); otherwise only ``export.json`` is written and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -26,8 +26,9 @@ import torch
 from hpc_asr import checkpoint
 from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.data.loader import FeatureSet
-from hpc_asr.decode.ctc import greedy_batch
+from hpc_asr.decode.ctc import file_sha256, greedy_batch
 from hpc_asr.decode.evaluate import load_model_and_data
+from hpc_asr.dist.launch import compute_threads
 from hpc_asr.model import ConformerCTC
 
 __all__ = ["check_parity", "export_onnx", "export_torchscript"]
@@ -118,34 +119,35 @@ def main(argv: list[str] | None = None) -> int:
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.set_num_threads(os.cpu_count() or 1)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_file, ts_file = AtomicFile(args.out_dir / "model.onnx"), AtomicFile(args.out_dir / "model.ts")
-    try:  # written under hidden temporary names; renamed onto the real ones only when parity holds
+    torch.set_num_threads(compute_threads())  # the CPUs this job may use (affinity, OMP_NUM_THREADS), not the node's
+    args.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = AtomicFile(args.out_dir)  # the whole directory is built under a hidden name and renamed at once
+    stage.tmp.mkdir()
+    try:  # nothing is final until parity holds; then model, metadata and LM appear together
         t0 = time.time()
-        export_onnx(model, onnx_file.tmp, cfg.export.opset)
-        export_torchscript(model, ts_file.tmp)
-        res = check_parity(model, tok, onnx_file.tmp, ts_file.tmp, data, args.max_utts)
+        export_onnx(model, stage.tmp / "model.onnx", cfg.export.opset)
+        export_torchscript(model, stage.tmp / "model.ts")
+        res = check_parity(model, tok, stage.tmp / "model.onnx", stage.tmp / "model.ts", data, args.max_utts)
         res.update(opset=cfg.export.opset, atol=cfg.export.atol, wall_s=round(time.time() - t0, 2),
-                   onnx_bytes=onnx_file.tmp.stat().st_size, checkpoint=str(args.checkpoint))
+                   onnx_bytes=(stage.tmp / "model.onnx").stat().st_size, checkpoint=str(args.checkpoint))
         ok = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
               and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
         res["parity_ok"] = ok
-        write_json_atomic(args.out_dir / "export.json", res)
         if not ok:
+            args.out_dir.mkdir(exist_ok=True)
+            write_json_atomic(args.out_dir / "export.json", res)  # the report only; no model files
             print(f"error: parity failed (atol {cfg.export.atol}): {json.dumps(res)}", file=sys.stderr)
             return 1
-        onnx_file.commit()
-        ts_file.commit()
+        (stage.tmp / "export.json").write_text(json.dumps(res, indent=1) + "\n")
+        meta = {"tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
+                "outputs": OUTPUTS, "blank": tok.blank, "checkpoint_sha256": file_sha256(args.checkpoint)}
+        (stage.tmp / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+        lm_src = Path(args.checkpoint).parent / "lm"
+        if (lm_src / "lm.arpa").is_file():  # the deployable unit carries its LM + tuned weights (latency, serving)
+            shutil.copytree(lm_src, stage.tmp / "lm")
+        stage.commit()  # fsync, then one rename: an export directory is complete or absent, never half
     finally:
-        onnx_file.discard()  # nothing left after a commit; the failed or interrupted export's files
-        ts_file.discard()
-    write_json_atomic(args.out_dir / "model.json", {
-        "tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
-        "outputs": OUTPUTS, "blank": tok.blank})
-    lm_src = Path(args.checkpoint).parent / "lm"
-    if (lm_src / "lm.arpa").is_file():  # the deployable unit carries its LM + tuned weights (latency, serving)
-        shutil.copytree(lm_src, args.out_dir / "lm", dirs_exist_ok=True)
+        stage.discard()  # nothing left after a commit; the failed or interrupted export's files
     print(f"[export] {args.out_dir}/model.onnx + model.ts: {res['utterances']} utts, max |Δ| onnx "
           f"{res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts identical",
           file=sys.stderr)
