@@ -7,6 +7,10 @@ Steps: trace with dynamic batch and time axes → ``onnx.checker`` → run ONNX 
 TorchScript module on real utterances (one at a time and as one padded batch, which exercises
 the masks) → compare log-probs (max abs diff) and greedy transcripts with PyTorch. Files are
 written under temporary names and renamed only when parity holds; otherwise exit code 1.
+
+A streaming model (``model.streaming: true``) also gets ``streaming.onnx`` (``forward_chunk`` with
+its caches, hpc_asr.deploy.streaming) at ``model.chunk_size``/``model.left_chunks``, gated the same
+way: ONNX Runtime chunk by chunk against PyTorch's ``forward_chunk`` and chunk-masked forward.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.data.loader import FeatureSet
 from hpc_asr.decode.ctc import greedy_batch
 from hpc_asr.decode.evaluate import load_model_and_data
+from hpc_asr.deploy.streaming import OnnxStream, export_streaming_onnx
 from hpc_asr.model import ConformerCTC
 
-__all__ = ["check_parity", "export_onnx", "export_torchscript"]
+__all__ = ["check_parity", "check_streaming_parity", "export_onnx", "export_torchscript"]
 
 INPUTS, OUTPUTS = ["feats", "feat_lens"], ["log_probs", "out_lens"]
 
@@ -106,6 +111,42 @@ def check_parity(model: ConformerCTC, tok, onnx_path: Path, ts_path: Path, data:
             "torchscript_mismatched_ids": mismatches["torchscript"][:20]}
 
 
+def check_streaming_parity(model: ConformerCTC, tok, onnx_path: Path, data: FeatureSet, max_utts: int) -> dict:
+    """ONNX Runtime chunk by chunk vs PyTorch ``forward_chunk`` chunk by chunk vs the chunk-masked
+    full forward (the reference), on ``max_utts`` utterances of ``data``, one stream each."""
+    stream = OnnxStream(onnx_path)
+    chunk, left = int(stream.meta["chunk_size"]), int(stream.meta["left_chunks"])
+    n = min(max_utts, len(data))
+    diffs = {"onnx": 0.0, "torch": 0.0}
+    mismatches = {"onnx": [], "torch": []}
+    for i in range(n):
+        x = data.feats(i)
+        with torch.no_grad():
+            ref, _ = model(torch.from_numpy(x)[None], torch.tensor([len(x)]), chunk=chunk, left_chunks=left)
+            chunked = model.forward_chunk_by_chunk(torch.from_numpy(x)[None], chunk, left)[0].numpy()
+        ref = ref[0].numpy()
+        want = greedy_batch(ref[None], [len(ref)], tok)[0]
+        for name, lp in (("onnx", stream.utterance(x)), ("torch", chunked)):
+            if lp.shape != ref.shape:
+                raise RuntimeError(f"streaming {name}: {lp.shape[0]} frames for {data.ids[i]}, reference {len(ref)}")
+            diffs[name] = max(diffs[name], float(np.abs(lp - ref).max()))
+            if greedy_batch(lp[None], [len(lp)], tok)[0] != want:
+                mismatches[name].append(data.ids[i])
+    return {"utterances": n, "chunk_size": chunk, "left_chunks": left,
+            "onnx_max_abs_diff": diffs["onnx"], "torch_chunked_max_abs_diff": diffs["torch"],
+            "onnx_transcripts_match": not mismatches["onnx"], "torch_transcripts_match": not mismatches["torch"],
+            "onnx_mismatched_ids": mismatches["onnx"][:20], "torch_mismatched_ids": mismatches["torch"][:20]}
+
+
+def _streaming_gate(model: ConformerCTC, tok, cfg, data: FeatureSet, path: Path, max_utts: int) -> dict:
+    """Write streaming.onnx at ``path`` (a temporary name) and run its parity gate."""
+    meta = export_streaming_onnx(model, path, cfg.export.opset, cfg.model.chunk_size, cfg.model.left_chunks)
+    res = check_streaming_parity(model, tok, path, data, max_utts)
+    res["parity_ok"] = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
+                        and res["torch_chunked_max_abs_diff"] <= cfg.export.atol and res["torch_transcripts_match"])
+    return {**res, "metadata": meta}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -121,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     onnx_file, ts_file = AtomicFile(args.out_dir / "model.onnx"), AtomicFile(args.out_dir / "model.ts")
+    files = [onnx_file, ts_file] + ([AtomicFile(args.out_dir / "streaming.onnx")] if cfg.model.streaming else [])
     try:  # written under hidden temporary names; renamed onto the real ones only when parity holds
         t0 = time.time()
         export_onnx(model, onnx_file.tmp, cfg.export.opset)
@@ -130,19 +172,23 @@ def main(argv: list[str] | None = None) -> int:
                    onnx_bytes=onnx_file.tmp.stat().st_size, checkpoint=str(args.checkpoint))
         ok = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
               and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
+        if cfg.model.streaming:  # the streaming graph passes its own gate, or nothing is written
+            res["streaming"] = _streaming_gate(model, tok, cfg, data, files[2].tmp, args.max_utts)
+            ok = ok and res["streaming"]["parity_ok"]
         res["parity_ok"] = ok
         write_json_atomic(args.out_dir / "export.json", res)
         if not ok:
             print(f"error: parity failed (atol {cfg.export.atol}): {json.dumps(res)}", file=sys.stderr)
             return 1
-        onnx_file.commit()
-        ts_file.commit()
+        for f in files:
+            f.commit()
     finally:
-        onnx_file.discard()  # nothing left after a commit; the failed or interrupted export's files
-        ts_file.discard()
+        for f in files:  # nothing left after a commit; the failed or interrupted export's files
+            f.discard()
     write_json_atomic(args.out_dir / "model.json", {
         "tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
-        "outputs": OUTPUTS, "blank": tok.blank})
+        "outputs": OUTPUTS, "blank": tok.blank,
+        **({"streaming": {"file": "streaming.onnx", **res["streaming"]["metadata"]}} if cfg.model.streaming else {})})
     lm_src = Path(args.checkpoint).parent / "lm"
     if (lm_src / "lm.arpa").is_file():  # the deployable unit carries its LM + tuned weights (latency, serving)
         shutil.copytree(lm_src, args.out_dir / "lm", dirs_exist_ok=True)
