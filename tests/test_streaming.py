@@ -235,3 +235,38 @@ def test_export_cli_gates_and_writes_the_streaming_graph(tiny_features, tmp_path
     assert meta["file"] == "streaming.onnx" and meta["window"] == 15 and meta["left_chunks"] == 2
     assert (out / "model.onnx").is_file() and (out / "streaming.onnx").is_file()
     assert not list(out.glob(".*tmp*")) and not list(out.glob("*.tmp*"))
+
+
+def test_bench_streaming_reports_wer_and_latency(tiny_features, tmp_path):
+    """The measurement on a tiny random model: the numbers are meaningless, the structure is not,
+    and each stream's transcript equals the chunk-masked forward's."""
+    from conftest import run
+    from test_export import save_random_checkpoint
+
+    ckpt = tmp_path / "stream.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"], "--model.streaming", "true", "--model.left_chunks", "2")
+    out = tmp_path / "bench" / "streaming.json"
+    proc = run([sys.executable, "-m", "hpc_asr", "bench", "streaming", "--checkpoint", str(ckpt),
+                "--data", str(tiny_features["dev"]), "--chunks", "4,2", "--max-utts", "4", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["utterances"] == 4 and res["threads"] == 1 and 0 <= res["offline"]["wer"]
+    assert sorted(res["streaming"]) == ["2", "4"] and "chunk 4 (160 ms)" in proc.stderr
+    for chunk, r in res["streaming"].items():
+        assert r["equals_chunk_masked"] is True and r["mismatched_ids"] == []
+        assert r["chunk_ms"] == int(chunk) * 40 and r["wer_cost"] == pytest.approx(r["wer"] - res["offline"]["wer"])
+        first, final = r["first_partial_ms"], r["final_after_end_ms"]
+        # the first partial needs the first window's audio: (chunk-1)·4 + 7 frames, ending at 10·(W-1) + 25 ms
+        assert first["p50"] >= 10 * ((int(chunk) - 1) * 4 + 6) + 25 and first["p50"] <= first["p95"] <= first["max"]
+        assert 0 <= final["p50"] <= final["p95"] <= final["max"] < 5000
+
+
+def test_bench_streaming_refuses_an_offline_model(tiny_features, tmp_path, capsys):
+    from test_export import save_random_checkpoint
+
+    from hpc_asr.bench.streaming import main
+
+    ckpt = tmp_path / "offline.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"])
+    assert main(["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not a streaming model" in err and err.count("\n") == 1
