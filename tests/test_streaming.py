@@ -226,14 +226,23 @@ def test_export_cli_gates_and_writes_the_streaming_graph(tiny_features, tmp_path
                            "--model.left_chunks", "2", "--model.subsampling", "conv1d")
     out = tmp_path / "export"
     run([sys.executable, "-m", "hpc_asr", "export", "--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]),
-         "--out-dir", str(out), "--max-utts", "3"], timeout=300)
+         "--out-dir", str(out), "--max-utts", "3", "--int8", "--waveform"], timeout=400)
     res = json.loads((out / "export.json").read_text())
     s = res["streaming"]
     assert res["parity_ok"] and s["parity_ok"] and s["utterances"] == 3 and s["chunk_size"] == 3
     assert s["onnx_max_abs_diff"] < 1e-3 and s["torch_chunked_max_abs_diff"] < 1e-4
-    meta = json.loads((out / "model.json").read_text())["streaming"]
-    assert meta["file"] == "streaming.onnx" and meta["window"] == 15 and meta["left_chunks"] == 2
-    assert (out / "model.onnx").is_file() and (out / "streaming.onnx").is_file()
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["streaming"]["file"] == "streaming.onnx" and meta["streaming"]["window"] == 15
+    assert meta["streaming"]["left_chunks"] == 2
+    assert meta["variants"] == {"int8": "model.int8.onnx", "streaming_int8": "streaming.int8.onnx",
+                                "waveform": {"file": "model.wave.onnx", "inputs": ["waveform", "wave_lens"]}}
+    for name in ("model.onnx", "streaming.onnx", "model.int8.onnx", "streaming.int8.onnx", "model.wave.onnx"):
+        assert (out / name).is_file(), name
+    q = res["int8"]  # quantized, so close to fp32 but not equal; smaller on disk
+    assert q["parity_ok"] and q["utterances"] == 3 and 0 < q["max_abs_posterior_diff"] < 0.2
+    assert q["frame_agreement"] > 0.7 and q["streaming"]["frame_agreement"] > 0.7 and q["bytes"] < q["fp32_bytes"]
+    w = res["waveform"]
+    assert w["parity_ok"] and w["signals"] == 4 and w["max_abs_diff"] < 1e-3 and w["transcripts_match"]
     assert not list(out.glob(".*tmp*")) and not list(out.glob("*.tmp*"))
 
 

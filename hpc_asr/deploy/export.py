@@ -11,6 +11,10 @@ written under temporary names and renamed only when parity holds; otherwise exit
 A streaming model (``model.streaming: true``) also gets ``streaming.onnx`` (``forward_chunk`` with
 its caches, hpc_asr.deploy.streaming) at ``model.chunk_size``/``model.left_chunks``, gated the same
 way: ONNX Runtime chunk by chunk against PyTorch's ``forward_chunk`` and chunk-masked forward.
+Variants (hpc_asr.deploy.variants): ``--int8`` adds ``model.int8.onnx`` (and ``streaming.int8.onnx``),
+compared with fp32 (reported: quantization moves the numbers on purpose; a frame agreement under
+``INT8_MIN_FRAME_AGREEMENT`` means a broken graph and fails); ``--waveform`` adds ``model.wave.onnx``
+(FBANK inside the graph), gated like model.onnx against prep's FBANK + model.onnx.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from hpc_asr.data.loader import FeatureSet
 from hpc_asr.decode.ctc import greedy_batch
 from hpc_asr.decode.evaluate import load_model_and_data
 from hpc_asr.deploy.streaming import OnnxStream, export_streaming_onnx
+from hpc_asr.deploy.variants import WAVE_INPUTS, check_wave, export_wave_onnx, int8_agreement, quantize_int8
 from hpc_asr.model import ConformerCTC
 
 __all__ = ["check_parity", "check_streaming_parity", "export_onnx", "export_torchscript"]
 
 INPUTS, OUTPUTS = ["feats", "feat_lens"], ["log_probs", "out_lens"]
+INT8_MIN_FRAME_AGREEMENT = 0.5  # below this the int8 graph is broken, not merely quantized
 
 
 def _example(num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,35 +153,83 @@ def _streaming_gate(model: ConformerCTC, tok, cfg, data: FeatureSet, path: Path,
     return {**res, "metadata": meta}
 
 
+def _int8_gate(model_tmp: Path, int8: AtomicFile, data: FeatureSet, tok, max_utts: int,
+               stream_tmp: Path | None = None, stream_int8: AtomicFile | None = None) -> dict:
+    """Quantize model.onnx (and streaming.onnx) and compare each with its fp32 graph."""
+    import onnxruntime as ort
+
+    quantize_int8(model_tmp, int8.tmp)
+    n = min(max_utts, len(data))
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (int8.tmp, model_tmp)]
+    pairs = []
+    for i in range(n):
+        x = np.asarray(data.feats(i), np.float32)
+        feed = {"feats": x[None], "feat_lens": np.array([len(x)], np.int64)}
+        (q, _), (f, ln) = (s.run(OUTPUTS, feed) for s in sessions)
+        pairs.append((q[0, : int(ln[0])], f[0, : int(ln[0])]))
+    res = {**int8_agreement(pairs, tok), "bytes": int8.tmp.stat().st_size, "fp32_bytes": model_tmp.stat().st_size}
+    if stream_tmp is not None and stream_int8 is not None:
+        quantize_int8(stream_tmp, stream_int8.tmp)
+        q_s, f_s = OnnxStream(stream_int8.tmp), OnnxStream(stream_tmp)
+        res["streaming"] = int8_agreement(
+            [(q_s.utterance(data.feats(i)), f_s.utterance(data.feats(i))) for i in range(n)], tok)
+    frames = [res["frame_agreement"], *([res["streaming"]["frame_agreement"]] if "streaming" in res else [])]
+    res["parity_ok"] = min(frames) >= INT8_MIN_FRAME_AGREEMENT
+    return res
+
+
+def _variant_gates(args, model: ConformerCTC, tok, cfg, data: FeatureSet, onnx_tmp: Path,
+                   extra: dict[str, AtomicFile]) -> dict:
+    """The streaming graph and the ``--int8``/``--waveform`` variants, each through its gate."""
+    out = {}
+    if cfg.model.streaming:
+        out["streaming"] = _streaming_gate(model, tok, cfg, data, extra["streaming.onnx"].tmp, args.max_utts)
+    if args.int8:
+        stream = extra["streaming.onnx"].tmp if cfg.model.streaming else None
+        out["int8"] = _int8_gate(onnx_tmp, extra["model.int8.onnx"], data, tok, args.max_utts,
+                                 stream, extra.get("streaming.int8.onnx"))
+    if args.waveform:
+        export_wave_onnx(model, cfg.features, extra["model.wave.onnx"].tmp, cfg.export.opset)
+        wave = check_wave(extra["model.wave.onnx"].tmp, onnx_tmp, cfg.features, tok)
+        out["waveform"] = {**wave, "parity_ok": wave["max_abs_diff"] <= cfg.export.atol and wave["transcripts_match"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="prepared features used for the parity check")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--max-utts", type=int, default=1000, help="utterances compared (default: all up to 1000)")
+    p.add_argument("--int8", action="store_true", help="also model.int8.onnx (+ streaming.int8.onnx): dynamic int8")
+    p.add_argument("--waveform", action="store_true", help="also model.wave.onnx: FBANK inside the graph")
     args = p.parse_args(argv)
     try:
         model, tok, cfg, data = load_model_and_data(args.checkpoint, args.data)
+        if args.waveform and cfg.features.dither:
+            raise ValueError(f"--waveform: features.dither={cfg.features.dither}; the FBANK graph needs dither 0")
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     onnx_file, ts_file = AtomicFile(args.out_dir / "model.onnx"), AtomicFile(args.out_dir / "model.ts")
-    files = [onnx_file, ts_file] + ([AtomicFile(args.out_dir / "streaming.onnx")] if cfg.model.streaming else [])
+    names = ["streaming.onnx"] * cfg.model.streaming + ["model.int8.onnx"] * args.int8 + [
+        "streaming.int8.onnx"] * (args.int8 and cfg.model.streaming) + ["model.wave.onnx"] * args.waveform
+    extra = {name: AtomicFile(args.out_dir / name) for name in names}
+    files = [onnx_file, ts_file, *extra.values()]
     try:  # written under hidden temporary names; renamed onto the real ones only when parity holds
         t0 = time.time()
         export_onnx(model, onnx_file.tmp, cfg.export.opset)
         export_torchscript(model, ts_file.tmp)
         res = check_parity(model, tok, onnx_file.tmp, ts_file.tmp, data, args.max_utts)
-        res.update(opset=cfg.export.opset, atol=cfg.export.atol, wall_s=round(time.time() - t0, 2),
-                   onnx_bytes=onnx_file.tmp.stat().st_size, checkpoint=str(args.checkpoint))
+        res.update(opset=cfg.export.opset, atol=cfg.export.atol, onnx_bytes=onnx_file.tmp.stat().st_size,
+                   checkpoint=str(args.checkpoint))
         ok = (res["onnx_max_abs_diff"] <= cfg.export.atol and res["onnx_transcripts_match"]
               and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
-        if cfg.model.streaming:  # the streaming graph passes its own gate, or nothing is written
-            res["streaming"] = _streaming_gate(model, tok, cfg, data, files[2].tmp, args.max_utts)
-            ok = ok and res["streaming"]["parity_ok"]
-        res["parity_ok"] = ok
+        variants = _variant_gates(args, model, tok, cfg, data, onnx_file.tmp, extra)  # each gated, or none written
+        res.update(variants, wall_s=round(time.time() - t0, 2))
+        res["parity_ok"] = ok = ok and all(v["parity_ok"] for v in variants.values())
         write_json_atomic(args.out_dir / "export.json", res)
         if not ok:
             print(f"error: parity failed (atol {cfg.export.atol}): {json.dumps(res)}", file=sys.stderr)
@@ -188,13 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.out_dir / "model.json", {
         "tokenizer": tok.json_state(), "features": cfg.to_dict()["features"], "inputs": INPUTS,
         "outputs": OUTPUTS, "blank": tok.blank,
-        **({"streaming": {"file": "streaming.onnx", **res["streaming"]["metadata"]}} if cfg.model.streaming else {})})
+        **({"streaming": {"file": "streaming.onnx", **res["streaming"]["metadata"]}} if cfg.model.streaming else {}),
+        **({"variants": {"int8": "model.int8.onnx" if args.int8 else None,
+                         "streaming_int8": "streaming.int8.onnx" if args.int8 and cfg.model.streaming else None,
+                         "waveform": {"file": "model.wave.onnx", "inputs": WAVE_INPUTS} if args.waveform else None}}
+           if args.int8 or args.waveform else {})})
     lm_src = Path(args.checkpoint).parent / "lm"
     if (lm_src / "lm.arpa").is_file():  # the deployable unit carries its LM + tuned weights (latency, serving)
         shutil.copytree(lm_src, args.out_dir / "lm", dirs_exist_ok=True)
-    print(f"[export] {args.out_dir}/model.onnx + model.ts: {res['utterances']} utts, max |Δ| onnx "
-          f"{res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts identical",
-          file=sys.stderr)
+    print(f"[export] {args.out_dir}: {', '.join(['model.onnx', 'model.ts', *names])}; {res['utterances']} utts, "
+          f"max |Δ| onnx {res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts "
+          "identical", file=sys.stderr)
     return 0
 
 
