@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from hpc_asr.config import ModelConfig
 
-__all__ = ["CMVN_MODES", "RECEPTIVE_FIELD", "ConformerCTC", "Dropout", "chunk_mask", "chunk_spans",
-           "dynamic_chunk", "make_pad_mask", "subsampled_lengths"]
+__all__ = ["CMVN_MODES", "RECEPTIVE_FIELD", "ConformerCTC", "Dropout", "chunk_mask", "chunk_spans", "dynamic_chunk",
+           "make_pad_mask", "subsampled_lengths"]
 
 CMVN_MODES = ("global", "utterance_mean", "utterance")  # model.cmvn
 RECEPTIVE_FIELD = 7  # input frames behind one subsampled frame (both front ends): t sees [f·t, f·t + 6]
@@ -50,11 +50,9 @@ def dynamic_chunk(frames: int, max_chunk: int) -> int:
 
 
 def chunk_spans(num_frames: int, chunk: int, factor: int) -> list[tuple[int, int]]:
-    """Input-frame windows [start, end) that feed ``forward_chunk`` over an utterance of
-    ``num_frames`` FBANK frames, ``chunk`` output frames each: windows of (chunk-1)·factor + 7
-    frames every chunk·factor frames, so neighbours overlap by 7 - factor frames (WeNet's
-    scheme: the subsampling convolutions see exactly the frames the full forward gives them).
-    The last window is shorter; windows under 7 frames produce nothing and are dropped."""
+    """Input windows [start, end) feeding ``forward_chunk`` ``chunk`` output frames at a time: (chunk-1)·f
+    + 7 frames every chunk·f, overlapping by 7 - f (WeNet's scheme: the subsampling sees exactly
+    what the full forward gives it); the last may be shorter (≥ 7 frames)."""
     window, shift = (chunk - 1) * factor + RECEPTIVE_FIELD, chunk * factor
     return [(s, min(s + window, num_frames)) for s in range(0, num_frames - RECEPTIVE_FIELD + 1, shift)]
 
@@ -332,10 +330,10 @@ class ConformerCTC(nn.Module):
 
     def forward(self, feats: Tensor, lengths: Tensor, chunk: int = 0,
                 left_chunks: int | None = None) -> tuple[Tensor, Tensor]:
-        """``chunk`` > 0: each output frame attends to its chunk of ``chunk`` frames and
-        ``left_chunks`` (default model.left_chunks; < 0 unlimited) chunks before it — what
-        ``forward_chunk`` computes piece by piece. 0: full context, except that a streaming model
-        in training draws its chunk per batch (``dynamic_chunk``) so one model serves both."""
+        """``chunk`` > 0: each output frame attends to its chunk of ``chunk`` frames and ``left_chunks``
+        (default model.left_chunks; < 0 unlimited) chunks before it, what ``forward_chunk`` computes
+        piece by piece. 0: full context, except that a streaming model in training draws its chunk
+        per batch (``dynamic_chunk``), so one model serves both."""
         x = self.cmvn(feats)  # (B, T, F)
         if self.utt_cmvn is not None:
             x = self.utt_cmvn(x, lengths)
@@ -349,23 +347,28 @@ class ConformerCTC(nn.Module):
             left = self.cfg.left_chunks if left_chunks is None else left_chunks
             att_mask = pad[:, None, :] & chunk_mask(t, chunk, left, x.device) | torch.eye(t, dtype=torch.bool,
                                                                                          device=x.device)
-        pos = None
-        if self.cfg.attention == "rel":  # positions enter every attention layer, not the input
-            x = self.drop(x * math.sqrt(self.cfg.d_model))
-            pos = _rel_sinusoids(x.shape[1], self.cfg.d_model, x.device)
-        else:
-            x = self.drop(x * math.sqrt(self.cfg.d_model) + _sinusoids(x.shape[1], self.cfg.d_model, x.device))
+        x, pos = self._positions(x)
         for layer in self.layers:
             x, _, _ = layer(x, pad, att_mask, pos)
         return F.log_softmax(self.ctc(x), dim=-1), lengths
+
+    def _positions(self, x: Tensor, offset: Tensor | None = None, cached: int | Tensor = 0):
+        """Scale x (B, T', D); ``abs`` adds the sinusoids of frames offset, offset+1, … (0, 1, … without
+        one), ``rel`` returns every attention layer's table (``cached`` keys first) → (x, pos | None)."""
+        d = self.cfg.d_model
+        if self.cfg.attention == "rel":  # positions enter every attention layer, not the input
+            return self.drop(x * math.sqrt(d)), _rel_sinusoids(x.shape[1], d, x.device, cached)
+        if offset is None:
+            return self.drop(x * math.sqrt(d) + _sinusoids(x.shape[1], d, x.device)), None
+        frames = offset[:, None] + torch.arange(x.shape[1], device=x.device)[None, :]  # (B, T') absolute positions
+        return self.drop(x * math.sqrt(d) + _sinusoid_table(frames.float(), d)), None
 
     # ---- streaming ------------------------------------------------------------------------------
 
     def init_cache(self, batch: int = 1, chunk: int | None = None,
                    left_chunks: int | None = None) -> tuple[Tensor, Tensor]:
-        """Zero caches for a new stream: attention (B, N, H, chunk·left_chunks, 2·D/H) keys ‖ values,
-        convolution (B, N, D, K-1). Their size is fixed: ``forward_chunk`` masks the slots that lie
-        before the stream's first frame, so a runtime never reshapes them."""
+        """Zero caches of a new stream: attention (B, N, H, chunk·left_chunks, 2·D/H) keys ‖ values, conv
+        (B, N, D, K-1). Fixed size: ``forward_chunk`` masks slots before the stream's first frame."""
         cfg = self.cfg
         cache_t = (chunk or cfg.chunk_size) * (cfg.left_chunks if left_chunks is None else left_chunks)
         att = torch.zeros(batch, cfg.n_layers, cfg.n_heads, cache_t, 2 * cfg.d_model // cfg.n_heads)
@@ -373,12 +376,10 @@ class ConformerCTC(nn.Module):
 
     def forward_chunk(self, feats: Tensor, offset: Tensor, att_cache: Tensor,
                       cnn_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One chunk of a stream (streaming models only).
-
-        feats (B, W, F) raw FBANK, one ``chunk_spans`` window (W ≤ (chunk-1)·f + 7; global CMVN is
-        applied here, as in ``forward``); offset (B,) int64 output frames of this stream so far;
-        att_cache (B, N, H, L, 2·D/H) and cnn_cache (B, N, D, K-1) from ``init_cache`` or the
-        previous call → (log_probs (B, T', V), att_cache, cnn_cache) for the next call. With
+        """One chunk of a stream (streaming models only): feats (B, W, F) raw FBANK of one ``chunk_spans``
+        window (global CMVN is applied here, as in ``forward``); offset (B,) int64 output frames of
+        this stream so far; att_cache (B, N, H, L, 2·D/H), cnn_cache (B, N, D, K-1) from ``init_cache``
+        or the previous call → (log_probs (B, T', V), att_cache, cnn_cache) for the next call. With
         L = chunk·left_chunks the outputs equal ``forward(..., chunk=chunk)``'s, frame for frame."""
         if not self.cfg.streaming:
             raise ValueError("forward_chunk needs a model trained with model.streaming: true (a causal conv)")
@@ -387,31 +388,13 @@ class ConformerCTC(nn.Module):
         history = torch.arange(cache_t, device=x.device)[None, :] + offset[:, None] - cache_t >= 0  # (B, L)
         att_mask = torch.cat([history, torch.ones(b, t, dtype=torch.bool, device=x.device)], 1)[:, None, :]
         pad = torch.ones(b, t, dtype=torch.bool, device=x.device)
-        pos = None
-        if self.cfg.attention == "rel":
-            x = self.drop(x * math.sqrt(self.cfg.d_model))
-            pos = _rel_sinusoids(t, self.cfg.d_model, x.device, cached=cache_t)
-        else:
-            frames = offset[:, None] + torch.arange(t, device=x.device)[None, :]  # (B, T') absolute positions
-            x = self.drop(x * math.sqrt(self.cfg.d_model) + _sinusoid_table(frames.float(), self.cfg.d_model))
+        x, pos = self._positions(x, offset, cache_t)
         new_att, new_cnn = [], []
         for i, layer in enumerate(self.layers):
             x, kv, conv = layer(x, pad, att_mask, pos, att_cache[:, i], cnn_cache[:, i])
             new_att.append(kv[:, :, kv.shape[2] - cache_t:])  # the last L frames
             new_cnn.append(conv)
         return F.log_softmax(self.ctc(x), dim=-1), torch.stack(new_att, 1), torch.stack(new_cnn, 1)
-
-    def forward_chunk_by_chunk(self, feats: Tensor, chunk: int | None = None,
-                               left_chunks: int | None = None) -> Tensor:
-        """A whole utterance (1, T, F) through ``forward_chunk`` → (1, T', V) log-probs."""
-        chunk = chunk or self.cfg.chunk_size
-        att, cnn = self.init_cache(feats.shape[0], chunk, left_chunks)
-        offset, out = torch.zeros(feats.shape[0], dtype=torch.long), []
-        for start, end in chunk_spans(feats.shape[1], chunk, self.cfg.subsample_factor):
-            lp, att, cnn = self.forward_chunk(feats[:, start:end], offset, att, cnn)
-            offset = offset + lp.shape[1]
-            out.append(lp)
-        return torch.cat(out, 1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

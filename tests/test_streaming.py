@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hpc_asr.config import ConfigError, ModelConfig
+from hpc_asr.deploy.streaming import torch_stream
 from hpc_asr.model import ConformerCTC, chunk_mask, chunk_spans, dynamic_chunk, subsampled_lengths
 
 BINS, VOCAB = 80, 29
@@ -148,7 +149,7 @@ def test_chunk_by_chunk_equals_the_chunk_masked_forward(subsampling, factor, att
     x = 2 + 3 * torch.randn(1, 333, BINS)
     with torch.no_grad():
         want, n = m(x, torch.tensor([333]), chunk=chunk, left_chunks=left)
-        got = m.forward_chunk_by_chunk(x, chunk, left)
+        got = torch_stream(m, x, chunk, left)
         full, _ = m(x, torch.tensor([333]))
     assert got.shape == want.shape and got.shape[1] == int(n[0]) > 3 * chunk
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

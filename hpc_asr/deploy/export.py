@@ -36,7 +36,7 @@ from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.data.loader import FeatureSet
 from hpc_asr.decode.ctc import greedy_batch
 from hpc_asr.decode.evaluate import load_model_and_data
-from hpc_asr.deploy.streaming import OnnxStream, export_streaming_onnx
+from hpc_asr.deploy.streaming import OnnxStream, export_streaming_onnx, torch_stream
 from hpc_asr.deploy.variants import WAVE_INPUTS, check_wave, export_wave_onnx, int8_agreement, quantize_int8
 from hpc_asr.model import ConformerCTC
 
@@ -129,7 +129,7 @@ def check_streaming_parity(model: ConformerCTC, tok, onnx_path: Path, data: Feat
         x = data.feats(i)
         with torch.no_grad():
             ref, _ = model(torch.from_numpy(x)[None], torch.tensor([len(x)]), chunk=chunk, left_chunks=left)
-            chunked = model.forward_chunk_by_chunk(torch.from_numpy(x)[None], chunk, left)[0].numpy()
+            chunked = torch_stream(model, torch.from_numpy(x)[None], chunk, left)[0].numpy()
         ref = ref[0].numpy()
         want = greedy_batch(ref[None], [len(ref)], tok)[0]
         for name, lp in (("onnx", stream.utterance(x)), ("torch", chunked)):

@@ -26,13 +26,28 @@ from torch import nn
 
 from hpc_asr.model import RECEPTIVE_FIELD, ConformerCTC, chunk_spans
 
-__all__ = ["INPUTS", "OUTPUTS", "STREAMING_KEYS", "OnnxStream", "export_streaming_onnx", "streaming_metadata"]
+__all__ = ["INPUTS", "OUTPUTS", "STREAMING_KEYS", "OnnxStream", "export_streaming_onnx", "streaming_metadata",
+           "torch_stream"]
 
 INPUTS = ["chunk", "offset", "att_cache", "cnn_cache"]
 OUTPUTS = ["log_probs", "new_att_cache", "new_cnn_cache"]
 STREAMING_KEYS = ("model_type", "chunk_size", "left_chunks", "subsampling_factor", "right_context", "window",
                   "shift", "att_cache_shape", "cnn_cache_shape", "vocab_size", "blank", "num_mel_bins",
                   "frame_shift_ms", "cmvn")
+
+
+def torch_stream(model: ConformerCTC, feats: torch.Tensor, chunk: int | None = None,
+                 left_chunks: int | None = None) -> torch.Tensor:
+    """Whole utterances (B, T, F) through PyTorch's ``forward_chunk``, chunk by chunk → (B, T', V)
+    log-probs: the reference the ONNX stream is checked against (WeNet's forward_chunk_by_chunk)."""
+    chunk = chunk or model.cfg.chunk_size
+    att, cnn = model.init_cache(feats.shape[0], chunk, left_chunks)
+    offset, out = torch.zeros(feats.shape[0], dtype=torch.long), []
+    for start, end in chunk_spans(feats.shape[1], chunk, model.cfg.subsample_factor):
+        lp, att, cnn = model.forward_chunk(feats[:, start:end], offset, att, cnn)
+        offset = offset + lp.shape[1]
+        out.append(lp)
+    return torch.cat(out, 1)
 
 
 def streaming_metadata(model: ConformerCTC, chunk: int, left_chunks: int) -> dict:

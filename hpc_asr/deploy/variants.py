@@ -25,8 +25,8 @@ from hpc_asr.config import FeatureConfig
 from hpc_asr.data.features import _FLOAT_EPS, _sizes, _tables, fbank
 from hpc_asr.model import ConformerCTC
 
-__all__ = ["WAVE_INPUTS", "FbankGraph", "check_wave", "export_wave_onnx", "int8_agreement", "quantize_int8",
-           "gate_signals"]
+__all__ = ["WAVE_INPUTS", "FbankGraph", "check_wave", "export_wave_onnx", "gate_signals", "int8_agreement",
+           "quantize_int8"]
 
 WAVE_INPUTS = ["waveform", "wave_lens"]
 
