@@ -371,8 +371,8 @@ class ConformerCTC(nn.Module):
         (B, N, D, K-1). Fixed size: ``forward_chunk`` masks slots before the stream's first frame."""
         cfg = self.cfg
         cache_t = (chunk or cfg.chunk_size) * (cfg.left_chunks if left_chunks is None else left_chunks)
-        att = torch.zeros(batch, cfg.n_layers, cfg.n_heads, cache_t, 2 * cfg.d_model // cfg.n_heads)
-        return att, torch.zeros(batch, cfg.n_layers, cfg.d_model, cfg.conv_kernel - 1)
+        att = self.ctc.weight.new_zeros(batch, cfg.n_layers, cfg.n_heads, cache_t, 2 * cfg.d_model // cfg.n_heads)
+        return att, self.ctc.weight.new_zeros(batch, cfg.n_layers, cfg.d_model, cfg.conv_kernel - 1)  # model's device
 
     def forward_chunk(self, feats: Tensor, offset: Tensor, att_cache: Tensor,
                       cnn_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:

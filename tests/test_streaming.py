@@ -156,6 +156,16 @@ def test_chunk_by_chunk_equals_the_chunk_masked_forward(subsampling, factor, att
     assert (full - want).abs().max() > 1e-2  # the test can tell chunked context from full context
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunk_by_chunk_on_cuda_equals_the_cpu_chunk_masked_forward():
+    m = streaming_model(seed=7, attention="rel")
+    x = 2 + 3 * torch.randn(1, 250, BINS)
+    with torch.no_grad():
+        want, _ = m(x, torch.tensor([250]), chunk=4, left_chunks=2)
+        got = torch_stream(m.cuda(), x.cuda(), 4, 2).cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_chunk_spans_overlap_by_the_receptive_field():
     spans = chunk_spans(107, 4, 4)
     assert spans[:2] == [(0, 19), (16, 35)]  # 19 = 3·4 + 7 frames, every 16: 3 frames overlap

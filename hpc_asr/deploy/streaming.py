@@ -42,7 +42,7 @@ def torch_stream(model: ConformerCTC, feats: torch.Tensor, chunk: int | None = N
     log-probs: the reference the ONNX stream is checked against (WeNet's forward_chunk_by_chunk)."""
     chunk = chunk or model.cfg.chunk_size
     att, cnn = model.init_cache(feats.shape[0], chunk, left_chunks)
-    offset, out = torch.zeros(feats.shape[0], dtype=torch.long), []
+    offset, out = torch.zeros(feats.shape[0], dtype=torch.long, device=feats.device), []
     for start, end in chunk_spans(feats.shape[1], chunk, model.cfg.subsample_factor):
         lp, att, cnn = model.forward_chunk(feats[:, start:end], offset, att, cnn)
         offset = offset + lp.shape[1]
