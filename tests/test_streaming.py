@@ -290,3 +290,23 @@ def test_bench_streaming_refuses_an_offline_model(tiny_features, tmp_path, capsy
     assert main(["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not a streaming model" in err and err.count("\n") == 1
+
+
+def test_streaming_parity_check_catches_a_graph_from_other_weights(tiny_features, tmp_path):
+    """The gate's comparison itself: a streaming graph exported from other weights fails it."""
+    pytest.importorskip("onnxruntime")
+    from hpc_asr.data.loader import FeatureSet
+    from hpc_asr.data.tokenizer import CharTokenizer
+    from hpc_asr.deploy.export import check_streaming_parity
+    from hpc_asr.deploy.streaming import export_streaming_onnx
+
+    data = FeatureSet(tiny_features["dev"])
+    ours, other = streaming_model(seed=8), streaming_model(seed=9)
+    for m in (ours, other):
+        m.set_cmvn(data.cmvn_mean, data.cmvn_std)
+    export_streaming_onnx(ours, tmp_path / "ours.onnx", 17, chunk=4, left_chunks=2)
+    export_streaming_onnx(other, tmp_path / "other.onnx", 17, chunk=4, left_chunks=2)
+    good = check_streaming_parity(ours, CharTokenizer(), tmp_path / "ours.onnx", data, 2)
+    bad = check_streaming_parity(ours, CharTokenizer(), tmp_path / "other.onnx", data, 2)
+    assert good["onnx_max_abs_diff"] < 1e-4 and good["onnx_transcripts_match"] and good["torch_transcripts_match"]
+    assert bad["onnx_max_abs_diff"] > 0.1 and bad["torch_chunked_max_abs_diff"] < 1e-4
