@@ -5,10 +5,9 @@ Every forward takes ``(x, lengths)`` and returns ``(y, lengths)``; shapes use B 
 T (frames), F (mel bins), D (model width), V (vocabulary), H (heads), N (layers). Forwards avoid
 data-dependent Python control flow so TorchScript and ONNX export trace them with dynamic B and T.
 
-``model.streaming`` (WeNet U2's recipe, docs/streaming.md) makes the depthwise convolution causal
-and lets attention run in chunks: ``forward(..., chunk=c)`` masks each frame to its chunk and
-``left_chunks`` chunks before it, training draws the chunk per batch, and ``forward_chunk`` runs
-one chunk of a stream with explicit caches, giving the chunk-masked forward's output exactly.
+``model.streaming`` (WeNet U2's recipe, docs/streaming.md): causal depthwise convolution, attention
+in chunks (``forward(..., chunk=c)``; training draws c per batch), and ``forward_chunk``, one chunk
+of a stream with explicit caches, giving the chunk-masked forward's output exactly.
 """
 
 from __future__ import annotations
@@ -223,10 +222,10 @@ class _SelfAttention(nn.Module):
             self.pos_v = nn.Parameter(nn.init.xavier_uniform_(torch.empty(cfg.n_heads, dh)))
 
     def forward(self, x: Tensor, mask: Tensor, pos: Tensor | None = None,
-                cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                cache: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, D); mask (B, T) valid keys, or (B, T, L+T) per query; pos (2T-1+L, D) relative
         sinusoids (``rel`` only); cache (B, H, L, 2·D/H) keys ‖ values of L earlier frames.
-        → (y (B, T, D), keys ‖ values of all L+T frames (B, H, L+T, 2·D/H))."""
+        → (y (B, T, D), with a cache: keys ‖ values of all L+T frames (B, H, L+T, 2·D/H))."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
@@ -241,7 +240,8 @@ class _SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D/H)
-        return self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d))), torch.cat([k, v], dim=-1)
+        kv = torch.cat([k, v], dim=-1) if cache is not None else None
+        return self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d))), kv
 
 
 class _Convolution(nn.Module):

@@ -239,6 +239,11 @@ def test_streaming_onnx_chunk_by_chunk_equals_pytorch(tmp_path, attention):
     assert sum(len(p) for p in parts) < len(got)  # the last chunk waits for more audio ...
     parts += stream.step(state, np.zeros((0, BINS), np.float32), final=True)  # ... until the end
     np.testing.assert_array_equal(np.concatenate(parts), got)
+    from hpc_asr.deploy.export import export_onnx
+
+    export_onnx(m, tmp_path / "offline.onnx", 17)
+    with pytest.raises(ValueError, match="not a streaming graph"):
+        OnnxStream(tmp_path / "offline.onnx")
 
 
 def test_export_cli_gates_and_writes_the_streaming_graph(tiny_features, tmp_path):

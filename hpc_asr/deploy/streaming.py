@@ -119,6 +119,9 @@ class OnnxStream:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         props = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in STREAMING_KEYS if k not in props]
+        if missing:
+            raise ValueError(f"{path}: not a streaming graph (metadata lacks {', '.join(missing)})")
         self.meta = {k: props[k] for k in STREAMING_KEYS}
         self.window, self.shift = int(props["window"]), int(props["shift"])
         self.att_shape = [int(v) for v in props["att_cache_shape"].split(",")]
