@@ -59,6 +59,30 @@ def test_offline_model_outputs_are_unchanged(subsampling, attention, want_first,
     assert float(lp[1, :9].sum()) == pytest.approx(want_sum, abs=1e-2)
 
 
+def test_checkpoint_without_the_streaming_keys_loads_as_offline(tmp_path):
+    """A checkpoint written before streaming existed (no model.streaming/chunk_size/... in its
+    config) loads strictly, as the offline model, with the same outputs."""
+    from hpc_asr import checkpoint
+    from hpc_asr.config import Config
+    from hpc_asr.data.tokenizer import CharTokenizer
+
+    cfg = Config()
+    cfg.model = ModelConfig(d_model=32, n_heads=4, n_layers=2, ff_mult=2, conv_kernel=5, subsample_channels=8,
+                            vocab_size=CharTokenizer().vocab_size)
+    torch.manual_seed(0)
+    m = ConformerCTC(cfg.model).eval()
+    old = cfg.to_dict()
+    for key in ("streaming", "chunk_size", "left_chunks", "max_train_chunk"):
+        del old["model"][key]
+    tok = CharTokenizer().state_dict()
+    checkpoint.save(tmp_path / "old.pt", {"model": m.state_dict(), "config": old, "tokenizer": tok})
+    loaded, _, loaded_cfg = checkpoint.load_model(tmp_path / "old.pt")
+    assert loaded_cfg.model.streaming is False
+    x = torch.randn(2, 90, BINS)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([90, 50]))[0], m(x, torch.tensor([90, 50]))[0])
+
+
 def test_streaming_model_has_the_offline_parameters():
     """Same tensors, same shapes: a streaming model can start from an offline checkpoint's weights."""
     off = ConformerCTC(tiny_cfg(streaming=False)).state_dict()
