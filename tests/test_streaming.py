@@ -252,7 +252,7 @@ def test_streaming_onnx_chunk_by_chunk_equals_pytorch(tmp_path, attention):
     assert set(stream.meta) == set(STREAMING_KEYS) and stream.meta["chunk_size"] == "4"
     assert meta["window"] == 19 and meta["shift"] == 16 and meta["right_context"] == 6
     assert meta["att_cache_shape"] == [2, 4, 8, 16] and meta["cnn_cache_shape"] == [2, 32, 4]
-    x = 2 + 3 * torch.randn(1, 287, BINS)
+    x, y = 2 + 3 * torch.randn(1, 287, BINS), 2 + 3 * torch.randn(1, 287, BINS)
     with torch.no_grad():
         want, _ = m(x, torch.tensor([287]), chunk=4, left_chunks=2)
     got = stream.utterance(x[0].numpy())
@@ -263,6 +263,16 @@ def test_streaming_onnx_chunk_by_chunk_equals_pytorch(tmp_path, attention):
     assert sum(len(p) for p in parts) < len(got)  # the last chunk waits for more audio ...
     parts += stream.step(state, np.zeros((0, BINS), np.float32), final=True)  # ... until the end
     np.testing.assert_array_equal(np.concatenate(parts), got)
+    a_state, b_state = stream.new_state(), stream.new_state()  # two streams batched, b 2 chunks behind a
+    spans = chunk_spans(287, 4, 4)
+    outs_a, outs_b = [stream.run_chunk(a_state, x[0, s:e].numpy()) for s, e in spans[:2]], []
+    for k in range(2, 5):
+        (sa, ea), (sb, eb) = spans[k], spans[k - 2]
+        la, lb = stream.run_batch([a_state, b_state], [x[0, sa:ea].numpy(), y[0, sb:eb].numpy()])
+        outs_a.append(la)
+        outs_b.append(lb)
+    np.testing.assert_allclose(np.concatenate(outs_a), got[:20], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(outs_b), stream.utterance(y[0].numpy())[:12], atol=1e-5, rtol=0)
     from hpc_asr.deploy.export import export_onnx
 
     export_onnx(m, tmp_path / "offline.onnx", 17)

@@ -139,6 +139,18 @@ class OnnxStream:
         state["offset"] += lp.shape[1]
         return lp[0]
 
+    def run_batch(self, states: list[dict], windows: list[np.ndarray]) -> list[np.ndarray]:
+        """One window each of several streams (equal lengths W) in one call: caches and offsets
+        stacked along the batch axis, each stream at its own position → their (T', V) log-probs."""
+        lp, att, cnn = self.session.run(OUTPUTS, {
+            "chunk": np.stack(windows).astype(np.float32, copy=False),
+            "offset": np.array([s["offset"] for s in states], np.int64),
+            "att_cache": np.concatenate([s["att"] for s in states]),
+            "cnn_cache": np.concatenate([s["cnn"] for s in states])})
+        for i, s in enumerate(states):
+            s["att"], s["cnn"], s["offset"] = att[i: i + 1], cnn[i: i + 1], s["offset"] + lp.shape[1]
+        return list(lp)
+
     def step(self, state: dict, feats: np.ndarray, final: bool = False) -> list[np.ndarray]:
         """Append (T, F) frames; run every window that is now complete (and, when ``final``, the
         last short one) → their (T', V) log-probs in order."""
