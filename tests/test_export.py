@@ -281,3 +281,37 @@ def test_recognizer_transcribes_the_audio_as_evaluate_does(real_export):
     ours = {u.id: rec(load_audio(u.audio, rec.features.sample_rate)) for u in real_export["utts"]}
     assert ours == {i: h["hyp"] for i, h in hyps.items()}
     assert all(len(t) >= 5 for t in ours.values()), ours  # text to compare, not empty strings
+
+
+# ---- export variants: FBANK inside the graph, int8 ------------------------------------------
+
+def test_fbank_graph_equals_prep_features_on_real_speech(librispeech_dir, tmp_path):
+    """The in-graph FBANK (run by ONNX Runtime) against prep's features.fbank on a real LibriSpeech
+    utterance and on the gate's test signals: same frame count, log-mel within 2e-3."""
+    import onnxruntime as ort
+
+    from hpc_asr.config import FeatureConfig
+    from hpc_asr.data.features import fbank, load_audio
+    from hpc_asr.deploy.variants import FbankGraph, gate_signals
+
+    cfg = FeatureConfig()
+    path = sorted(librispeech_dir.rglob("*.flac"))[0]
+    waves = [load_audio(str(path), cfg.sample_rate)[: 3 * cfg.sample_rate], *gate_signals(cfg)]
+    out = tmp_path / "fbank.onnx"
+    torch.onnx.export(FbankGraph(cfg).eval(), (torch.zeros(1, 8000), torch.tensor([8000])), str(out), dynamo=False,
+                      opset_version=17, input_names=["w", "n"], output_names=["f", "t"],
+                      dynamic_axes={"w": {0: "B", 1: "N"}, "n": {0: "B"}, "f": {1: "T"}})
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for w in waves:
+        want = fbank(w, cfg)
+        got, frames = sess.run(None, {"w": w[None], "n": np.array([len(w)], np.int64)})
+        assert got.shape[1] == int(frames[0]) == len(want)
+        np.testing.assert_allclose(got[0], want, atol=2e-3, rtol=0)
+
+
+def test_fbank_graph_refuses_dither():
+    from hpc_asr.config import FeatureConfig
+    from hpc_asr.deploy.variants import FbankGraph
+
+    with pytest.raises(ValueError, match="dither"):
+        FbankGraph(FeatureConfig(dither=1.0))

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from hpc_asr.config import FeatureConfig, SpecAugConfig
-from hpc_asr.data.specaug import augment_batch
 from hpc_asr.data.shards import ShardError, open_shard, read_index
+from hpc_asr.data.specaug import augment_batch
 from hpc_asr.data.tokenizer import CharTokenizer
 from hpc_asr.model import subsampled_lengths
 
