@@ -54,7 +54,8 @@ def test_second_concurrent_run_refuses_naming_the_holder(tiny_features, tmp_path
                     f"{json.loads((out / LOCK_NAME).read_text())['since']}): wait for it, use another "
                     f"train.out_dir, or remove {out / LOCK_NAME} if that run is gone")
         errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
-        assert errors == [expected, expected] and "Traceback" not in second.stderr, second.stderr  # both ranks
+        # every rank stops with that line (mpirun may kill the second before it prints: one or two copies)
+        assert errors and set(errors) == {expected} and "Traceback" not in second.stderr, second.stderr
         assert (out / "metrics.jsonl").read_text() == metrics  # the first run's files untouched
         os.kill(pid0, signal.SIGUSR1)  # the first run checkpoints and exits 3 ...
         _, err = first.communicate(timeout=180)
