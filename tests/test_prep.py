@@ -447,3 +447,26 @@ def test_librispeech_skips_truncated_flac(tmp_path, librispeech_dir, capsys):
     assert index["utterances"] == 2 and index["rejected"] == 1
     reject = json.loads((tmp_path / "fbank" / "rejects.jsonl").read_text())
     assert reject["id"] == "1089-134691-0001" and "cannot decode" in reject["reason"]
+
+
+def test_out_holding_another_manifest_is_refused_unless_force(tmp_path, librispeech_dir):
+    """--out of a directory prepared from another manifest: one line naming both, nothing touched;
+    the same manifest still resumes (or rebuilds when it changed); --force replaces."""
+    utts = many_utts(librispeech_dir, 3)
+    a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "fbank"
+    write_manifest(a, utts[:1])
+    write_manifest(b, utts[1:2])
+    cmd = [sys.executable, "-m", "hpc_asr", "prep", "fbank", "--out", str(out), "--manifest"]
+    run([*cmd, str(a)])
+    before = (out / "index.json").read_text()
+    refused = run([*cmd, str(b)], check=False)
+    assert refused.returncode == 2
+    assert refused.stderr == (f"error: {out} holds the features of {a.resolve()} (index.json): use another --out, "
+                              "or --force to replace them\n")
+    assert (out / "index.json").read_text() == before and len(list(out.glob("gen-*"))) == 1
+    assert not (out / "pending.json").exists()
+    write_manifest(a, utts[:1] + utts[2:])  # the same manifest, grown: rebuilt without --force
+    run([*cmd, str(a)])
+    assert ids_in(out) == [utts[0].id, utts[2].id]
+    run([*cmd, str(b), "--force"])
+    assert ids_in(out) == [utts[1].id] and json.loads((out / "index.json").read_text())["manifest"] == str(b.resolve())
