@@ -56,9 +56,8 @@ def tiny_config(path: Path, data: dict[str, Path], out: Path, **train) -> Path:
 def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
     corpus = tmp_path / "va"
     synth = subprocess.run([sys.executable, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(corpus),
-                            "--hours", "0.01",
-                                  "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"],
-                                 capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=120)
+                            "--hours", "0.01", "--dev-utts", "4", "--test-utts", "4", "--jobs", "1"],
+                           capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=120)
     assert synth.returncode == 0, synth.stderr
     feats = {s: corpus / "fbank" / s for s in ("train", "dev", "test")}
     cfg = tiny_config(tmp_path / "tiny.yaml", feats, tmp_path / "run")
@@ -83,7 +82,9 @@ def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert state["position"]["step"] == summary["steps"]
     staged = tmp_path / "local" / f"hpc_asr-{ids[1]}" / "train"  # --stage: trained on the node-local copy
-    assert state["config"]["data"]["train"] == str(staged) and (staged / ".staged.json").is_file()
+    assert state["config"]["data"]["train"] == str(staged)
+    assert not staged.parent.exists()  # and removed when the job ended (issue 17.8)
+    assert "checkpoint runs" not in logs and f"checkpoint {tmp_path / 'run' / 'best.pt'}" in logs
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     n_test = len((corpus / "test.jsonl").read_text().splitlines())
     assert ev["utterances"] == n_test and 0 <= ev["cer"] and len(ev["hypotheses"]) == n_test
@@ -127,7 +128,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     cfg_raw["data"]["max_utts"] = 1
     cfg.write_text(json.dumps(cfg_raw))
     proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--nodes", "1",
-                    "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"))
+                    "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--no-path-check")
     assert proc.returncode == 0, proc.stderr
     jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
     rank0 = out / "train.rank0.log"
@@ -158,13 +159,60 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     assert summary["steps"] == 60
 
 
+@pytest.mark.slow
+def test_scancel_stops_training_at_a_checkpoint_without_requeue(slurm_cluster, tmp_path):
+    """issue 17.1: a user's scancel (SIGTERM to the batch shell and the ranks) ends the job: the
+    ranks checkpoint, the job ends CANCELLED with Restarts=0 and stays ended."""
+    data = {"train": make_feature_dir(tmp_path / "train", 16, seed=0, shards=2),
+            "dev": make_feature_dir(tmp_path / "dev", 2, seed=1, shards=1)}
+    data["test"] = data["dev"]
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", data, out, epochs=100000, max_steps=100000)
+    proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--nodes", "1",
+                    "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--no-path-check")
+    assert proc.returncode == 0, proc.stderr
+    jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
+    rank0 = out / "train.rank0.log"
+    _until("training to pass step 3", lambda: max(_steps(rank0), default=0) >= 3, 120, slurm_cluster, jid)
+    slurm_cluster.run("scancel", jid)
+    _until("the job to end", lambda: slurm_cluster.job(jid).get("JobState") not in (
+        "RUNNING", "PENDING", "REQUEUED", "COMPLETING", "CONFIGURING"), 90, slurm_cluster, jid)
+    time.sleep(8)  # a requeue asked by the dying shell would show by now
+    job = slurm_cluster.job(jid)
+    log = (tmp_path / "jobs" / "logs" / f"hpc_asr-train-{jid}.out").read_text()
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), f"{job}\n{log}"
+    assert "requeueing" not in log and "[job] stopped" in log, log
+    assert "preempted (signal)" in rank0.read_text(), rank0.read_text()  # checkpointed on the way out
+    assert checkpoint.load(out / "last.pt")["position"]["step"] >= 3
+
+
+@pytest.mark.slow
+def test_wait_cancels_the_jobs_a_failed_job_leaves_pending(slurm_cluster, tmp_path):
+    """issue 17.7: after a failed job its afterok dependants pend for ever on DependencyNeverSatisfied
+    and `submit --wait` hung; now it cancels them and says so."""
+    corpus = tmp_path / "va"
+    corpus.mkdir()
+    for split in ("train", "dev", "test"):
+        (corpus / f"{split}.jsonl").write_text('{"id": "x", "audio": "missing.wav", "text": "a"}\n')
+    feats = {s: corpus / "fbank" / s for s in ("train", "dev", "test")}
+    cfg = tiny_config(tmp_path / "tiny.yaml", feats, tmp_path / "run")
+    proc = jobs_cli(slurm_cluster, "submit", "--wait", "--site", str(site(tmp_path, slurm_cluster)),
+                    "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"), timeout=240)
+    ids = proc.stdout.split()
+    assert proc.returncode == 1 and len(ids) == 4, proc.stderr
+    assert f"[jobs] cancelled {ids[1]} (hpc_asr-train), {ids[2]} (hpc_asr-evaluate), {ids[3]} (hpc_asr-export): " \
+           f"left pending on DependencyNeverSatisfied after {ids[0]} (hpc_asr-prep) FAILED\n" in proc.stderr
+    assert [slurm_cluster.job(i)["JobState"] for i in ids] == ["FAILED"] + ["CANCELLED"] * 3
+    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+
+
 def test_request_larger_than_the_node_is_refused_not_left_pending(slurm_cluster, tmp_path, monkeypatch):
     s = site(tmp_path, slurm_cluster)
     raw = json.loads(s.read_text())
     raw["node_cpus"] = 0  # staff did not fill it in: render can't check, submit asks sinfo
     s.write_text(json.dumps(raw))
     proc = jobs_cli(slurm_cluster, "submit", "--site", str(s), "--gpus-per-node", "0", "--cpus-per-task", "8",
-                    "--out", str(tmp_path / "jobs"))
+                    "--out", str(tmp_path / "jobs"), "--no-path-check")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: jobs ask for 16 CPUs per node (cpus-per-task 8) but the largest node "
                                    f"in partition debug has {slurm_cluster.cpus}")
@@ -189,7 +237,7 @@ def test_a_task_launch_failure_is_retried_not_reported_as_success(slurm_cluster,
     out = tmp_path / "run"
     cfg = tiny_config(tmp_path / "tiny.yaml", data, out, max_steps=2)
     proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--gpus-per-node", "0",
-                    "--config", str(cfg), "--out", str(tmp_path / "jobs"))
+                    "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--no-path-check")
     assert proc.returncode == 0, proc.stderr
     jid = slurm_cluster.run("sbatch", "--hold", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
     stale = slurm_cluster.root / "spool" / f"stepd.slurm.pmix.{jid}.0"
@@ -219,7 +267,7 @@ def test_time_limit_warning_requeues_instead_of_timeout(slurm_cluster, tmp_path)
     raw["requeue_signal_s"] = 90
     s.write_text(json.dumps(raw))
     proc = jobs_cli(slurm_cluster, "render", "--site", str(s), "--gpus-per-node", "0", "--config", str(cfg),
-                    "--walltime", "00:03:00", "--out", str(tmp_path / "jobs"))
+                    "--walltime", "00:03:00", "--out", str(tmp_path / "jobs"), "--no-path-check")
     assert proc.returncode == 0, proc.stderr
     jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "train.sbatch")).stdout.strip()
     _until("the time-limit warning and requeue", lambda: (lambda j: j.get("Restarts") == "1" and j.get(
@@ -249,7 +297,8 @@ def test_torch_engine_rendezvous_at_first_host(slurm_cluster, tiny_features, tmp
     out = tmp_path / "run"
     cfg = tiny_config(tmp_path / "tiny.yaml", data, out, max_steps=2)
     proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--gpus-per-node", "0",
-                    "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--", "--dist.engine", "torch")
+                    "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--no-path-check",
+                    "--", "--dist.engine", "torch")
     assert proc.returncode == 0, proc.stderr
     done = slurm_cluster.run("sbatch", "--wait", "--parsable", str(tmp_path / "jobs" / "train.sbatch"),
                              check=False, timeout=240)

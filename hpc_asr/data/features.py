@@ -280,6 +280,8 @@ class CmvnStats:
         self.count += feats.shape[0]
 
     def mean_std(self, floor: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+        """Global mean and std (float32); the variance is floored at ``floor`` so a constant bin
+        (silence padding, a band-limited corpus) cannot divide by zero. Prep's index.json uses it."""
         if self.count == 0:
             raise ValueError("CMVN over zero frames")
         mean = self.sum / self.count

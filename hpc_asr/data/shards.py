@@ -35,9 +35,10 @@ import numpy as np
 
 from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.config import FeatureConfig
+from hpc_asr.data.features import CmvnStats  # the one CMVN rule (std floor included)
 
 __all__ = ["FORMAT", "VERSION", "ShardError", "ShardWriter", "check_shard", "open_h5", "open_shard",
-           "read_index", "write_index"]
+           "read_index", "verify_hint", "write_index"]
 
 FORMAT = "hpc_asr.fbank"
 VERSION = 2
@@ -56,8 +57,11 @@ def open_h5(path: str | Path, mode: str = "r"):
     return h5py.File(path, mode, locking=False)
 
 
-def _verify_hint(path: Path) -> str:
-    return f"run `python -m hpc_asr prep verify {path.parent}`"
+def verify_hint(shard: Path) -> str:
+    """The command that checks the directory a shard belongs to: the one holding index.json (the
+    shard's own directory, or its parent when the shard sits in a generation subdirectory)."""
+    directory = next((d for d in shard.parents[:2] if (d / "index.json").is_file()), shard.parent)
+    return f"run `python -m hpc_asr prep verify {directory}`"
 
 
 def open_shard(path: str | Path):
@@ -67,7 +71,7 @@ def open_shard(path: str | Path):
         h5 = open_h5(path)
         h5["feats"], h5["offsets"], h5["num_frames"]  # touch the datasets reads need
     except (OSError, KeyError) as e:
-        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); {_verify_hint(path)}") from None
+        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); {verify_hint(path)}") from None
     return h5
 
 
@@ -236,14 +240,13 @@ def write_index(directory: str | Path, features: FeatureConfig, shards: list[dic
     total, total_sq, count = cmvn_sums
     if count == 0:
         raise ValueError(f"{directory}: CMVN over zero frames (no utterance was featurized)")
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-5))
+    mean, std = CmvnStats(np.asarray(total, np.float64), np.asarray(total_sq, np.float64), count).mean_std()
     frames = sum(s["frames"] for s in shards)
     index = {
         "format": FORMAT, "version": VERSION, "features": asdict(features), "shards": shards,
         "utterances": sum(s["utterances"] for s in shards), "frames": frames,
         "hours": round(frames * features.frame_shift_ms / 3.6e6, 4),
-        "cmvn": {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
+        "cmvn": {"mean": mean.tolist(), "std": std.tolist(),
                  "frames": int(count)},
         "rejected": 0, **extra,
     }

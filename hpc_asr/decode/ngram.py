@@ -191,7 +191,7 @@ def _build(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="hpc-asr lm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True, type=Path, action="append",
                    help="JSONL manifest(s) whose transcripts train the LM (repeatable)")
     p.add_argument("--order", type=int, default=3)

@@ -37,7 +37,9 @@ class Recognizer:
             raise ValueError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
         self.decoder = decoder
         self.beam = None if decoder == "greedy" else BeamDecoder(
-            self.tokenizer, beam_size, lm=lm_files(lm or model_dir / "lm") if decoder == "beam+lm" else None,
+            self.tokenizer, beam_size,
+            lm=lm_files(lm or model_dir / "lm", model_sha256=meta.get("checkpoint_sha256"))
+            if decoder == "beam+lm" else None,
             **({"hotwords": hotwords, "hotword_score": hotword_score} if decoder == "beam+lm" else {}))
 
     def features_of(self, samples: np.ndarray) -> np.ndarray:

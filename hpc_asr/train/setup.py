@@ -23,6 +23,7 @@ from hpc_asr.data.loader import BucketBatchSampler, FeatureSet, SubsetView, chec
 from hpc_asr.dist.engines import Engine, make_engine
 from hpc_asr.dist.launch import compute_threads, log0
 from hpc_asr.model import ConformerCTC
+from hpc_asr.train.lock import hold as hold_out_dir
 from hpc_asr.train.log import MetricsWriter, Progress
 from hpc_asr.train.preempt import SignalFlag
 from hpc_asr.train.schedule import schedule, set_lr
@@ -87,7 +88,8 @@ def _load_data(cfg: Config, engine: Engine, log) -> tuple[FeatureSet, Any, np.nd
     """Both splits scanned up front on every rank: too long → error, too short → dropped."""
     train_set, dev_set = FeatureSet(cfg.data.train), FeatureSet(cfg.data.dev)
     if train_set.features != cfg.features:
-        raise ValueError(f"{cfg.data.train}: features {train_set.features} differ from config {cfg.features}")
+        raise ValueError(f"{cfg.data.train}: features differ from the config's "
+                         f"({train_set.features.differences(cfg.features)}; the data's value first)")
     check_lengths(train_set, cfg.data.train, cfg.data.max_frames)
     check_lengths(dev_set, cfg.data.dev, cfg.data.max_frames)
     keep, dropped = usable_subset(train_set.num_frames, cfg.model)
@@ -112,6 +114,7 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out, world)
+    hold_out_dir(out, engine, log, collective=not cfg.dist.elastic)  # dist: one run per out_dir, all ranks agree
     train_set, dev_set, keep = _load_data(cfg, engine, log)
     tok = _make_tokenizer(cfg, train_set, engine, out)
     cfg.model.vocab_size = tok.vocab_size
@@ -195,4 +198,4 @@ def resume(run: Run) -> None:
                 f"(schedule step {p['sched_step']:g})")
         for c in msg["changed"]:
             run.log(f"config changed since the checkpoint: {c}")
-    run.log(f"lr {run.optimizer.param_groups[0]['lr']:.6e} scaler {run.scaler.state_dict()}")
+        run.log(f"lr {run.optimizer.param_groups[0]['lr']:.6e} scaler {run.scaler.state_dict()}")  # the restored state
