@@ -21,7 +21,7 @@ class Recognizer:
 
     def __init__(self, model_dir: str | Path, threads: int = 1, decoder: str = "greedy", lm: str | None = None,
                  providers: list[str] | None = None, inter_threads: int = 1, beam_size: int = 32,
-                 hotwords: tuple[str, ...] = (), hotword_score: float = 0.0):
+                 hotwords: tuple[str, ...] = (), hotword_score: float = 0.0, model_file: str = "model.onnx"):
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -31,7 +31,7 @@ class Recognizer:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = inter_threads
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts,
+        self.session = ort.InferenceSession(str(model_dir / model_file), opts,  # or a variant: model.int8.onnx
                                             providers=providers or ["CPUExecutionProvider"])
         if decoder not in DECODERS:
             raise ValueError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
