@@ -52,7 +52,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 OVERRIDE_HELP = ("Any config key can be overridden as --section.key value (or --section.key=value), e.g. "
                  "--train.epochs 3 --data.max_frames 8000; sections: features, data, specaug, model, train, "
-                 "dist, export, decode, augment.")
+                 "dist, export, decode, augment, serve.")
 
 
 def override_pairs(args: list[str]) -> list[tuple[str, str]]:
