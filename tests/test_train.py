@@ -255,10 +255,14 @@ def test_resume_mid_epoch_is_exact(tiny_features, tmp_path, monkeypatch, workers
 
 
 def test_resume_false_starts_over(tiny_features, tmp_path):
+    """The first run goes further (step 3) than the second may (2): a resume would start past the end."""
     out = tmp_path / "run"
-    train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2"))
+    train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "3"))
+    log = out / "train.rank0.log"
+    before = log.read_text() if log.is_file() else ""
     s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.resume", "false"))
     assert s["steps"] == 2 and [h["step"] for h in s["history"]] == [1, 2]
+    assert "resumed from" not in log.read_text()[len(before):]
 
 
 # ---- preemption: a signal to one rank --------------------------------------------------------
