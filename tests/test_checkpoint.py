@@ -51,6 +51,20 @@ def test_step_checkpoints_keep_last_best_and_average(tiny_features, tmp_path):
     assert best["step"] == want["step"]  # best.pt holds the weights that scored best
 
 
+def test_best_stays_at_an_earlier_epoch_that_scored_better(tiny_features, tmp_path):
+    """Inside warmup the dev loss always falls, so "copy last.pt to best.pt" would look right: a
+    resume with a destructive lr makes the second epoch worse, and best.pt must stay behind."""
+    out = tmp_path / "run"
+    _train(tiny_features, out, "--train.epochs", "1")
+    summary = _train(tiny_features, out, "--train.lr", "30")
+    first, second = summary["dev"]
+    assert (second["wer"], second["loss"]) > (first["wer"], first["loss"]), summary["dev"]
+    assert summary["best"]["step"] == first["step"] == 4 and summary["steps"] == 8
+    best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "last.pt")
+    assert best["position"]["step"] == 4 and last["position"]["step"] == 8
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
 def test_average_cli(tiny_features, tmp_path):
     out = tmp_path / "run"
     _train(tiny_features, out, "--train.ckpt_every_steps", "3", "--train.keep_last", "5")
