@@ -131,6 +131,11 @@ def test_too_short_utterance_is_scored_as_empty(tmp_path):
     res = evaluate(model, data, tok, Engine(World()), cfg, keep_hyps=True)
     assert res["utterances"] == 3
     assert res["hypotheses"][data.ids[0]]["hyp"] == ""
+    short_ref = res["hypotheses"][data.ids[0]]["ref"]
+    assert short_ref == data.texts[0] and short_ref.split()
+    # its reference words count in the totals (yes + go home + stop) and are deleted
+    assert res["words"] == 4 and res["deletions"] >= len(short_ref.split())
+    assert res["chars"] == len("yes") + len("go home") + len("stop")
 
 
 def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, tmp_path):
