@@ -514,27 +514,31 @@ PRESETS = {  # name: (min, max) parameters, as documented in the file header and
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build_with_documented_size_and_flops(name):
+    """Every preset's header states its size (and, where it builds its own model, its FLOPs)."""
     import re
 
     from hpc_asr.model import ConformerCTC
+    from hpc_asr.train.schedule import flops_per_audio_second
 
     path = ROOT / "hpc_asr" / "configs" / f"{name}.yaml"
     cfg = load_config(path)
+    header = path.read_text()
+    m = re.search(r"~([\d.]+) M parameters", header)
+    assert m, f"{path.name}: the header does not state '~N M parameters'"
+    stated = float(m.group(1)) * 1e6
+    lo, hi = PRESETS[name]
     if name == "librispeech100":  # the recipe trains the seed model: no need to build it twice
         assert cfg.model == load_config(path.with_name("seed.yaml")).model
+        assert lo <= stated <= hi, f"{name}: header says {m.group(0)}"
         return
     cfg.model.vocab_size = 29 if cfg.train.tokenizer == "char" else cfg.train.bpe_vocab_size + 1
     params = ConformerCTC(cfg.model, cfg.features.num_mel_bins).num_params()
-    lo, hi = PRESETS[name]
     assert lo <= params <= hi, f"{name}: {params / 1e6:.2f}M"
-    header = path.read_text()
-    m = re.search(r"~(\d+) M parameters", header)
-    if m:
-        assert abs(params / 1e6 - int(m.group(1))) <= 1, f"{name}: header says {m.group(0)}, model has {params}"
-    flops = schedule.flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
+    assert params == pytest.approx(stated, rel=0.05), f"{name}: header says {m.group(0)}, model has {params}"
+    flops = flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
     m = re.search(r"~([\d.]+) GFLOPs forward per audio second", header)
-    if m:
-        assert flops / 1e9 == pytest.approx(float(m.group(1)), rel=0.02), f"{name}: {flops / 1e9:.3f} GFLOPs"
+    assert m, f"{path.name}: the header does not state '~X GFLOPs forward per audio second'"
+    assert flops / 1e9 == pytest.approx(float(m.group(1)), rel=0.02), f"{name}: {flops / 1e9:.3f} GFLOPs"
     if name == "seed":
         assert (cfg.model.n_layers, cfg.model.d_model) == (16, 512)
 
