@@ -108,3 +108,46 @@ def test_tokenizer_json_sidecar_round_trip():
     for tok in (CharTokenizer(), train_bpe(["set a timer", "turn it up", "set the alarm"], 40)):
         again = from_state_dict(json.loads(json.dumps(tok.json_state())))
         assert again.encode("set it up") == tok.encode("set it up") and again.vocab_size == tok.vocab_size
+
+
+def test_average_refuses_different_models(tmp_path):
+    from hpc_asr.config import Config
+    from hpc_asr.data.tokenizer import CharTokenizer
+    from hpc_asr.model import ConformerCTC
+
+    def save(name: str, **model) -> str:
+        tok = CharTokenizer()
+        cfg = Config.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_mult": 2, "conv_kernel": 5,
+                                          "vocab_size": tok.vocab_size, **model}})
+        m = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+        checkpoint.save(tmp_path / name, {"config": cfg.to_dict(), "model": m.state_dict(),
+                                          "tokenizer": tok.state_dict()})
+        return str(tmp_path / name)
+
+    a, a2 = save("a.pt"), save("a2.pt")
+    assert checkpoint.average([a, a2])["averaged"] == [a, a2]  # the same architecture averages
+    wider, deeper = save("wide.pt", d_model=48), save("deep.pt", n_layers=2)
+    for other in (wider, deeper):  # different shapes, different keys
+        with pytest.raises(checkpoint.CheckpointError, match=r"a different model than .*cannot average"):
+            checkpoint.average([a, other])
+    bad = run([sys.executable, "-m", "hpc_asr", "checkpoint", "average", "--out", str(tmp_path / "x.pt"), a, deeper],
+              check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot average" in bad.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_resume_from_a_checkpoint_without_sched_step(tiny_features, tmp_path):
+    """A last.pt written before the schedule step existed resumes on the lr curve it was on."""
+    from test_train import _assert_same_run
+
+    warm = ("--train.warmup_steps", "100")  # the lr does not depend on max_steps (see test_resume_mid_epoch)
+    _train(tiny_features, tmp_path / "straight", *warm, "--train.max_steps", "4")
+    old = tmp_path / "old"
+    _train(tiny_features, old, *warm, "--train.max_steps", "2")
+    state = checkpoint.load(old / "last.pt")
+    assert state["position"]["sched_step"] == 2
+    for k in ("sched_step", "gbatch"):
+        del state["position"][k]
+    checkpoint.save(old / "last.pt", state)
+    _train(tiny_features, old, *warm, "--train.max_steps", "4")
+    _assert_same_run(tmp_path / "straight", old)
