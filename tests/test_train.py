@@ -559,15 +559,27 @@ def test_flops_counter_counts_a_known_layer():
 def test_mixed_precision_on_cpu(tiny_features, tmp_path, precision):
     """bf16 autocast without a scaler; fp16 autocast with a real GradScaler (both run on CPU)."""
     out = tmp_path / precision
-    s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.precision", precision))
+    seen: set = set()  # (module type, output dtype) of every forward with autograd on: the train steps
+
+    def record(module, args, output):
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            seen.add((type(module).__name__, output.dtype))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.precision",
+                                           precision))
+    finally:
+        hook.remove()
     assert s["steps"] == 2 and all(r["finite"] for r in s["replicas"])
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert {dtype for name, dtype in seen if name == "Linear"} == {want}, seen  # the step ran under autocast
     scaler = checkpoint.load(out / "last.pt")["scaler"]
     if precision == "fp16":  # early overflows are skipped steps, and each halves the scale
         assert scaler["scale"] == 65536.0 * 0.5 ** s["skipped_steps"]
     else:
         assert scaler == {} and s["skipped_steps"] == 0
-    assert load_config(None, ["--train.precision", precision]).train.autocast_dtype("cpu") == \
-        {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert load_config(None, ["--train.precision", precision]).train.autocast_dtype("cpu") == want
 
 
 # ---- a checkpoint that cannot continue this run ---------------------------------------------
