@@ -74,6 +74,13 @@ def test_evaluate_scores_utterances_longer_than_the_checkpoints_max_frames(real_
     for k in ("substitutions", "deletions", "insertions", "frequent_errors"):
         assert k in res
     assert res["substitutions"] + res["deletions"] + res["insertions"] == res["word_errors"]
+    # scored whole, not cropped: the same as a run whose batches may hold anything
+    big = tmp_path / "big.json"
+    run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]), "--data",
+         str(real_fixture["data"]), "--data.max_frames", "1000000", "--out", str(big)], timeout=120)
+    whole = json.loads(big.read_text())
+    assert res["hypotheses"] == whole["hypotheses"] and res["chars"] == whole["chars"] > 0
+    assert res["loss"] == pytest.approx(whole["loss"], rel=1e-4)
 
 
 def test_evaluate_reads_through_the_training_loader_in_worker_processes(real_fixture, tmp_path):
@@ -103,18 +110,44 @@ def test_apply_overrides_sets_data_dist_decode_only():
     assert (cfg.data.max_frames, cfg.decode.decoder, cfg.dist.engine) == (99, "beam", "none")
 
 
-def test_evaluate_under_mpirun_two_ranks(real_fixture, tmp_path):
-    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr evaluate` died with a traceback."""
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory) -> dict:
+    """A tiny model overfitted on 6 synthetic utterances (as in test_train): distinct, non-empty,
+    mostly right hypotheses, so utterances mixed up between ranks show."""
+    import hpc_asr.train.loop as train_mod
+    from hpc_asr.cli import load_config
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_feature_dir(root / "six", 6, ["yes", "no", "stop", "go home", "play jazz", "call bob"], seed=3)
+    train_mod.train(load_config(None, [
+        "--data.train", str(data), "--data.dev", str(data), "--train.out_dir", str(root / "run"),
+        "--dist.engine", "none", "--train.threads", "1", "--data.max_utts", "6", "--specaug.enabled", "false",
+        "--model.d_model", "64", "--model.n_heads", "4", "--model.n_layers", "2", "--model.subsample_channels", "16",
+        "--model.conv_kernel", "7", "--model.dropout", "0", "--train.epochs", "40", "--train.lr", "5e-3",
+        "--train.warmup_steps", "10", "--train.weight_decay", "0", "--train.tensorboard", "false"]))
+    return {"data": data, "ckpt": root / "run" / "last.pt"}
+
+
+def test_evaluate_under_mpirun_two_ranks(trained_tiny, tmp_path):
+    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr evaluate` died with a traceback.
+    A trained model's hypotheses differ per utterance, so ids and hypotheses crossed between
+    ranks (or a rank's share counted twice) would not match the one-process run."""
     out = tmp_path / "eval2.json"
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
-                          "--data", str(real_fixture["data"]), "--out", str(out)), timeout=180, check=False)
+    args = ["-m", "hpc_asr", "evaluate", "--checkpoint", str(trained_tiny["ckpt"]), "--data", str(trained_tiny["data"])]
+    proc = run(mpirun_cmd(2, *args, "--out", str(out)), timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr
     one = tmp_path / "eval1.json"
-    run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
-         "--data", str(real_fixture["data"]), "--out", str(one)], timeout=120)
+    run([sys.executable, *args, "--out", str(one)], timeout=120)
     two, single = json.loads(out.read_text()), json.loads(one.read_text())
-    assert two["utterances"] == real_fixture["n"]
-    assert two["hypotheses"] == single["hypotheses"] and two["word_errors"] == single["word_errors"]
+    assert two["utterances"] == 6 and two["words"] == 9
+    hyps = [h["hyp"] for h in single["hypotheses"].values()]
+    assert all(hyps) and len(set(hyps)) == 6, single["hypotheses"]  # distinct and non-empty
+    right = [i for i, h in single["hypotheses"].items() if h["hyp"] == h["ref"]]
+    assert len(right) >= 4, single["hypotheses"]  # each hypothesis sits with its own utterance
+    assert two["hypotheses"] == single["hypotheses"]
+    for k in ("word_errors", "words", "char_errors", "chars"):
+        assert two[k] == single[k], k
+    assert two["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
 def test_too_short_utterance_is_scored_as_empty(tmp_path):
