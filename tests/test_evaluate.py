@@ -188,6 +188,23 @@ def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, 
     with pytest.raises(FileNotFoundError):
         Recognizer(out, decoder="beam+lm", lm=str(tmp_path / "none"))
 
+    # A known posterior in place of the network's: acoustics say "stap", the LM beside the export says "stop".
+    tok = rec.tokenizer
+    probs = np.full((8, tok.vocab_size), 1e-4)
+    for t, c in enumerate("stap"):
+        probs[2 * t, tok.encode(c)[0]], probs[2 * t + 1, tok.blank] = 0.9, 0.9
+    probs[4, tok.encode("o")[0]] = 0.4  # "a" 0.9 against "o" 0.4: greedy reads "stap"
+    lp = np.log(probs / probs.sum(1, keepdims=True)).astype(np.float32)
+
+    class KnownPosterior:
+        def run(self, outputs, feeds):
+            return [lp[None], np.array([len(lp)])]
+
+    greedy = Recognizer(out, threads=1, decoder="greedy")
+    greedy.session = rec.session = KnownPosterior()
+    feats = np.zeros((40, rec.features.num_mel_bins), np.float32)
+    assert greedy.decode_features(feats) == "stap" and rec.decode_features(feats) == "stop"
+
 
 def test_evaluate_refuses_features_the_model_was_not_trained_on(tmp_path):
     """A split featurized with other settings would score plausibly but wrongly: one line, exit 2."""
