@@ -17,7 +17,11 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
 def ranks() -> int:
-    return min(2, torch.cuda.device_count())
+    """2: one rank per GPU. With one GPU there is one rank, whose sum and weights agree with
+    themselves by construction, so the test would prove nothing: skip, saying why."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs ({torch.cuda.device_count()} here): one rank agrees with itself by construction")
+    return 2
 
 
 def probes(out: Path, n: int) -> list[dict]:
