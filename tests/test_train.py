@@ -337,6 +337,30 @@ def test_resume_on_fewer_ranks_keeps_the_lr_schedule(preempted, tiny_features):
     assert "config changed since the checkpoint: dist.engine" in (out / "train.rank0.log").read_text()
 
 
+@pytest.mark.slow  # ~40 s: a 1-rank run, its 2-rank resume and a reference run
+def test_resume_on_more_ranks_keeps_the_lr_schedule(tiny_features, tmp_path):
+    """1 rank stopped at step 3 of its 4-batch epoch, resumed on 2 Horovod ranks: the old world's
+    batches are skipped (3 global batches → 2 local ones each, rounded up), every 2-rank step is
+    two schedule steps, and the lr continues the 1-rank curve (warmup longer than the run keeps it
+    independent of max_steps)."""
+    warm = {"warmup_steps": 100}
+    straight = train_mod.train(load_config(_hvd_yaml(tmp_path, tiny_features, tmp_path / "one", **warm),
+                                           ["--dist.engine", "none"]))
+    lr1 = {h["step"]: h["lr"] for h in straight["history"]}
+    out = tmp_path / "grown"
+    cfg = _hvd_yaml(tmp_path, tiny_features, out, **warm)
+    train_mod.train(load_config(cfg, ["--dist.engine", "none", "--train.max_steps", "3"]))
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg)), timeout=240)
+    two = json.loads((out / "train_summary.json").read_text())
+    assert two["ranks"] == 2 and two["replicas_identical"], two["replicas"]
+    assert "resumed from" in (out / "train.rank0.log").read_text()
+    steps = [h["step"] for h in two["history"]]
+    assert steps == list(range(1, 8))  # 3 on 1 rank, then the rest of epoch 0 (skipped) and 2 + 2
+    lr2 = {h["step"]: h["lr"] for h in two["history"]}
+    assert [lr2[s] for s in (4, 5, 6, 7)] == [lr1[4], lr1[6], lr1[8], lr1[10]]  # schedule steps 3, 5, 7, 9
+    assert checkpoint.load(out / "last.pt")["position"]["sched_step"] == 11.0
+
+
 def test_sigterm_in_process_checkpoints_and_raises(tiny_features, tmp_path, monkeypatch):
     """SIGTERM (what SLURM sends first) during a single-process run: Preempted after last.pt."""
     out = tmp_path / "one"
