@@ -187,6 +187,15 @@ def test_horovod_fp16_average_of_large_gradients_does_not_overflow(mpirun_auto):
         assert x["fp16_sum_first"]["w1"] == [float("-inf")] * 4  # summing first in fp16 overflows
 
 
+def test_torch_engine_fp16_comm_hook_sends_fp16(tmp_path):
+    """dist.compression fp16 under the torch engine: gradients are averaged in float16 (a value
+    float16 cannot hold comes back rounded), where a plain DDP keeps float32."""
+    run(mpirun_cmd(2, str(ROOT / "tests" / "mpi_scripts" / "ddp_fp16_probe.py"), str(tmp_path)), timeout=180)
+    for r in (0, 1):
+        grads = json.loads((tmp_path / f"fp16.{r}.json").read_text())
+        assert grads == {"engine": 1.0, "plain": 1.0 + 2.0**-12}, grads
+
+
 def test_horovod_timeline_knob_writes_the_timeline(mpirun_auto):
     assert probes(mpirun_auto)[0]["env"]["HOROVOD_TIMELINE"] == str(mpirun_auto / "timeline.json")
     text = (mpirun_auto / "timeline.json").read_text()
