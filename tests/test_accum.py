@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TEXTS, make_feature_dir
+from conftest import mpirun_cmd, run
+from helpers import TEXTS, make_feature_dir, tiny_yaml
 from test_train import TINY_MODEL, config
 from test_train import _assert_same_run as assert_same_run
 
@@ -104,3 +105,23 @@ def test_a_signal_mid_window_finishes_the_window_and_resumes_exactly(four, tmp_p
     again = _train(four, split, *args)
     assert again["steps"] == straight["steps"] == 6
     assert_same_run(tmp_path / "straight", split)
+
+
+@pytest.mark.slow  # two 2-rank runs under mpirun
+@pytest.mark.parametrize("engine", ["horovod", "torch"])  # backward_passes_per_step / DDP no_sync
+def test_two_ranks_accumulating_equal_one_process_with_the_whole_batch(four, tmp_path, engine):
+    """2 ranks x accum_steps 2 x 1 utterance == 1 process x 1 batch of 4: the engine must hold the
+    allreduce until the window's last backward and average over ranks and micro-batches alike."""
+    big = _train(four, tmp_path / "big", "--data.max_utts", "4", "--data.max_frames", str(4 * FRAMES),
+                 "--train.lr", "1e-3")
+    cfg = tiny_yaml(tmp_path / "k2.yaml", four["train"], four["dev"], tmp_path / "k2",
+                    data={"max_utts": 1, "max_frames": FRAMES}, model={"dropout": 0.0},
+                    train={"epochs": 3, "warmup_steps": 2, "accum_steps": 2, "tensorboard": False},
+                    dist={"engine": engine, "compression": "none"})
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg)), timeout=300)
+    two = checkpoint.load(tmp_path / "k2" / "last.pt")
+    h2, hb = two["position"]["history"], big["history"]
+    assert [h["step"] for h in h2] == [h["step"] for h in hb] == [1, 2, 3]
+    np.testing.assert_allclose([h["loss"] for h in h2], [h["loss"] for h in hb], rtol=1e-5)
+    np.testing.assert_allclose([h["grad_norm"] for h in h2], [h["grad_norm"] for h in hb], rtol=1e-4)
+    assert not _differing(two["model"], checkpoint.load(tmp_path / "big" / "last.pt")["model"])
