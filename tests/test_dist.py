@@ -272,10 +272,15 @@ def test_horovod_elastic_2_to_1_to_2(tmp_path):
     shrink, grow = sizes.index(1), len(sizes) - sizes[::-1].index(1)
     assert all(s == 1 for s in sizes[shrink:grow]) and all(s == 2 for s in sizes[grow:])  # 2 → 1 → 2
     assert steps[-1] == 24 and steps[shrink] == steps[shrink - 1] + 1  # no step lost or repeated
-    # Every rank feeds the same input, so each committed step moves the weights by the same amount
-    # whatever the world size: a rank that restarted from scratch would break the line.
-    deltas = [b - a for a, b in itertools.pairwise(weights)]
-    assert max(deltas) - min(deltas) < 1e-4, deltas
+    # Rank r feeds inputs r + 1: a step moves the weight sum by -lr * 4 * (mean of r + 1 over the
+    # ranks of that step) * 2 rows = -0.4 * (size + 1); a rank that restarted from scratch, or a
+    # gradient not averaged over the current ranks, breaks the line.
+    deltas = [(b - a, n) for (a, b), n in zip(itertools.pairwise(weights), sizes[1:])]
+    assert all(abs(d + 0.4 * (n + 1)) < 1e-4 for d, n in deltas), deltas
+    # After the grow both ranks hold the same weights at every step (the new one got rank 0's)
+    mine = {r: {int(s): w for s, n, w in (ln.split() for ln in (tmp_path / f"log.{r}").read_text().splitlines())
+                if int(s) > steps[grow - 1]} for r in (0, 1)}
+    assert sorted(mine[0]) == sorted(mine[1]) == steps[grow:] and mine[0] == mine[1], mine
 
 
 def test_world_inside_sbatch_and_srun(slurm_cluster, tmp_path):
