@@ -151,3 +151,25 @@ def test_resume_from_a_checkpoint_without_sched_step(tiny_features, tmp_path):
     checkpoint.save(old / "last.pt", state)
     _train(tiny_features, old, *warm, "--train.max_steps", "4")
     _assert_same_run(tmp_path / "straight", old)
+
+
+def test_resume_reuses_the_checkpoints_bpe_tokenizer(tiny_features, tmp_path):
+    """A resumed run encodes with the BPE model in last.pt, not one retrained from the data (which
+    could differ, e.g. after a sentencepiece upgrade): here last.pt's is swapped for one trained on
+    other text, and the run must carry on with it."""
+    from helpers import TEXTS
+
+    from hpc_asr.data.tokenizer import train_bpe
+
+    out = tmp_path / "bpe"
+    bpe = ("--train.tokenizer", "bpe", "--train.bpe_vocab_size", "40")
+    _train(tiny_features, out, *bpe, "--train.max_steps", "2")
+    state = checkpoint.load(out / "last.pt")
+    other = train_bpe([" ".join(w[::-1] for w in t.split()) for t in TEXTS] * 3, 40).state_dict()
+    assert other["model_proto"] != state["tokenizer"]["model_proto"]
+    assert checkpoint.tokenizer_from_state(other).vocab_size == checkpoint.tokenizer_from_state(
+        state["tokenizer"]).vocab_size  # the same output layer: only the pieces differ
+    state["tokenizer"] = other
+    checkpoint.save(out / "last.pt", state)
+    _train(tiny_features, out, *bpe, "--train.max_steps", "4")
+    assert checkpoint.load(out / "last.pt")["tokenizer"]["model_proto"] == other["model_proto"]
