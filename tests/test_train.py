@@ -542,7 +542,6 @@ def test_presets_build_with_documented_size_and_flops(name):
     import re
 
     from hpc_asr.model import ConformerCTC
-    from hpc_asr.train.schedule import flops_per_audio_second
 
     path = ROOT / "hpc_asr" / "configs" / f"{name}.yaml"
     cfg = load_config(path)
@@ -559,7 +558,7 @@ def test_presets_build_with_documented_size_and_flops(name):
     params = ConformerCTC(cfg.model, cfg.features.num_mel_bins).num_params()
     assert lo <= params <= hi, f"{name}: {params / 1e6:.2f}M"
     assert params == pytest.approx(stated, rel=0.05), f"{name}: header says {m.group(0)}, model has {params}"
-    flops = flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
+    flops = schedule.flops_per_audio_second(cfg.model, cfg.features.num_mel_bins)
     m = re.search(r"~([\d.]+) GFLOPs forward per audio second", header)
     assert m, f"{path.name}: the header does not state '~X GFLOPs forward per audio second'"
     assert flops / 1e9 == pytest.approx(float(m.group(1)), rel=0.02), f"{name}: {flops / 1e9:.3f} GFLOPs"
