@@ -100,16 +100,6 @@ def test_tokenizer_travels_in_the_checkpoint(tiny_features, tmp_path, kind):
         assert isinstance(state["tokenizer"]["model_proto"], bytes)
 
 
-def test_tokenizer_json_sidecar_round_trip():
-    import json
-
-    from hpc_asr.data.tokenizer import CharTokenizer, from_state_dict, train_bpe
-
-    for tok in (CharTokenizer(), train_bpe(["set a timer", "turn it up", "set the alarm"], 40)):
-        again = from_state_dict(json.loads(json.dumps(tok.json_state())))
-        assert again.encode("set it up") == tok.encode("set it up") and again.vocab_size == tok.vocab_size
-
-
 def test_average_refuses_different_models(tmp_path):
     from hpc_asr.config import Config
     from hpc_asr.data.tokenizer import CharTokenizer
@@ -173,3 +163,13 @@ def test_resume_reuses_the_checkpoints_bpe_tokenizer(tiny_features, tmp_path):
     checkpoint.save(out / "last.pt", state)
     _train(tiny_features, out, *bpe, "--train.max_steps", "4")
     assert checkpoint.load(out / "last.pt")["tokenizer"]["model_proto"] == other["model_proto"]
+
+
+def test_tokenizer_json_sidecar_round_trip():
+    import json
+
+    from hpc_asr.data.tokenizer import CharTokenizer, from_state_dict, train_bpe
+
+    for tok in (CharTokenizer(), train_bpe(["set a timer", "turn it up", "set the alarm"], 40)):
+        again = from_state_dict(json.loads(json.dumps(tok.json_state())))
+        assert again.encode("set it up") == tok.encode("set it up") and again.vocab_size == tok.vocab_size

@@ -131,14 +131,6 @@ def test_bpe_tokenizer_decodes_with_and_without_lm(tmp_path):
     assert BeamDecoder(tok, 16, lm=LmFiles(tmp_path / "lm.arpa")).decode_one(lp) == "call mom"
 
 
-def test_loading_the_arpa_lm_prints_nothing(lm_dir, capfd):
-    """KenLM's "build a binary file" hint and progress ruler went to stderr on every evaluation."""
-    capfd.readouterr()
-    BeamDecoder(TOK, 16, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5))
-    out, err = capfd.readouterr()
-    assert out == "" and err == ""
-
-
 # ---- evaluate's decoder: the LM it picks, hotwords from the config, batches ------------------
 
 def _ckpt_beside_an_lm(root, texts) -> str:
@@ -192,3 +184,11 @@ def test_batch_beam_decode_equals_one_by_one(lm_dir):
         dec = make_decoder(kind, TOK, beam_size=16, lm=lm)
         assert dec(batch, lens) == [dec(p[None], np.array([len(p)]))[0] for p in one]
     assert make_decoder("beam+lm", TOK, beam_size=16, lm=lm_files(lm_dir))(batch, lens) == texts
+
+
+def test_loading_the_arpa_lm_prints_nothing(lm_dir, capfd):
+    """KenLM's "build a binary file" hint and progress ruler went to stderr on every evaluation."""
+    capfd.readouterr()
+    BeamDecoder(TOK, 16, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

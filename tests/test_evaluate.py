@@ -171,6 +171,24 @@ def test_too_short_utterance_is_scored_as_empty(tmp_path):
     assert res["chars"] == len("yes") + len("go home") + len("stop")
 
 
+def test_evaluate_refuses_features_the_model_was_not_trained_on(tmp_path):
+    """A split featurized with other settings would score plausibly but wrongly: one line, exit 2."""
+    from hpc_asr.decode.evaluate import load_model_and_data
+
+    data = make_feature_dir(tmp_path / "f", 2, ["yes", "stop"], shards=1)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    assert load_model_and_data(str(ckpt), str(data))[3].features == Config().features  # the same: accepted
+    state = checkpoint.load(ckpt)
+    state["config"]["features"]["low_freq"] = 60.0  # the model's mel filterbank starts elsewhere
+    checkpoint.save(tmp_path / "other.pt", state)
+    with pytest.raises(ValueError, match=r"differ from the model's"):
+        load_model_and_data(str(tmp_path / "other.pt"), str(data))
+    proc = run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(tmp_path / "other.pt"),
+                "--data", str(data), "--out", str(tmp_path / "e.json")], timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(data) in proc.stderr and "low_freq" in proc.stderr and not (tmp_path / "e.json").exists()
+
+
 def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, tmp_path):
     """The deployable Recognizer runs beam+LM: words only from the LM's vocabulary."""
     from hpc_asr.bench.latency import measure
@@ -204,21 +222,3 @@ def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, 
     greedy.session = rec.session = KnownPosterior()
     feats = np.zeros((40, rec.features.num_mel_bins), np.float32)
     assert greedy.decode_features(feats) == "stap" and rec.decode_features(feats) == "stop"
-
-
-def test_evaluate_refuses_features_the_model_was_not_trained_on(tmp_path):
-    """A split featurized with other settings would score plausibly but wrongly: one line, exit 2."""
-    from hpc_asr.decode.evaluate import load_model_and_data
-
-    data = make_feature_dir(tmp_path / "f", 2, ["yes", "stop"], shards=1)
-    ckpt = tiny_checkpoint(tmp_path / "m.pt")
-    assert load_model_and_data(str(ckpt), str(data))[3].features == Config().features  # the same: accepted
-    state = checkpoint.load(ckpt)
-    state["config"]["features"]["low_freq"] = 60.0  # the model's mel filterbank starts elsewhere
-    checkpoint.save(tmp_path / "other.pt", state)
-    with pytest.raises(ValueError, match=r"differ from the model's"):
-        load_model_and_data(str(tmp_path / "other.pt"), str(data))
-    proc = run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(tmp_path / "other.pt"),
-                "--data", str(data), "--out", str(tmp_path / "e.json")], timeout=120, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert str(data) in proc.stderr and "low_freq" in proc.stderr and not (tmp_path / "e.json").exists()

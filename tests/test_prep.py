@@ -394,29 +394,6 @@ def test_missing_manifest_is_one_line_naming_it(tmp_path):
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: manifest not found"
 
 
-def test_librispeech_skips_truncated_flac(tmp_path, librispeech_dir, capsys):
-    """A download cut off inside the FLAC header is skipped with one line; one cut off later has a
-    readable header, so it reaches the manifest and data_prep.fbank rejects it."""
-    subset = tmp_path / "LibriSpeech" / SUBSET
-    shutil.copytree(librispeech_dir / SUBSET, subset)
-    for path in [subset, *subset.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    head_cut = subset / "1089" / "134686" / "1089-134686-0000.flac"
-    head_cut.write_bytes(head_cut.read_bytes()[:2000])
-    tail_cut = subset / "1089" / "134691" / "1089-134691-0001.flac"
-    tail_cut.write_bytes(tail_cut.read_bytes()[:40000])
-    manifest = tmp_path / "m.jsonl"
-    assert librispeech.main(["--root", str(tmp_path), "--out", str(manifest)]) == 0
-    err = capsys.readouterr().err
-    assert f"skipped 1089-134686-0000: {head_cut} unreadable" in err and "Traceback" not in err
-    assert [u.id for u in read_manifest(manifest)] == ["1089-134686-0001", "1089-134691-0000", "1089-134691-0001"]
-    index = fbank_run(manifest, tmp_path / "fbank", CFG, World(), None,
-                      fbank_mod.PrepOptions(max_reject_fraction=0.5))
-    assert index["utterances"] == 2 and index["rejected"] == 1
-    reject = json.loads((tmp_path / "fbank" / "rejects.jsonl").read_text())
-    assert reject["id"] == "1089-134691-0001" and "cannot decode" in reject["reason"]
-
-
 def test_rerun_rebuilds_after_a_changed_manifest_feature_config_or_speed_list(tmp_path, librispeech_dir):
     """The index fingerprint covers the manifest, the feature settings and the speed list: the same
     inputs are a no-op that rewrites nothing, each change rebuilds what the new inputs say."""
@@ -459,3 +436,26 @@ def test_dither_adds_noise_in_int16_units():
     plain, dithered = fbank(tone, CFG), fbank(tone, FeatureConfig(dither=1.0))
     loud = plain > plain.max() - 5  # bins near the tone: 0.3 full scale is ~10^4 int16 steps
     assert np.abs(plain - dithered)[loud].max() < 1e-2
+
+
+def test_librispeech_skips_truncated_flac(tmp_path, librispeech_dir, capsys):
+    """A download cut off inside the FLAC header is skipped with one line; one cut off later has a
+    readable header, so it reaches the manifest and data_prep.fbank rejects it."""
+    subset = tmp_path / "LibriSpeech" / SUBSET
+    shutil.copytree(librispeech_dir / SUBSET, subset)
+    for path in [subset, *subset.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    head_cut = subset / "1089" / "134686" / "1089-134686-0000.flac"
+    head_cut.write_bytes(head_cut.read_bytes()[:2000])
+    tail_cut = subset / "1089" / "134691" / "1089-134691-0001.flac"
+    tail_cut.write_bytes(tail_cut.read_bytes()[:40000])
+    manifest = tmp_path / "m.jsonl"
+    assert librispeech.main(["--root", str(tmp_path), "--out", str(manifest)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 1089-134686-0000: {head_cut} unreadable" in err and "Traceback" not in err
+    assert [u.id for u in read_manifest(manifest)] == ["1089-134686-0001", "1089-134691-0000", "1089-134691-0001"]
+    index = fbank_run(manifest, tmp_path / "fbank", CFG, World(), None,
+                      fbank_mod.PrepOptions(max_reject_fraction=0.5))
+    assert index["utterances"] == 2 and index["rejected"] == 1
+    reject = json.loads((tmp_path / "fbank" / "rejects.jsonl").read_text())
+    assert reject["id"] == "1089-134691-0001" and "cannot decode" in reject["reason"]
