@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +166,8 @@ def _render(i: int, u: Utterance, utts: list[Utterance], cfg: AugmentConfig, rir
         rel = Path("wav") / f"{u.id}-aug{k}.wav"
         sf.write(out / rel, y, rate, subtype=subtype)
         rows.append({"id": f"{u.id}-aug{k}", "audio": rel.as_posix(), "text": u.text,
-                     "duration": round(len(y) / rate, 4), "speaker": u.speaker, "aug": done})
+                     "duration": round(len(y) / rate, 4), "speaker": u.speaker, "engine": u.engine,
+                     "voice": u.voice, "aug": done})
     return rows
 
 
@@ -196,10 +197,9 @@ def run(manifest: Path, out: Path, cfg: AugmentConfig, world, comm) -> dict:
     rows = [r for p in parts for r in p]
     failed = [r for r in rows if "error" in r]
     copies = sorted((r for r in rows if "error" not in r), key=lambda r: r["id"])
-    originals = [Utterance(u.id, os.path.relpath(u.audio, out.resolve()), u.text, u.duration, u.speaker)
-                 for u in utts]
+    originals = [replace(u, audio=os.path.relpath(u.audio, out.resolve())) for u in utts]
     write_manifest(out / "train.jsonl", originals + [Utterance(r["id"], r["audio"], r["text"], r["duration"],
-                                                               r["speaker"]) for r in copies])
+                                                               r["speaker"], r["engine"], r["voice"]) for r in copies])
     summary = {"fingerprint": fp, "manifest": str(manifest), "config": asdict(cfg), "originals": len(utts),
                "copies": len(copies), "failed": failed, "rirs": len(rirs), "wall_s": round(time.time() - t0, 1),
                "applied": [{"id": r["id"], **r["aug"]} for r in copies]}

@@ -12,6 +12,8 @@ records the units it holds, their CMVN sums and their rejects. Hence:
   in no finished shard (no utterance lost or doubled); a finished directory is a no-op;
 - ``--force`` builds a new generation directory; ``index.json``, written last and atomically,
   switches to it in one step, so the index never describes a mix of old and new shards;
+- an ``--out`` that holds (or is preparing) the features of another manifest is refused with one
+  line naming it, unless ``--force``: a typo in ``--out`` never replaces another corpus;
 - bad audio (unreadable, truncated, empty, too short or long, NaN, unusable rate) is skipped and
   listed in ``OUT/rejects.jsonl``; the exit status is 3 when rejects exceed
   ``--max-reject-fraction``. Other rates and channel counts are converted with soxr;
@@ -21,6 +23,7 @@ records the units it holds, their CMVN sums and their rejects. Hence:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -48,6 +51,10 @@ SLOW_ENV = "HPC_ASR_TEST_SLOW_RANK"  # "RANK:SECONDS": that rank sleeps this lon
 
 class RejectsError(RuntimeError):
     """Too many utterances were rejected; the index is written, the exit status says so."""
+
+
+class OutDirInUse(ValueError):
+    """--out holds the features of another manifest (exit 2, nothing touched)."""
 
 
 @dataclass
@@ -217,20 +224,25 @@ def _scan(gen_dir: Path) -> dict:
     return state
 
 
-def _decide(out: Path, fingerprint: str, force: bool) -> dict:
-    """Rank 0: no-op, resume the pending generation, or start a new one."""
+def _decide(out: Path, manifest: Path, fingerprint: str, force: bool) -> dict:
+    """Rank 0: no-op, resume the pending generation, or start a new one. A directory that holds
+    (or is preparing) another manifest is refused unless ``force``."""
     index_path, pending_path = out / "index.json", out / "pending.json"
-    if not force and index_path.is_file():
-        try:
+    index = {}
+    if index_path.is_file():
+        with contextlib.suppress(ValueError, FileNotFoundError, KeyError):
             index = read_index(out)
-            if index.get("fingerprint") == fingerprint:
-                return {"noop": True, "index": index}
-        except (ValueError, FileNotFoundError, KeyError):
-            pass
     pending = json.loads(pending_path.read_text()) if pending_path.is_file() else {}
+    for holder, source in ((index, "index.json"), (pending, "pending.json")):
+        other = holder.get("manifest")
+        if not force and other and other != str(manifest.resolve()):
+            raise OutDirInUse(f"{out} holds the features of {other} ({source}): use another --out, "
+                              "or --force to replace them")
+    if not force and index.get("fingerprint") == fingerprint:
+        return {"noop": True, "index": index}
     if force or pending.get("fingerprint") != fingerprint or not (out / pending.get("generation", "-")).is_dir():
         pending = {"generation": f"gen-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                   "fingerprint": fingerprint}
+                   "fingerprint": fingerprint, "manifest": str(manifest.resolve())}
         (out / pending["generation"]).mkdir(parents=True)
         write_json_atomic(pending_path, pending)
     gen_dir = out / pending["generation"]
@@ -286,7 +298,7 @@ def run(manifest: Path, out: Path, features: FeatureConfig, world: World, comm,
     decision = None
     if world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        decision = _decide(out, fingerprint, opts.force)
+        decision = _decide(out, manifest, fingerprint, opts.force)
     _idle_wait(comm)  # dist: rank 0 may scan many shards first
     if comm is not None:
         decision = comm.bcast(decision, root=0)  # dist: every rank takes the same branch
@@ -335,7 +347,7 @@ def _parse(argv: list[str] | None):
     p.add_argument("--manifest", required=True, type=Path, help="JSONL: id, audio, duration, text, speaker")
     p.add_argument("--out", required=True, type=Path, help="output directory for shards + index.json")
     p.add_argument("--config", help="YAML config; only its features section is used")
-    p.add_argument("--force", action="store_true", help="recompute even if index.json is up to date")
+    p.add_argument("--force", action="store_true", help="recompute, even if up to date or of another manifest")
     p.add_argument("--shard-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20, help="shard size cap (MiB)")
     p.add_argument("--shard-utts", type=int, default=0, help="shard utterance cap (0 = none)")
     p.add_argument("--unit-seconds", type=float, default=600.0, help="audio per work unit")
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception as e:  # any failure on any rank must end the whole job
-        code = 2 if isinstance(e, (ManifestError, FileNotFoundError)) else 1
+        code = 2 if isinstance(e, (ManifestError, OutDirInUse, FileNotFoundError)) else 1
         msg = str(e) if code == 2 else f"{world.tag} {type(e).__name__}: {' '.join(str(e).split())[:400]}"
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.unraisablehook = lambda _u: None  # h5py handles of a failed write complain as they die

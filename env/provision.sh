@@ -4,6 +4,11 @@
 #   env/provision.sh --prefix /opt/apps/hpc_asr/0.1.0 [--modulefiles DIR] [--gpu] [--site FILE]
 #   env/provision.sh --prefix DIR --modulefiles-only      # rewrite the modulefiles of an install
 #
+# Edit env/site.yaml first: before installing anything, every site module it names (modulefile.deps
+# or cpu_deps, env.modules) must pass `module is-avail` (Lmod or environment-modules, from the
+# calling shell); a missing one stops here with the list and the line to edit. Last, provisioning
+# checks its own result: `module use DIR && module load hpc_asr/VERSION` must give PREFIX's python.
+#
 # The install is a virtualenv at PREFIX (torch, the cached Horovod build from env/setup-local.sh,
 # checked with `horovodrun --check-build`, and the toolkit copied in, not linked to this checkout).
 # The modulefiles are DIR/hpc_asr/VERSION.lua (Lmod) and DIR/hpc_asr/VERSION (Tcl); DIR defaults to
@@ -23,7 +28,7 @@ while (($#)); do
     --site) SITE=${2:?--site needs a file}; shift ;;
     --gpu) GPU=1 ;;
     --modulefiles-only) ONLY_MODULES=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "provision: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -35,6 +40,55 @@ PREFIX=$(cd "$PREFIX" && pwd)
 MODDIR=${MODDIR:-$PREFIX/modulefiles}
 VERSION=$(sed -n 's/^ *version="\([^"]*\)".*/\1/p' "$ROOT/setup.py")
 say() { printf '[provision] %s\n' "$*"; }
+
+# ---- 0. every site module the site file names exists, before anything is installed ------------
+# `module` comes from the calling shell (Lmod and environment-modules export it) or a known init.
+have_module() { type module >/dev/null 2>&1; }
+for init in ${LMOD_PKG:+$LMOD_PKG/init/bash} ${MODULESHOME:+$MODULESHOME/init/bash} /etc/profile.d/lmod.sh \
+            /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
+  have_module && break
+  if [ -f "$init" ]; then set +u; . "$init" >/dev/null 2>&1 || true; set -u; fi
+done
+have_module || { echo "provision: no \`module\` command (Lmod or environment-modules): run it from a shell" \
+  "where \`module avail\` works" >&2; exit 2; }
+site_modules() {  # "LINE KEY MODULE" for each site module $SITE names (the hpc_asr module itself excluded)
+  PYTHONPATH="$ROOT" "${PYTHON:-python3}" - "$SITE" "$GPU" <<'PY'
+import re, sys
+path, gpu = sys.argv[1:]
+try:
+    from hpc_asr.ops.site import JobError, load_site  # the one reader of the site file
+except ImportError as e:
+    sys.exit(f"provision: reading {path} needs a python3 with PyYAML ({e}): set PYTHON=/path/to/python")
+try:
+    site = load_site(path)
+except JobError as e:
+    sys.exit(f"provision: {e}")
+lines = open(path).read().splitlines()
+key = "deps" if gpu == "1" else "cpu_deps"
+for key, mods in ((key, site.modulefile.get(key)), ("modules", site.env.get("modules"))):
+    line = next((i + 1 for i, ln in enumerate(lines) if re.match(rf"\s*{key}:", ln)), 0)
+    for mod in mods or []:
+        if str(mod).split("/")[0] != "hpc_asr":
+            print(line, key, mod)
+PY
+}
+NAMED=$(site_modules) || exit 2
+MISSING="" WHERE=""
+while read -r line key mod; do
+  [ -n "$mod" ] || continue
+  set +u
+  if module is-avail "$mod" >/dev/null 2>&1; then set -u; continue; fi
+  set -u
+  MISSING="$MISSING $mod"
+  case " $WHERE " in *" $line:$key "*) ;; *) WHERE="$WHERE $line:$key" ;; esac
+done <<< "$NAMED"
+if [ -n "$MISSING" ]; then
+  echo "provision: site modules not found (module is-avail):$MISSING" >&2
+  for w in $WHERE; do
+    echo "provision: edit $SITE line ${w%%:*} (${w#*:}) to the names \`module avail\` shows, then re-run" >&2
+  done
+  exit 2
+fi
 
 # ---- 1. the install: one code path with env/setup-local.sh, into PREFIX, non-editable ---------
 if [ "$ONLY_MODULES" = 0 ]; then
@@ -81,4 +135,13 @@ for src, name in (("hpc_asr.lua.in", f"{version}.lua"), ("hpc_asr.tcl.in", versi
     (Path(out) / name).write_text(text)
     print(f"[provision] wrote {Path(out) / name}")
 PY
+
+# ---- 3. the final check: the module loads, with its dependencies, and runs this install -------
+LOADED=$(set +eu; module use "$MODDIR" && module load "hpc_asr/$VERSION" 2>&1 && command -v python \
+         && python -m hpc_asr --help >/dev/null 2>&1 && echo LOADED_OK) || true
+case "$LOADED" in
+  *"$PREFIX/bin/python"*LOADED_OK*) say "checked: module load hpc_asr/$VERSION (python: $PREFIX/bin/python)" ;;
+  *) echo "provision: \`module load hpc_asr/$VERSION\` from $MODDIR failed:" >&2
+     printf '%s\n' "$LOADED" | sed 's/^/provision:   /' >&2; exit 1 ;;
+esac
 say "done: module use $MODDIR && module load hpc_asr/$VERSION && python -m hpc_asr doctor"

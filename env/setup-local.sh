@@ -40,17 +40,41 @@ pipq() {
 # ---- 1. Debian packages (only the missing ones) -------------------------------------------
 # slurm-wlm + libpmix-dev: the real one-node SLURM of the tests (srun --mpi=pmix); lmod + tcl:
 # modulefile tests (environment-modules conflicts with lmod as a package: see step 1b).
+# mbrola* (contrib/non-free) and rhvoice* (non-free): voice-assistant corpus engines (docs/data.md);
+# festvox-*: its festival test voices.
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox
           slurm-wlm slurm-wlm-basic-plugins libpmix-dev lmod tcl festival festvox-kallpc16k
-          festvox-kdlpc16k festvox-us-slt-hts)
+          festvox-kdlpc16k festvox-rablpc16k festvox-us-slt-hts
+          mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 rhvoice rhvoice-english)
+NONFREE_PKGS=" mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 rhvoice rhvoice-english "
+NONFREE_SOURCES=/etc/apt/sources.list.d/hpc-asr-contrib-non-free.sources
 missing=()
 [ "$APT" = 1 ] || APT_PKGS=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+# Debian's contrib and non-free components, only when a package from them is missing and they are not
+# enabled yet: one deb822 file beside the system's sources, same mirror and suites (idempotent).
+enable_contrib_non_free() {
+  local src=/etc/apt/sources.list.d/debian.sources uri suites
+  [ -f "$NONFREE_SOURCES" ] && return 0
+  if grep -rqsE '^(Components:.*|deb .*)\bnon-free( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ \
+      && grep -rqsE '^(Components:.*|deb .*)\bcontrib\b' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    return 0
+  fi
+  uri=$(sed -n 's/^URIs: *//p' "$src" 2>/dev/null | head -1); uri=${uri:-http://deb.debian.org/debian}
+  suites=$(. /etc/os-release && echo "$VERSION_CODENAME $VERSION_CODENAME-updates")
+  say "enabling Debian contrib and non-free in $NONFREE_SOURCES (for mbrola and rhvoice voices)"
+  printf '%s\n' "# Added by hpc_asr env/setup-local.sh: Debian's mbrola* (contrib, non-free) and rhvoice* (non-free)" \
+    "Types: deb" "URIs: $uri" "Suites: $suites" "Components: contrib non-free" \
+    "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" | $SUDO tee "$NONFREE_SOURCES" >/dev/null
+}
 if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  for p in "${missing[@]}"; do
+    [[ "$NONFREE_PKGS" == *" $p "* ]] && { enable_contrib_non_free; break; }
+  done
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

@@ -41,6 +41,7 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "gpu": ("hpc_asr.bench.gpu", "GPU step, torch.compile, FBANK backends"),
         "ablation": ("hpc_asr.bench.ablation", "the augmentation ablation on a reduced corpus"),
         "peer": ("hpc_asr.bench.peer", "the PocketSphinx peer on a manifest"),
+        "streaming": ("hpc_asr.bench.streaming", "offline vs streaming WER and stream latency of a checkpoint"),
     },
     "report": ("hpc_asr.bench.report", "the demo run's report.json, summary and plots"),
     "checkpoint": ("hpc_asr.checkpoint", "inspect or average checkpoints"),

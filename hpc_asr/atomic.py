@@ -86,9 +86,12 @@ class AtomicFile:
     def commit(self) -> None:
         try:
             _fsync(self.tmp)
-            if self.tmp.is_dir() and self.path.is_dir():
-                shutil.rmtree(self.path)  # rename cannot replace a non-empty directory
+            old = self.path.with_name(f".{self.path.name}.old{os.getpid()}")
+            if self.tmp.is_dir() and self.path.is_dir():  # rename cannot replace a non-empty directory:
+                _remove(old)
+                os.replace(self.path, old)  # move the old one aside (one rename, not a slow rmtree) ...
             os.replace(self.tmp, self.path)
+            _remove(old)  # ... and delete it once the new one is in place
             _fsync_dir(self.path.parent)
         finally:
             _remove(self.tmp)  # gone after a successful rename; removed after a failure

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -42,16 +43,24 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """weights_only=True: a checkpoint cannot execute code when loaded."""
+    """weights_only=True: a checkpoint cannot execute code when loaded. Anything that is not one
+    of ours (a pickled model, another torch file, a text file) is one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True) if is_zip else None
+    except pickle.UnpicklingError:  # weights_only refused an object: e.g. torch.save(model)
+        state = None
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {state.get('format_version')}, expected {FORMAT_VERSION}")
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"not an hpc_asr checkpoint: {path}")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {state['format_version']}, expected {FORMAT_VERSION}")
     return state
 
 

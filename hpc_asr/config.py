@@ -140,10 +140,17 @@ class ModelConfig:
     vocab_size: int = 0
     attention: str = "abs"  # abs (sinusoids added to the input) | rel (Transformer-XL relative positions, as WeNet)
     cmvn: str = "global"  # global | utterance_mean | utterance: then per-utterance mean (and variance)
+    # Streaming (WeNet U2-style chunks; docs/streaming.md): causal depthwise convolution, attention over the
+    # current chunk + left_chunks chunks, dynamic chunk size in training; full context remains available.
+    streaming: bool = False
+    chunk_size: int = 16  # decoding chunk in output frames (16 x 40 ms = 640 ms at subsample_factor 4)
+    left_chunks: int = 4  # chunks of left context kept in the attention cache
+    max_train_chunk: int = 25  # dynamic chunk training draws 1..max_train_chunk (or full context, ~half the batches)
 
     def __post_init__(self) -> None:
         validate(self, "model", d_model=">0", n_heads=">0", n_layers=">0", ff_mult=">0", conv_kernel=">0",
-                 subsample_channels=">0", dropout="[0,1)", vocab_size=">=0")
+                 subsample_channels=">0", dropout="[0,1)", vocab_size=">=0", chunk_size=">=1", left_chunks=">=1",
+                 max_train_chunk=">=1")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} not divisible by n_heads={self.n_heads}")
         if self.subsampling not in ("conv2d", "conv1d"):
@@ -158,6 +165,10 @@ class ModelConfig:
             raise ConfigError(f"model.attention must be abs|rel, got {self.attention!r}")
         if self.cmvn not in ("global", "utterance_mean", "utterance"):
             raise ConfigError(f"model.cmvn must be global|utterance_mean|utterance, got {self.cmvn!r}")
+        if self.streaming and self.cmvn != "global":
+            raise ConfigError(f"model.cmvn={self.cmvn!r} needs the whole utterance; model.streaming needs global")
+        if self.streaming and self.conv_kernel < 2:
+            raise ConfigError(f"model.conv_kernel={self.conv_kernel}: model.streaming needs >= 3 (a conv cache)")
 
 
 @dataclass

@@ -37,7 +37,8 @@ def corpus(tmp_path_factory) -> Path:
     for i in range(6):
         (d / "wav").mkdir(exist_ok=True)
         sf.write(d / "wav" / f"u{i}.wav", voice(1.0 + 0.3 * i, 110 + 20 * i, i), RATE, subtype="PCM_16")
-        utts.append(Utterance(f"u{i}", f"wav/u{i}.wav", f"text {i}", 1.0 + 0.3 * i, f"s{i % 2}"))
+        utts.append(Utterance(f"u{i}", f"wav/u{i}.wav", f"text {i}", 1.0 + 0.3 * i, f"s{i % 2}",
+                              ("espeak", "pico")[i % 2], f"v{i}"))   # synthetic speech records engine and voice
     write_manifest(d / "train.jsonl", utts)
     return d / "train.jsonl"
 
@@ -116,6 +117,7 @@ def test_cli_writes_copies_that_keep_rate_format_and_lengths(corpus, tmp_path):
         info = sf.info(u.audio)
         assert (info.samplerate, info.channels, info.subtype) == (RATE, 1, "PCM_16")
         orig = sf.info(src[u.id.split("-aug")[0]].audio).frames
+        assert (u.engine, u.voice) == (src[u.id.split("-aug")[0]].engine, src[u.id.split("-aug")[0]].voice)
         speed = applied[u.id]["speed"] if u.id in applied else 1.0
         assert info.frames == round(orig / speed)
     written = [p for p in (tmp_path / "a").rglob("*") if p.is_file()]

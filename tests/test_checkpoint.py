@@ -173,3 +173,22 @@ def test_tokenizer_json_sidecar_round_trip():
     for tok in (CharTokenizer(), train_bpe(["set a timer", "turn it up", "set the alarm"], 40)):
         again = from_state_dict(json.loads(json.dumps(tok.json_state())))
         assert again.encode("set it up") == tok.encode("set it up") and again.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("kind", ["pickled_module", "plain_tensor", "text"])
+def test_not_a_checkpoint_is_one_line_naming_it(tmp_path, kind):
+    """A whole pickled nn.Module (torch's weights_only refuses it with a page of advice), a torch
+    file of something else, a text file: each is "not an hpc_asr checkpoint: PATH", in one line."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "pickled_module":
+        torch.save(torch.nn.Linear(2, 2), path)
+    elif kind == "plain_tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_text("hello\n")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(path)
+    assert str(e.value) == f"not an hpc_asr checkpoint: {path}"
+    proc = run([sys.executable, "-m", "hpc_asr", "checkpoint", "average", "--out", str(tmp_path / "avg.pt"),
+                str(path)], check=False)
+    assert proc.returncode == 2 and proc.stderr == f"error: not an hpc_asr checkpoint: {path}\n", proc.stderr

@@ -247,3 +247,26 @@ def test_model_cmvn_is_validated():
     with pytest.raises(ConfigError, match=r"model\.cmvn must be global\|utterance_mean\|utterance, got 'speaker'"):
         ModelConfig(cmvn="speaker")
     assert load_config(None, ["--model.cmvn", "utterance"]).model.cmvn == "utterance"
+
+
+def test_every_preset_builds_the_model_docs_training_md_documents():
+    """Each preset in hpc_asr/configs loads, has a row in docs/training.md's preset table, and
+    builds a model whose parameter count is the documented one (to the digits written there)."""
+    import re
+
+    from hpc_asr.data.tokenizer import CharTokenizer
+    from hpc_asr.model import ConformerCTC
+
+    root = Path(__file__).resolve().parents[1]
+    rows = re.findall(r"^\| `(\w+)\.yaml` \|[^|]*\| ([\d.]+) M \|", (root / "docs" / "training.md").read_text(), re.M)
+    documented = {name: value for name, value in rows}
+    presets = sorted(p.stem for p in (root / "hpc_asr" / "configs").glob("*.yaml"))
+    assert sorted(documented) == presets, "docs/training.md's preset table and hpc_asr/configs differ"
+    for name in presets:
+        cfg = load_config(root / "hpc_asr" / "configs" / f"{name}.yaml")
+        cfg.model.vocab_size = (CharTokenizer().vocab_size if cfg.train.tokenizer == "char"
+                                else cfg.train.bpe_vocab_size + 1)  # + the CTC blank
+        params = ConformerCTC(cfg.model, cfg.features.num_mel_bins).num_params() / 1e6
+        written = documented[name]
+        decimals = len(written.partition(".")[2])
+        assert round(params, decimals) == float(written), f"{name}: {params:.3f} M parameters, docs say {written} M"

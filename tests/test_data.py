@@ -324,3 +324,41 @@ def test_augment_on_gpu_draws_the_same_masks(loader_setup):
     for ref, plain in zip(cpu, make_loader(data, sampler, tok, None, 4, 1, 2, num_workers=0)):
         gpu = augment_batch(plain.to("cuda"), AUG, 4, 2, 1)
         torch.testing.assert_close(gpu.feats.cpu(), ref.feats, atol=1e-4, rtol=1e-5)
+
+
+def test_zero_widths_mask_nothing():
+    """time_width 0 (and freq_width 0) means that mask is off, even with time_masks/freq_masks > 0;
+    the same masks with a width mask something (the check can fail)."""
+    torch.manual_seed(0)
+    lens = torch.tensor([100, 60, 30, 8, 1, 200, 45, 70])
+    feats = torch.randn(len(lens), 200, 80)
+    off = SpecAugConfig(enabled=True, freq_masks=3, freq_width=0, time_masks=3, time_width=0.0)
+    for seed in range(5):
+        out = spec_augment(feats, lens, off, gen=torch.Generator().manual_seed(seed))
+        assert torch.equal(out, feats), f"seed {seed}: a zero-width mask masked frames"
+    on = SpecAugConfig(enabled=True, freq_masks=0, freq_width=0, time_masks=3, time_width=0.05)
+    assert not torch.equal(spec_augment(feats, lens, on, gen=torch.Generator().manual_seed(0)), feats)
+
+
+def test_training_batches_reshuffle_per_epoch_and_seed_and_cover_every_utterance(loader_setup):
+    """What the loop receives from make_loader: another epoch or another seed gives another order
+    (and other batch compositions), the same (seed, epoch) the same; over both ranks every epoch
+    covers every utterance exactly once (so the two ranks' batches are disjoint)."""
+    data, _, tok = loader_setup
+
+    def epoch_order(seed: int, epoch: int) -> list[list[list[int]]]:
+        out = []
+        for rank in (0, 1):
+            s = BucketBatchSampler(data.num_frames, max_frames=800, max_utts=3, rank=rank, size=2, seed=seed)
+            out.append([b.indices for b in make_loader(data, s, tok, None, seed=0, rank=rank, epoch=epoch,
+                                                       num_workers=0)])
+        return out
+
+    e0, e1, other_seed = epoch_order(5, 0), epoch_order(5, 1), epoch_order(6, 0)
+    assert epoch_order(5, 0) == e0
+    for a, b in ((e0, e1), (e0, other_seed)):
+        assert a != b
+        assert {tuple(sorted(x)) for r in a for x in r} != {tuple(sorted(x)) for r in b for x in r}  # regrouped
+    for order in (e0, e1, other_seed):
+        flat = [i for r in order for b in r for i in b]
+        assert sorted(flat) == list(range(len(data)))  # each once: these lengths need no padding batch

@@ -192,3 +192,29 @@ def test_loading_the_arpa_lm_prints_nothing(lm_dir, capfd):
     BeamDecoder(TOK, 16, lm=LmFiles(lm_dir / "lm.arpa", lm_weight=0.5))
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_decode_json_is_tied_to_its_lm_and_checkpoint(tmp_path, capsys):
+    """decode.json records the SHA-256 of the ARPA file and the checkpoint it was tuned for. Another
+    LM under the same name is refused (the weights scale that LM's scores); another checkpoint is a
+    warning (best.pt/avg.pt of the same run usually want the same weights) and is reported."""
+    from hpc_asr.decode.ctc import file_sha256, write_tuned
+
+    build_arpa(["call mom", "play jazz"], 2, tmp_path / "lm.arpa")
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"model one")
+    out = write_tuned(tmp_path / "lm.arpa", {"lm_weight": 0.7, "word_score": 1.5}, ckpt)
+    assert not list(tmp_path.glob(".decode.json.tmp*"))
+    lm = lm_files(tmp_path, model_sha256=file_sha256(ckpt))
+    assert (lm.lm_weight, lm.word_score, lm.tuned, lm.tuned_on_this_model) == (0.7, 1.5, True, True)
+    assert capsys.readouterr().err == ""
+
+    other = lm_files(tmp_path, model_sha256=file_sha256(out))  # any other model
+    assert (other.lm_weight, other.tuned_on_this_model) == (0.7, False)
+    err = capsys.readouterr().err
+    assert f"warning: {out}: tuned with another checkpoint" in err and "lm tune" in err
+
+    build_arpa(["call mom", "play jazz", "stop"], 2, tmp_path / "lm.arpa")  # re-built LM, stale weights
+    with pytest.raises(ValueError, match=r"decode\.json: tuned for another LM \(arpa_sha256 ") as e:
+        lm_files(tmp_path / "lm.arpa")
+    assert "lm tune" in str(e.value) and "\n" not in str(e.value)

@@ -300,3 +300,25 @@ def test_world_inside_sbatch_and_srun(slurm_cluster, tmp_path):
     assert (tmp_path / "batch.txt").read_text().split() == ["python", "0", "1", "1"]
     assert sorted((tmp_path / f"step.{r}.txt").read_text().split()[1] for r in (0, 1)) == ["0", "1"]
     assert (tmp_path / "step.1.txt").read_text().split() == ["srun", "1", "2", "2"]
+
+
+# ---- BatchNorm statistics: each rank its own, averaged at checkpoints, the same on both engines ----
+
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_batchnorm_statistics_are_the_mean_of_the_ranks_on_both_engines(tmp_path, engine):
+    """Ranks see different data (means 0 and 10): each keeps the statistics of its own batches
+    (DDP must not broadcast rank 0's buffers before every forward), and the average over ranks is
+    their mean, not rank 0's statistics, identically under Horovod (mpirun) and DDP (torchrun)."""
+    script = str(ROOT / "tests" / "mpi_scripts" / "bn_average.py")
+    cmd = mpirun_cmd(2, script, engine, str(tmp_path)) if engine == "horovod" else [*TORCHRUN, script, engine,
+                                                                                   str(tmp_path)]
+    run(cmd, timeout=180)
+    res = [torch.load(tmp_path / f"bn.{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in ("mean", "var"):
+        ref = [r["reference"][key] for r in res]
+        assert (ref[1] - ref[0]).abs().min() > 0.5  # the ranks' statistics really differ
+        for r in res:  # each rank's own statistics: its own batches only
+            torch.testing.assert_close(r["own"][key], r["reference"][key], rtol=1e-5, atol=1e-5)
+        mean = (ref[0] + ref[1]) / 2
+        for r in res:
+            torch.testing.assert_close(r["averaged"][key], mean, rtol=1e-5, atol=1e-5)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import helpers
+import pytest
 from conftest import ROOT, mpirun_cmd, run, run_env
 
 from hpc_asr.ops.doctor import Check, _merge, horovod_build_checks, nccl_checks
@@ -102,3 +104,70 @@ def test_merge_names_the_ranks_that_differ():
     merged = _merge([[a], [a], [b]], ["n1", "n1", "n2"])
     assert [m.line() for m in merged] == [a.line().replace(" ok", " [n1/0, n1/1] ok"),
                                           Check("fail", "cuda", "[n2/2] no GPU").line()]
+
+
+# ---- the allreduce runs where training reduces; checks that do not apply are SKIP ---------------
+
+def test_allreduce_runs_on_the_engines_device():
+    """The tensor lives on engine.device, which is the GPU whenever one is visible (so NCCL is what
+    a GPU node checks), and the CPU here."""
+    import torch
+
+    from hpc_asr.dist.engines import Engine
+    from hpc_asr.dist.launch import World
+    from hpc_asr.ops.doctor import allreduce_check
+
+    engine = Engine(World())
+    assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    check, _ = allreduce_check(engine, mb=1, iters=1)
+    assert check.status == "pass" and f"1 MB over 1 ranks on {engine.device} (none)" in check.detail
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["torch", "horovod"])
+def test_allreduce_on_a_gpu_node_goes_through_nccl(engine):
+    """On a GPU node the doctor's allreduce is a CUDA tensor: torch.distributed's NCCL backend, or
+    Horovod's NCCL operations."""
+    if engine == "horovod":
+        from hpc_asr.ops.doctor import horovod_flags
+
+        if not (horovod_flags() or {}).get("nccl"):
+            pytest.skip("Horovod without NCCL here")
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "doctor", "--engine", engine, "--allreduce-mb", "4"],
+                          capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=180)
+    reduce = lines(proc.stdout, "pass", "allreduce")
+    assert len(reduce) == 1 and f"on cuda:0 ({engine})" in reduce[0], proc.stdout + proc.stderr
+
+
+@pytest.fixture()
+def no_horovod(tmp_path) -> dict[str, str]:
+    """The environment of a site without Horovod: a `horovod` package on the path that fails to import."""
+    stub = tmp_path / "site-without-horovod" / "horovod"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ImportError("No module named horovod (this site has none)")\n')
+    env = run_env()
+    env["PYTHONPATH"] = f"{stub.parent}{os.pathsep}{env['PYTHONPATH']}"
+    return env
+
+
+def test_torch_engine_site_without_horovod_skips_the_horovod_checks(tmp_path, no_horovod):
+    """A site configured for the torch engine (dist.engine torch in the training config) and no
+    Horovod: the Horovod check is SKIP with the reason, the allreduce runs over torch.distributed
+    on 2 ranks, nothing fails. Asking for Horovod there is still a failure."""
+    cfg = tmp_path / "torch.yaml"
+    cfg.write_text("dist:\n  engine: torch\n")
+    proc = subprocess.run(mpirun_cmd(2, "-m", "hpc_asr", "doctor", "--config", str(cfg), "--allreduce-mb", "1"),
+                          capture_output=True, text=True, env=no_horovod, cwd=ROOT, timeout=180)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert lines(out, "skip", "horovod") == ["SKIP  horovod                not used: training runs with dist.engine "
+                                             "torch (Horovod not installed)"]
+    reduce = lines(out, "pass", "allreduce")
+    assert len(reduce) == 1 and "1 MB over 2 ranks on cpu (torch)" in reduce[0] and "sum correct" in reduce[0]
+    assert not [ln for ln in out.splitlines() if ln.startswith("FAIL")]
+    assert out.splitlines()[-1].endswith("1 skip, 0 fail")
+
+    hvd = subprocess.run([sys.executable, "-m", "hpc_asr", "doctor", "--engine", "horovod", "--allreduce-mb", "1"],
+                         capture_output=True, text=True, env=no_horovod, cwd=ROOT, timeout=120)
+    assert hvd.returncode == 1 and lines(hvd.stdout, "fail", "horovod")
+    assert lines(hvd.stdout, "fail", "allreduce")

@@ -222,3 +222,47 @@ def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, 
     greedy.session = rec.session = KnownPosterior()
     feats = np.zeros((40, rec.features.num_mel_bins), np.float32)
     assert greedy.decode_features(feats) == "stap" and rec.decode_features(feats) == "stop"
+
+@pytest.mark.parametrize("dist", [{"engine": "horovod", "elastic": True}, {"engine": "torch"}],
+                         ids=["elastic", "torch"])
+def test_evaluation_picks_its_own_engine_whatever_training_used(real_fixture, tmp_path, dist):
+    """A model trained with the elastic engine (horovodrun --min-np) or with torch.distributed
+    is evaluated under plain python and under mpirun -np 2: the engine is this launch's, not the
+    checkpoint's dist section, and both launches score the same."""
+    state = checkpoint.load(real_fixture["ckpt"])
+    state["config"]["dist"].update(dist)
+    ckpt = tmp_path / "trained_elsewhere.pt"
+    checkpoint.save(ckpt, state)
+    args = ["-m", "hpc_asr", "evaluate", "--checkpoint", str(ckpt), "--data", str(real_fixture["data"])]
+    one = run([sys.executable, *args, "--out", str(tmp_path / "one.json")], timeout=120, check=False)
+    assert one.returncode == 0, one.stderr
+    two = run(mpirun_cmd(2, *args, "--out", str(tmp_path / "two.json")), timeout=180, check=False)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["utterances"] == b["utterances"] == real_fixture["n"] and a["hypotheses"] == b["hypotheses"]
+
+
+@pytest.mark.parametrize("train", [{"precision": "bf16"}, {"amp": True}], ids=["bf16", "amp_on_cpu"])
+def test_a_bf16_checkpoint_is_scored_under_bf16_autocast(tmp_path, train):
+    """Scoring uses the precision training used (TrainConfig.autocast_dtype, the one owner): a
+    bf16 run (or the legacy amp switch, bf16 on CPU) gives exactly the bf16-autocast forward pass,
+    not an fp16 or fp32 one."""
+    from hpc_asr.data.loader import collate
+    from hpc_asr.decode.evaluate import load_model_and_data, posteriors
+
+    d = make_feature_dir(tmp_path / "f", 4, ["set a timer", "go home", "play jazz", "stop"])
+    state = checkpoint.load(tiny_checkpoint(tmp_path / "m.pt"))
+    state["config"]["train"].update(train)
+    checkpoint.save(tmp_path / "bf16.pt", state)
+    model, tok, cfg, data = load_model_and_data(str(tmp_path / "bf16.pt"), str(d))
+    assert cfg.train.autocast_dtype("cpu") == torch.bfloat16
+
+    def forward(batch, dtype):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(batch.feats, batch.feat_lens)[0].float()
+
+    with torch.no_grad():
+        for idx, lp, _, _ in posteriors(model, data, tok, cfg, list(range(len(data)))):
+            batch = collate([data[i] for i in idx], data.texts, tok)
+            assert torch.equal(lp, forward(batch, torch.bfloat16))
+            assert not torch.equal(lp, forward(batch, torch.float16)) and not torch.equal(lp, forward(batch, None))

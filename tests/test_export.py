@@ -178,3 +178,140 @@ def test_export_cli_rejects_garbage_checkpoint(tiny_features, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and str(garbage) in err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_threads_follow_the_cpu_affinity(tiny_features, tmp_path, monkeypatch, keep_threads):
+    """A job given one CPU of the node (SLURM --cpus-per-task, taskset) exports with one thread,
+    not one per core of the node."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with at least 2 CPUs to restrict")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    ckpt = tmp_path / "m.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"])
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        rc = export.main(["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--out-dir",
+                          str(tmp_path / "export"), "--max-utts", "1"])
+        threads = torch.get_num_threads()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert rc == 0 and threads == 1
+
+
+def test_export_directory_is_complete_or_untouched_after_a_crash(tiny_features, tmp_path, monkeypatch, keep_threads):
+    """A crash while the metadata is written (after ONNX and TorchScript passed parity) leaves no
+    model without its model.json: a new export directory does not appear, and an earlier complete
+    export stays as it was, every file of it."""
+    ckpt = tmp_path / "m.pt"
+    save_random_checkpoint(ckpt, tiny_features["train"])
+    args = ["--checkpoint", str(ckpt), "--data", str(tiny_features["dev"]), "--max-utts", "1"]
+
+    def killed(self):
+        raise RuntimeError("killed while writing model.json")
+
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(CharTokenizer, "json_state", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            export.main([*args, "--out-dir", str(fresh)])
+    assert not (fresh / "model.onnx").exists() and not (fresh / "model.ts").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries either
+
+    done = tmp_path / "done"
+    assert export.main([*args, "--out-dir", str(done)]) == 0
+    files = {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    assert {"model.onnx", "model.ts", "model.json", "export.json"} <= {str(p) for p in files}
+    with monkeypatch.context() as m:
+        m.setattr(CharTokenizer, "json_state", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            export.main([*args, "--out-dir", str(done)])
+    assert {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()} == files
+    meta = json.loads((done / "model.json").read_text())
+    assert meta["checkpoint_sha256"] == __import__("hashlib").sha256(ckpt.read_bytes()).hexdigest()
+
+
+# ---- the deployable Recognizer against evaluate, on real audio, char and BPE ----------------
+
+@pytest.fixture(scope="module", params=["char", "bpe"])
+def real_export(request, tmp_path_factory, librispeech_dir) -> dict:
+    """The 4 real LibriSpeech fixture utterances prepared by the prep library, a (random) model
+    with a char or BPE tokenizer (all GPU presets use BPE), its export, and evaluate's greedy
+    transcripts of the prepared split."""
+    from data_prep.fbank import run as fbank_run
+    from data_prep.recipes import librispeech
+    from hpc_asr.data.manifest import write_manifest
+    from hpc_asr.data.tokenizer import train_bpe
+    from hpc_asr.dist.launch import World
+
+    tmp = tmp_path_factory.mktemp(f"real_{request.param}")
+    utts = librispeech.read_subset(librispeech.subset_dir(librispeech_dir, "test-clean"))
+    write_manifest(tmp / "real.jsonl", utts)
+    fbank_run(tmp / "real.jsonl", tmp / "fbank", Config().features, World(), None)
+    tok = CharTokenizer() if request.param == "char" else train_bpe([u.text for u in utts], 60)
+    cfg = load_config(None, ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_layers", "1",
+                             "--model.ff_mult", "2", "--model.conv_kernel", "5", "--model.subsampling", "conv1d"])
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(1)
+    model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+    data = FeatureSet(tmp / "fbank")
+    model.set_cmvn(data.cmvn_mean, data.cmvn_std)
+    ckpt = tmp / "model" / "last.pt"
+    checkpoint.save(ckpt, {"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": tok.state_dict()})
+    run([sys.executable, "-m", "hpc_asr", "export", "--checkpoint", str(ckpt), "--data", str(tmp / "fbank"),
+         "--out-dir", str(tmp / "export")], timeout=300)
+    run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(ckpt), "--data", str(tmp / "fbank"),
+         "--decoder", "greedy", "--out", str(tmp / "eval.json")], timeout=300)
+    return {"utts": utts, "export": tmp / "export", "eval": json.loads((tmp / "eval.json").read_text()),
+            "kind": request.param}
+
+
+def test_recognizer_transcribes_the_audio_as_evaluate_does(real_export):
+    """The exported Recognizer (waveform → FBANK → ONNX → greedy) loads the model's own tokenizer,
+    BPE included, and gives, for each real utterance, the transcript evaluate gives for the same
+    audio prepared by the prep library: one feature definition and one model, end to end."""
+    from hpc_asr.data.features import load_audio
+
+    rec = Recognizer(real_export["export"], threads=1)
+    assert type(rec.tokenizer).__name__ == {"char": "CharTokenizer", "bpe": "BpeTokenizer"}[real_export["kind"]]
+    hyps = real_export["eval"]["hypotheses"]
+    assert len(hyps) == len(real_export["utts"]) == 4
+    ours = {u.id: rec(load_audio(u.audio, rec.features.sample_rate)) for u in real_export["utts"]}
+    assert ours == {i: h["hyp"] for i, h in hyps.items()}
+    assert all(len(t) >= 5 for t in ours.values()), ours  # text to compare, not empty strings
+
+
+# ---- export variants: FBANK inside the graph, int8 ------------------------------------------
+
+def test_fbank_graph_equals_prep_features_on_real_speech(librispeech_dir, tmp_path):
+    """The in-graph FBANK (run by ONNX Runtime) against prep's features.fbank on a real LibriSpeech
+    utterance and on the gate's test signals: same frame count, log-mel within 2e-3."""
+    import onnxruntime as ort
+
+    from hpc_asr.config import FeatureConfig
+    from hpc_asr.data.features import fbank, load_audio
+    from hpc_asr.deploy.variants import FbankGraph, gate_signals
+
+    cfg = FeatureConfig()
+    path = sorted(librispeech_dir.rglob("*.flac"))[0]
+    waves = [load_audio(str(path), cfg.sample_rate)[: 3 * cfg.sample_rate], *gate_signals(cfg)]
+    out = tmp_path / "fbank.onnx"
+    torch.onnx.export(FbankGraph(cfg).eval(), (torch.zeros(1, 8000), torch.tensor([8000])), str(out), dynamo=False,
+                      opset_version=17, input_names=["w", "n"], output_names=["f", "t"],
+                      dynamic_axes={"w": {0: "B", 1: "N"}, "n": {0: "B"}, "f": {1: "T"}})
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for w in waves:
+        want = fbank(w, cfg)
+        got, frames = sess.run(None, {"w": w[None], "n": np.array([len(w)], np.int64)})
+        assert got.shape[1] == int(frames[0]) == len(want)
+        np.testing.assert_allclose(got[0], want, atol=2e-3, rtol=0)
+
+
+def test_fbank_graph_refuses_dither():
+    from hpc_asr.config import FeatureConfig
+    from hpc_asr.deploy.variants import FbankGraph
+
+    with pytest.raises(ValueError, match="dither"):
+        FbankGraph(FeatureConfig(dither=1.0))

@@ -113,3 +113,68 @@ def test_lm_lowers_dev_wer_of_a_small_trained_model(tmp_path):
     assert res["beam+lm"]["tuned_on_dev"] and res["beam+lm"]["lm_weight"] == tuned["lm_weight"]
     assert res["beam+lm"]["wer"] < res["greedy"]["wer"], (res["beam+lm"]["wer"], res["greedy"]["wer"])
     assert math.isfinite(res["beam+lm"]["loss"]) and Path(res["beam+lm"]["lm"]).name == "lm.arpa"
+
+
+# ---- tuning runs where the model is (defect 3: batches went to cuda:0, the model stayed on the CPU)
+
+def _tiny_tuning_setup(tmp_path: Path) -> tuple[str, Path, Path]:
+    from test_evaluate import tiny_checkpoint
+
+    dev = make_feature_dir(tmp_path / "dev", 6, ["set a timer", "play jazz", "call mom"], seed=1, shards=1)
+    build_arpa(["set a timer", "play some jazz", "call mom"], 2, tmp_path / "lm" / "lm.arpa")
+    return str(tiny_checkpoint(tmp_path / "m.pt")), dev, tmp_path / "lm" / "lm.arpa"
+
+
+def test_posteriors_are_computed_where_the_model_is(tmp_path):
+    """posteriors() sends each batch to the model's device (no engine decides it): a model on the
+    CPU gives exactly its own forward pass on the same batch."""
+    import torch
+
+    from hpc_asr.data.loader import collate
+    from hpc_asr.decode.evaluate import load_model_and_data, posteriors
+
+    ckpt, dev, _ = _tiny_tuning_setup(tmp_path)
+    model, tok, cfg, data = load_model_and_data(ckpt, str(dev))
+    assert next(model.parameters()).device.type == "cpu"
+    with torch.no_grad():
+        outs = list(posteriors(model, data, tok, cfg, list(range(len(data)))))
+        assert sorted(i for idx, *_ in outs for i in idx) == list(range(len(data)))
+        for idx, lp, lens, _ in outs:
+            batch = collate([data[i] for i in idx], data.texts, tok)
+            ref, ref_lens = model(batch.feats, batch.feat_lens)
+            assert lp.device.type == "cpu" and torch.equal(lens, ref_lens) and torch.allclose(lp, ref.float())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_tune_runs_on_a_cuda_node(tmp_path):
+    """Where CUDA is visible `lm tune` (and so `make demo`) failed: batches on cuda:0, model on the CPU."""
+    from hpc_asr.decode.tune import tune
+
+    ckpt, dev, arpa = _tiny_tuning_setup(tmp_path)
+    res = tune(ckpt, str(dev), arpa, [0.0, 0.5], [0.0, 1.0], beam=4)
+    assert res["dev_utterances"] == 6 and len(res["grid"]) == 4
+    assert res["dev_wer"] == min(g["dev_wer"] for g in res["grid"]) and math.isfinite(res["dev_wer_greedy"])
+
+
+def test_tune_cli_ties_decode_json_and_evaluate_refuses_another_lm(tmp_path):
+    """`lm tune` writes decode.json (atomically) with the LM's and the checkpoint's SHA-256;
+    after the LM is rebuilt, evaluating with beam+lm stops with one line instead of silently
+    using weights tuned for the old LM."""
+    import hashlib
+
+    ckpt, dev, arpa = _tiny_tuning_setup(tmp_path)
+    run([sys.executable, "-m", "hpc_asr", "lm", "tune", "--checkpoint", ckpt, "--data", str(dev), "--lm",
+         str(arpa.parent), "--lm-weights", "0,0.5", "--word-scores", "0", "--beam-size", "4"], timeout=120)
+    tuned = json.loads((arpa.parent / "decode.json").read_text())
+    assert tuned["arpa_sha256"] == hashlib.sha256(arpa.read_bytes()).hexdigest()
+    assert tuned["checkpoint_sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+    assert not list(arpa.parent.glob(".decode.json.tmp*"))
+    args = [sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", ckpt, "--data", str(dev), "--decoder",
+            "beam+lm", "--lm", str(arpa.parent), "--decode.beam_size", "4"]
+    ok = run([*args, "--out", str(tmp_path / "e.json")], timeout=120)
+    assert "warning" not in ok.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["tuned_on_this_checkpoint"] is True
+    build_arpa(["set a timer", "stop"], 2, arpa)
+    bad = run(args, timeout=120, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "decode.json: tuned for another LM" in bad.stderr

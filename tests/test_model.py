@@ -77,7 +77,7 @@ def test_sdpa_attention_equals_manual_softmax():
     x = torch.randn(b, t, d)
     mask = make_pad_mask(torch.tensor([11, 7, 1]), t)
     with torch.no_grad():
-        got = attn(x, mask)
+        got, _ = attn(x, mask)
         q, k, v = attn.qkv(attn.norm(x)).reshape(b, t, 3, h, d // h).unbind(2)  # each (B, T, H, Dh)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, Dh)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)  # (B, H, T, T)
@@ -168,7 +168,7 @@ def test_rel_attention_equals_explicit_relative_scores():
     x, mask = torch.randn(b, t, d), make_pad_mask(torch.tensor([9, 4]), t)
     pos = _rel_sinusoids(t, d, x.device)  # row r is relative position T-1-r
     with torch.no_grad():
-        got = attn(x, mask, pos)
+        got, _ = attn(x, mask, pos)
         q, k, v = (z.transpose(1, 2) for z in attn.qkv(attn.norm(x)).reshape(b, t, 3, h, dh).unbind(2))
         p = attn.pos(pos).reshape(2 * t - 1, h, dh)
         scores = torch.empty(b, h, t, t)

@@ -48,6 +48,18 @@ def write_site(tmp: Path) -> tuple[Path, Path]:
     return site, deps.parent
 
 
+def provision(system: str, deps: Path, *args: str) -> subprocess.CompletedProcess:
+    """env/provision.sh run as staff run it: from a login-like shell where `module` works (exported,
+    as Lmod and environment-modules do) and the site's module tree is on MODULEPATH."""
+    script = f"""
+{module_init(system)}
+export -f module
+module use {deps}
+bash {ROOT / "env" / "provision.sh"} {" ".join(args)}
+"""
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=clean_env(), timeout=900)
+
+
 def clean_env() -> dict[str, str]:
     """A login-like environment: no venv on PATH, no PYTHONPATH, nothing module-related."""
     venv_bin = str(ROOT / ".venv" / "bin")
@@ -110,10 +122,10 @@ def venv_modulefiles(tmp_path_factory) -> tuple[Path, Path]:
     """Modulefiles for the checkout's own .venv (provision.sh --modulefiles-only): fast."""
     tmp = tmp_path_factory.mktemp("modules")
     site, deps = write_site(tmp)
-    proc = subprocess.run(["bash", str(ROOT / "env" / "provision.sh"), "--prefix", str(ROOT / ".venv"),
-                           "--modulefiles", str(tmp / "modulefiles"), "--site", str(site), "--modulefiles-only"],
-                          capture_output=True, text=True, timeout=120)
+    proc = provision("lmod", deps, "--prefix", str(ROOT / ".venv"), "--modulefiles", str(tmp / "modulefiles"),
+                     "--site", str(site), "--modulefiles-only")
     assert proc.returncode == 0, proc.stderr
+    assert f"[provision] checked: module load hpc_asr/{VERSION}" in proc.stdout  # its own final check
     assert (tmp / "modulefiles" / "hpc_asr" / f"{VERSION}.lua").is_file()
     assert (tmp / "modulefiles" / "hpc_asr" / VERSION).read_text().startswith("#%Module")
     return tmp / "modulefiles", deps
@@ -125,13 +137,43 @@ def test_module_load_runs_doctor_from_anywhere_and_unloads(system, venv_modulefi
     check_loaded(got, ROOT / ".venv")
 
 
+@pytest.mark.parametrize("system", ["lmod", "tcl"])
+def test_provision_refuses_site_modules_that_do_not_exist(system, tmp_path):
+    """The default site.yaml's openmpi/4.1.6 is not on this site: provisioning stops before it
+    installs anything, listing every missing module and the line of the site file to edit."""
+    _, deps = write_site(tmp_path)
+    site = tmp_path / "bad-site.yaml"
+    site.write_text("scheduler: slurm\nmodulefile:\n  deps: [testdep/1.0, cuda/12.4]\n"
+                    "  cpu_deps: [testdep/1.0, openmpi/4.1.6, nccl/9]\nenv:\n  modules: [gcc/99, hpc_asr]\n")
+    prefix = tmp_path / "apps" / "hpc_asr"
+    proc = provision(system, deps, "--prefix", str(prefix), "--site", str(site))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "provision: site modules not found (module is-avail): openmpi/4.1.6 nccl/9 gcc/99",
+        f"provision: edit {site} line 4 (cpu_deps) to the names `module avail` shows, then re-run",
+        f"provision: edit {site} line 6 (modules) to the names `module avail` shows, then re-run"]
+    assert not list(prefix.iterdir())  # nothing installed
+
+
+@pytest.mark.parametrize("system", ["lmod", "tcl"])
+def test_provision_fails_when_its_module_does_not_load(system, tmp_path):
+    """A dependency that exists but cannot load: provisioning's own `module load hpc_asr` says so."""
+    site, deps = write_site(tmp_path)
+    (deps / "testdep" / "1.0.lua").write_text('LmodError("testdep is broken on this node")\n')
+    (deps / "testdep" / "1.0").write_text('#%Module1.0\nerror "testdep is broken on this node"\n')
+    proc = provision(system, deps, "--prefix", str(ROOT / ".venv"), "--modulefiles", str(tmp_path / "mf"),
+                     "--site", str(site), "--modulefiles-only")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"provision: `module load hpc_asr/{VERSION}` from {tmp_path / 'mf'} failed:")
+    assert "testdep is broken on this node" in proc.stderr
+
+
 @pytest.mark.slow
 def test_provision_self_contained_install(tmp_path, tiny_features):
     """The full staff path: a fresh venv at PREFIX (no link to this checkout), then both module systems."""
     site, deps = write_site(tmp_path)
     prefix = tmp_path / "apps" / "hpc_asr" / VERSION
-    proc = subprocess.run(["bash", str(ROOT / "env" / "provision.sh"), "--prefix", str(prefix), "--site", str(site)],
-                          capture_output=True, text=True, timeout=900)
+    proc = provision("lmod", deps, "--prefix", str(prefix), "--site", str(site))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[X] PyTorch" in proc.stdout and "[X] MPI" in proc.stdout  # horovodrun --check-build
     site_packages = next(prefix.glob("lib/python3*/site-packages"))

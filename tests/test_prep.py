@@ -151,6 +151,38 @@ def test_shard_features_equal_library_fbank(prepped):
         np.testing.assert_array_equal(fs.feats(i), fbank(load_audio(utt.audio, CFG.sample_rate), CFG))
 
 
+def _kaldi_native_fbank(path: str, cfg: FeatureConfig) -> np.ndarray:
+    """Kaldi's own FBANK (kaldi-native-fbank, C++) of a file read by libsndfile: no hpc_asr code."""
+    import kaldi_native_fbank as knf
+
+    samples, sr = sf.read(path, dtype="float32")
+    assert sr == cfg.sample_rate
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = sr
+    opts.frame_opts.frame_length_ms, opts.frame_opts.frame_shift_ms = cfg.frame_length_ms, cfg.frame_shift_ms
+    opts.frame_opts.dither, opts.frame_opts.snip_edges = 0.0, True
+    opts.mel_opts.num_bins = cfg.num_mel_bins
+    opts.mel_opts.low_freq, opts.mel_opts.high_freq = cfg.low_freq, cfg.high_freq
+    comp = knf.OnlineFbank(opts)
+    comp.accept_waveform(sr, samples * 32768.0)  # Kaldi works on 16-bit sample values
+    comp.input_finished()
+    return np.stack([comp.get_frame(i) for i in range(comp.num_frames_ready)])
+
+
+def test_shard_features_equal_kaldi_native_fbank_on_real_audio(prepped):
+    """What the 2-rank prep wrote for the real LibriSpeech fixture utterances is Kaldi's FBANK of
+    that audio, computed here by kaldi-native-fbank from libsndfile's samples (independent of the
+    prep's reader and of hpc_asr.data.features), to float32 agreement on the bins that carry energy."""
+    assert CFG.dither == 0.0
+    fs = FeatureSet(prepped["out"])
+    for utt in prepped["good"]:
+        ours, ref = fs.feats(fs.ids.index(utt.id)), _kaldi_native_fbank(utt.audio, CFG)
+        assert ours.shape == ref.shape, utt.id
+        strong = ref > ref.max(axis=1, keepdims=True) - 15.0
+        assert np.abs(ours - ref)[strong].max() < 1e-3, utt.id
+        assert np.abs(ours - ref).mean() < 1e-3, utt.id
+
+
 def test_rerun_is_noop(prepped):
     out = prepped["out"]
     files = [out / "index.json", *out.glob("gen-*/*.h5")]
@@ -459,3 +491,26 @@ def test_librispeech_skips_truncated_flac(tmp_path, librispeech_dir, capsys):
     assert index["utterances"] == 2 and index["rejected"] == 1
     reject = json.loads((tmp_path / "fbank" / "rejects.jsonl").read_text())
     assert reject["id"] == "1089-134691-0001" and "cannot decode" in reject["reason"]
+
+
+def test_out_holding_another_manifest_is_refused_unless_force(tmp_path, librispeech_dir):
+    """--out of a directory prepared from another manifest: one line naming both, nothing touched;
+    the same manifest still resumes (or rebuilds when it changed); --force replaces."""
+    utts = many_utts(librispeech_dir, 3)
+    a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "fbank"
+    write_manifest(a, utts[:1])
+    write_manifest(b, utts[1:2])
+    cmd = [sys.executable, "-m", "hpc_asr", "prep", "fbank", "--out", str(out), "--manifest"]
+    run([*cmd, str(a)])
+    before = (out / "index.json").read_text()
+    refused = run([*cmd, str(b)], check=False)
+    assert refused.returncode == 2
+    assert refused.stderr == (f"error: {out} holds the features of {a.resolve()} (index.json): use another --out, "
+                              "or --force to replace them\n")
+    assert (out / "index.json").read_text() == before and len(list(out.glob("gen-*"))) == 1
+    assert not (out / "pending.json").exists()
+    write_manifest(a, utts[:1] + utts[2:])  # the same manifest, grown: rebuilt without --force
+    run([*cmd, str(a)])
+    assert ids_in(out) == [utts[0].id, utts[2].id]
+    run([*cmd, str(b), "--force"])
+    assert ids_in(out) == [utts[1].id] and json.loads((out / "index.json").read_text())["manifest"] == str(b.resolve())

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import shlex
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -261,3 +265,28 @@ def test_featureset_read_error_after_open_is_one_line(prepared):
     with pytest.raises(ShardError, match=re.escape(f"{path}: unreadable shard")):
         for i in range(len(fs)):
             fs.feats(i)
+
+
+def test_truncated_shard_hint_is_a_verify_command_that_works(tmp_path):
+    """data_prep.fbank keeps shards in a generation subdirectory (DIR/gen-*/shard-*.h5): the
+    message of a truncated shard must suggest verifying DIR (where index.json is), and running
+    that very command names the truncated shard instead of failing on a missing index."""
+    gen = tmp_path / "gen-20260101T000000-abcdef"
+    gen.mkdir()
+    rows, cmvn = [], CmvnStats.zeros(CFG.num_mel_bins)
+    for seed in (0, 1):
+        w = ShardWriter(gen / f"shard-{seed:06d}.h5", CFG, {"rank": seed, "size": 2})
+        for utt in make_utts(seed, [40, 60]):
+            w.add(*utt)
+            cmvn.add(utt[1])
+        rows.append({**w.close(), "file": f"{gen.name}/shard-{seed:06d}.h5"})
+    write_index(tmp_path, CFG, rows, (cmvn.sum, cmvn.sumsq, cmvn.count), ranks=2, generation=gen.name)
+    path = gen / "shard-000000.h5"
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ShardError) as e:
+        FeatureSet(tmp_path)
+    hint = re.search(r"run `(python -m hpc_asr prep verify [^`]+)`$", str(e.value))
+    assert hint, str(e.value)
+    proc = subprocess.run([sys.executable, *shlex.split(hint.group(1))[1:]], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {path}: 3000 bytes"), proc.stderr

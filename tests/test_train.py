@@ -27,7 +27,7 @@ from helpers import TEXTS, make_feature_dir, tiny_yaml
 import hpc_asr.train.loop as train_mod
 from hpc_asr import checkpoint
 from hpc_asr.cli import load_config
-from hpc_asr.data.loader import FeatureSet, collate
+from hpc_asr.data.loader import BucketBatchSampler, FeatureSet, collate
 from hpc_asr.data.tokenizer import normalize
 from hpc_asr.decode.ctc import greedy_batch
 from hpc_asr.decode.wer import error_counts, rates
@@ -263,6 +263,106 @@ def test_resume_false_starts_over(tiny_features, tmp_path):
     s = train_mod.train(_resume_config(tiny_features, out, "--train.max_steps", "2", "--train.resume", "false"))
     assert s["steps"] == 2 and [h["step"] for h in s["history"]] == [1, 2]
     assert "resumed from" not in log.read_text()[len(before):]
+
+
+# ---- uneven epochs, accum_steps 3, resumes in a later epoch (1 and 2 ranks) -----------------
+
+UNEVEN = {"max_frames": 150, "max_utts": 3, "bucket_size": 5}  # 12 utterances of 30-95 frames
+
+
+def _uneven_args() -> list[str]:
+    return [a for k, v in UNEVEN.items() for a in (f"--data.{k}", str(v))] + ["--train.accum_steps", "3"]
+
+
+def _epoch_lengths(train_dir: Path, size: int, epochs: int = 3) -> list[int]:
+    """Local batches per epoch of the training sampler (seed 0) on ``size`` ranks."""
+    s = BucketBatchSampler(FeatureSet(train_dir).num_frames, UNEVEN["max_frames"], UNEVEN["max_utts"], 0, size,
+                           seed=0, bucket_size=UNEVEN["bucket_size"])
+    out = []
+    for e in range(epochs):
+        s.set_epoch(e)
+        out.append(len(s))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> dict[str, Path]:
+    """12 utterances whose bucketed batch count changes between epochs (11, 10, 10 on one rank;
+    6, 5, 5 per rank on two), and an uninterrupted 3-epoch single-process run over them."""
+    root = tmp_path_factory.mktemp("uneven")
+    dirs = {"train": make_feature_dir(root / "train", 12, TEXTS, seed=0, shards=2),
+            "dev": make_feature_dir(root / "dev", 2, TEXTS[4:], seed=1, shards=1), "root": root}
+    assert _epoch_lengths(dirs["train"], 1) == [11, 10, 10] and _epoch_lengths(dirs["train"], 2) == [6, 5, 5]
+    train_mod.train(_resume_config(dirs, root / "straight", *_uneven_args(), "--train.warmup_steps", "2"))
+    return dirs
+
+
+@pytest.mark.parametrize("where", ["epoch2_start", "epoch2_middle"])
+def test_uneven_epochs_with_accumulation_resume_in_epoch2_exactly(uneven, tmp_path, monkeypatch, where):
+    """accum_steps 3 over epochs of 11, 10 and 10 batches: every epoch ends with an optimizer step
+    (4 + 4 + 4 = 12 steps; no partial group leaks into the next epoch), and a run stopped at the
+    start of epoch 2 (after epoch 1's checkpoint) or in its middle (a signal at step 10) and
+    relaunched ends bitwise equal to the uninterrupted run: the batch count and the dropout
+    masks of epoch 2 do not depend on which epochs this process has seen."""
+    straight, split = uneven["root"] / "straight", tmp_path / "split"
+    args = [*_uneven_args(), "--train.warmup_steps", "2"]
+    if where == "epoch2_start":
+        real_evaluate, evals = train_mod.evaluate, []
+
+        def preempt_after_epoch_1(*a, **kw):  # evaluate runs right after the epoch-end checkpoint
+            evals.append(1)
+            if len(evals) == 2:
+                raise Preempted
+            return real_evaluate(*a, **kw)
+
+        monkeypatch.setattr(train_mod, "evaluate", preempt_after_epoch_1)
+        with pytest.raises(Preempted):
+            train_mod.train(_resume_config(uneven, split, *args))
+        monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+        assert checkpoint.load(split / "last.pt")["position"]["epoch"] == 2
+    else:
+        monkeypatch.setenv("HPC_ASR_TEST_WAIT_SIGNAL", "10:0")
+
+        def send_when_waiting():
+            deadline = time.time() + 120
+            while not (split / "waiting.rank0").is_file() and time.time() < deadline:
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=send_when_waiting, daemon=True).start()
+        with pytest.raises(train_mod.Preempted):
+            train_mod.train(_resume_config(uneven, split, *args))
+        monkeypatch.delenv("HPC_ASR_TEST_WAIT_SIGNAL")
+        pos = checkpoint.load(split / "last.pt")["position"]
+        assert (pos["epoch"], pos["step"]) == (2, 10) and 0 < pos["batch"] < 10
+    summary = train_mod.train(_resume_config(uneven, split, *args))
+    assert "resumed from" in (split / "train.rank0.log").read_text()
+    _assert_same_run(straight, split)
+    assert summary["steps"] == sum(-(-n // 3) for n in _epoch_lengths(uneven["train"], 1)) == 12
+
+
+def test_two_ranks_uneven_epochs_accumulation_signal_in_epoch2_resumes_exactly(uneven, tmp_path):
+    """The same under 2-rank Horovod (6, 5, 5 local batches per epoch, accum_steps 3: 2 steps per
+    epoch): SIGUSR1 to rank 1 at step 5 (epoch 2, mid-epoch), relaunch, bitwise equal to the
+    uninterrupted 2-rank run, replicas identical."""
+    def yaml_for(out: Path) -> Path:
+        return tiny_yaml(tmp_path / f"{out.name}.yaml", uneven["train"], uneven["dev"], out, data=UNEVEN,
+                         train={"epochs": 3, "warmup_steps": 2, "accum_steps": 3, "tensorboard": False},
+                         model={"dropout": 0.1}, specaug={"enabled": True})
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(yaml_for(straight))), timeout=300)
+    proc = _launch(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(yaml_for(split))),
+                   HPC_ASR_TEST_WAIT_SIGNAL="5:1")
+    os.kill(int(_wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == train_mod.EXIT_PREEMPTED, err
+    pos = checkpoint.load(split / "last.pt")["position"]
+    assert (pos["epoch"], pos["step"], pos["batch"]) == (2, 5, 3)
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(yaml_for(split))), timeout=300)
+    _assert_same_run(straight, split)
+    summary = json.loads((split / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["replicas_identical"], summary["replicas"]
 
 
 # ---- preemption: a signal to one rank --------------------------------------------------------

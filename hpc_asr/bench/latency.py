@@ -13,13 +13,12 @@ receives samples). Reports p50/p95/max latency in ms and the real-time factor (p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.data.features import load_audio
 from hpc_asr.data.manifest import read_manifest
 from hpc_asr.decode.ctc import DECODERS
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[latency] {res['utterances']} utts, {args.decoder}, p50 {res['latency_ms_p50']} ms, "
           f"p95 {res['latency_ms_p95']} ms, RTF {res['rtf']} ({args.threads} thread)", file=sys.stderr)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        write_json_atomic(args.out, res)
     return 0
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from hpc_asr.config import FeatureConfig, SpecAugConfig
+from hpc_asr.data.shards import ShardError, open_shard, read_index, verify_hint
 from hpc_asr.data.specaug import augment_batch
-from hpc_asr.data.shards import ShardError, open_shard, read_index
 from hpc_asr.data.tokenizer import CharTokenizer
 from hpc_asr.model import subsampled_lengths
 
@@ -27,8 +27,7 @@ def _one_line(path: Path):
     try:
         yield
     except (OSError, KeyError) as e:
-        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); "
-                         f"run `python -m hpc_asr prep verify {path.parent}`") from None
+        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); {verify_hint(path)}") from None
 
 
 class FeatureSet:

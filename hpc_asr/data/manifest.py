@@ -1,4 +1,5 @@
-"""JSONL manifests: one utterance per line with ``id``, ``audio``, ``duration``, ``text``, ``speaker``.
+"""JSONL manifests: one utterance per line with ``id``, ``audio``, ``duration``, ``text``, ``speaker``, and for
+synthetic speech ``engine`` and ``voice`` (the synthesizer and its voice; omitted when empty).
 
 ``audio`` may be absolute or relative to the manifest's directory. Every corpus reader in
 ``data_prep/`` writes this format, so the feature pipeline has a single input.
@@ -15,6 +16,7 @@ from hpc_asr.atomic import atomic_path
 __all__ = ["ManifestError", "Utterance", "read_manifest", "write_manifest"]
 
 REQUIRED = ("id", "audio", "text")
+_OPTIONAL = ("engine", "voice")  # written only when set, so recorded corpora keep their five fields
 
 
 class ManifestError(ValueError):
@@ -28,6 +30,8 @@ class Utterance:
     text: str
     duration: float = 0.0
     speaker: str = ""
+    engine: str = ""  # the speech synthesizer that made the audio ("espeak", "mbrola", ...); "" for recordings
+    voice: str = ""   # that synthesizer's voice ("en-us+m1", "us3", "bdl", ...)
 
 
 def read_manifest(path: str | Path) -> list[Utterance]:
@@ -57,6 +61,8 @@ def read_manifest(path: str | Path) -> list[Utterance]:
                 text=str(row["text"]),
                 duration=float(row.get("duration", 0.0)),
                 speaker=str(row.get("speaker", "")),
+                engine=str(row.get("engine", "")),
+                voice=str(row.get("voice", "")),
             )
         )
     return utts
@@ -67,4 +73,5 @@ def write_manifest(path: str | Path, utts: list[Utterance]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for u in utts:
-            f.write(json.dumps(asdict(u), ensure_ascii=False) + "\n")
+            row = {k: v for k, v in asdict(u).items() if v != "" or k not in _OPTIONAL}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -38,7 +38,7 @@ from hpc_asr.config import FeatureConfig
 from hpc_asr.data.features import CmvnStats  # the one CMVN rule (std floor included)
 
 __all__ = ["FORMAT", "VERSION", "ShardError", "ShardWriter", "check_shard", "open_h5", "open_shard",
-           "read_index", "write_index"]
+           "read_index", "verify_hint", "write_index"]
 
 FORMAT = "hpc_asr.fbank"
 VERSION = 2
@@ -57,8 +57,11 @@ def open_h5(path: str | Path, mode: str = "r"):
     return h5py.File(path, mode, locking=False)
 
 
-def _verify_hint(path: Path) -> str:
-    return f"run `python -m hpc_asr prep verify {path.parent}`"
+def verify_hint(shard: Path) -> str:
+    """The command that checks the directory a shard belongs to: the one holding index.json (the
+    shard's own directory, or its parent when the shard sits in a generation subdirectory)."""
+    directory = next((d for d in shard.parents[:2] if (d / "index.json").is_file()), shard.parent)
+    return f"run `python -m hpc_asr prep verify {directory}`"
 
 
 def open_shard(path: str | Path):
@@ -68,7 +71,7 @@ def open_shard(path: str | Path):
         h5 = open_h5(path)
         h5["feats"], h5["offsets"], h5["num_frames"]  # touch the datasets reads need
     except (OSError, KeyError) as e:
-        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); {_verify_hint(path)}") from None
+        raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0]}); {verify_hint(path)}") from None
     return h5
 
 

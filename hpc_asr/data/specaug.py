@@ -55,7 +55,8 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
         fmask |= (bins >= f0[:, None]) & (bins < (f0 + w)[:, None])
     tmask = torch.zeros(b, t, dtype=torch.bool)
     frames = torch.arange(t)[None, :]
-    max_w = (cfg.time_width * lens).long().clamp(min=1)
+    # at least one frame when masking is on (short utterances), none at all when time_width is 0
+    max_w = (cfg.time_width * lens).long().clamp(min=1) if cfg.time_width > 0 else torch.zeros_like(lens)
     for _ in range(cfg.time_masks):
         w = (torch.rand(b, generator=gen) * (max_w + 1)).long()
         t0 = (torch.rand(b, generator=gen) * (lens - w).clamp(min=1)).long()

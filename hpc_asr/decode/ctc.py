@@ -13,6 +13,7 @@ read the ARPA files that ``hpc_asr.decode.ngram`` writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DECODERS", "BeamDecoder", "LmFiles", "greedy_batch", "greedy_ids", "lm_files", "make_decoder"]
+from hpc_asr.atomic import write_json_atomic
+
+__all__ = ["DECODERS", "BeamDecoder", "LmFiles", "file_sha256", "greedy_batch", "greedy_ids", "lm_files",
+           "make_decoder", "write_tuned"]
 
 DECODERS = ("greedy", "beam", "beam+lm")
 
@@ -53,20 +57,55 @@ class LmFiles:
     lm_weight: float = 0.5
     word_score: float = 0.0
     tuned: bool = False
+    tuned_on_this_model: bool | None = None  # None: no model given to compare with, or not tuned
 
 
-def lm_files(path: str | Path) -> LmFiles:
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_tuned(arpa: Path, result: dict, checkpoint: str | Path) -> Path:
+    """``decode.json`` beside ``arpa``: the tuning ``result`` (lm_weight, word_score, dev WERs)
+    tied to the SHA-256 of the ARPA file and of the checkpoint it was tuned with. Atomic."""
+    out = arpa.parent / "decode.json"
+    write_json_atomic(out, {**result, "arpa_sha256": file_sha256(arpa), "checkpoint_sha256": file_sha256(checkpoint)})
+    return out
+
+
+def lm_files(path: str | Path, model_sha256: str | None = None) -> LmFiles:
     """``path`` is an ARPA file or a directory holding ``lm.arpa``; tuned weights come from
-    ``decode.json`` next to it when present."""
+    ``decode.json`` next to it when present.
+
+    ``decode.json`` tuned for another ARPA file is refused (ValueError): the weights scale that
+    LM's scores and mean nothing for this one. Tuned with another checkpoint than ``model_sha256``
+    (the model about to decode) is a warning on stderr and ``tuned_on_this_model`` False: the
+    weights still belong to this LM, and best.pt, avg.pt or a later checkpoint of the same run
+    usually want nearly the same ones, so refusing would block their evaluation; re-tune to be sure."""
     p = Path(path)
     arpa = p / "lm.arpa" if p.is_dir() else p
     if not arpa.is_file():
         raise FileNotFoundError(f"{arpa}: language model not found (build it with python -m hpc_asr lm)")
     out = LmFiles(arpa)
     tuned = arpa.parent / "decode.json"
-    if tuned.is_file():
-        d = json.loads(tuned.read_text())
-        out.lm_weight, out.word_score, out.tuned = float(d["lm_weight"]), float(d["word_score"]), True
+    if not tuned.is_file():
+        return out
+    d = json.loads(tuned.read_text())
+    retune = f"re-run `hpc-asr lm tune --lm {arpa} ...`, or delete {tuned} to decode with the default weights"
+    if "arpa_sha256" not in d:
+        print(f"warning: {tuned}: written before decode.json recorded its LM and model; {retune}", file=sys.stderr)
+    elif d["arpa_sha256"] != file_sha256(arpa):
+        raise ValueError(f"{tuned}: tuned for another LM (arpa_sha256 {d['arpa_sha256'][:12]}, {arpa} is "
+                         f"{file_sha256(arpa)[:12]}): {retune}")
+    if model_sha256 is not None and "checkpoint_sha256" in d:
+        out.tuned_on_this_model = d["checkpoint_sha256"] == model_sha256
+        if not out.tuned_on_this_model:
+            print(f"warning: {tuned}: tuned with another checkpoint (sha256 {d['checkpoint_sha256'][:12]}, this "
+                  f"model's is {model_sha256[:12]}); the weights may be stale: {retune}", file=sys.stderr)
+    out.lm_weight, out.word_score, out.tuned = float(d["lm_weight"]), float(d["word_score"]), True
     return out
 
 

@@ -13,7 +13,6 @@ substitutions/deletions/insertions, the most frequent errors and every hypothesi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +24,12 @@ import yaml
 from torch import nn
 
 from hpc_asr import checkpoint
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.cli import override_pairs
 from hpc_asr.config import Config, ConfigError
 from hpc_asr.data.loader import FeatureSet, make_eval_loader, usable_subset
 from hpc_asr.data.text import normalize
-from hpc_asr.decode.ctc import DECODERS, greedy_batch, lm_files, make_decoder
+from hpc_asr.decode.ctc import DECODERS, file_sha256, greedy_batch, lm_files, make_decoder
 from hpc_asr.decode.wer import COUNT_KEYS, error_counts, frequent_errors, rates
 from hpc_asr.dist.engines import Engine, make_engine
 from hpc_asr.model import ConformerCTC
@@ -54,12 +54,14 @@ def eval_batches(num_frames, max_frames: int, max_utts: int) -> list[list[int]]:
     return [*batches, batch] if batch else batches
 
 
-def posteriors(model: ConformerCTC, data, tok, engine: Engine, cfg: Config,
+def posteriors(model: ConformerCTC, data, tok, cfg: Config,
                mine: list[int]) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, float]]:
     """(dataset indices, (B, T, V) log-probs on CPU, (B,) lengths, summed CTC loss) per batch of
-    the utterances ``mine``. Utterances too short for the subsampling get zero output frames."""
+    the utterances ``mine``, computed where the model is. Utterances too short for the subsampling
+    get zero output frames."""
     ctc = nn.CTCLoss(blank=tok.blank, reduction="sum", zero_infinity=True)
-    dtype = cfg.train.autocast_dtype(engine.device.type)  # the precision it was trained in
+    device = next(model.parameters()).device  # batches follow the model, wherever the caller put it
+    dtype = cfg.train.autocast_dtype(device.type)  # the precision it was trained in
     usable, _ = usable_subset(data.num_frames[mine], cfg.model)
     ok = [mine[j] for j in usable]
     short = sorted(set(mine) - set(ok))
@@ -68,8 +70,8 @@ def posteriors(model: ConformerCTC, data, tok, engine: Engine, cfg: Config,
     batches = [[ok[i] for i in local] for local in eval_batches(data.num_frames[ok], cfg.data.max_frames,
                                                                  cfg.data.max_utts)]
     for batch in make_eval_loader(data, batches, tok, num_workers=cfg.data.num_workers):  # same loader as training
-        batch = batch.to(engine.device)
-        with torch.autocast(engine.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             lp, lens = model(batch.feats, batch.feat_lens)
         lp = lp.float()
         loss = float(ctc(lp.transpose(0, 1), batch.targets, lens, batch.target_lens))
@@ -96,7 +98,7 @@ def evaluate(model: ConformerCTC, data, tok, engine: Engine, cfg: Config, keep_h
     decode = decode or (lambda lp, ln: greedy_batch(lp, ln, tok))
     mine = list(range(world.rank, len(data), world.size))
     loss_sum, refs, hyps, ids = 0.0, [], [], []
-    for indices, lp, lens, loss in posteriors(model, data, tok, engine, cfg, mine):
+    for indices, lp, lens, loss in posteriors(model, data, tok, cfg, mine):
         loss_sum += loss
         hyps += decode(lp, lens) if lp.shape[1] else [""] * len(indices)
         refs += [normalize(data.texts[i]) for i in indices]
@@ -161,11 +163,11 @@ def build_decoder(kind: str, tok, cfg: Config, lm_arg: str | None, ckpt: str):
     beam = dc.beam_size
     if kind != "beam+lm":
         return make_decoder(kind, tok, beam_size=beam), {"decoder": kind}
-    lm = lm_files(lm_arg or dc.lm or Path(ckpt).resolve().parent / "lm")
+    lm = lm_files(lm_arg or dc.lm or Path(ckpt).resolve().parent / "lm", model_sha256=file_sha256(ckpt))
     kw = {"hotwords": tuple(w.strip() for w in dc.hotwords.split(",") if w.strip()),
           "hotword_score": dc.hotword_score}
     info = {"decoder": kind, "lm": str(lm.arpa), "lm_weight": lm.lm_weight, "word_score": lm.word_score,
-            "tuned_on_dev": lm.tuned, "beam_size": beam}
+            "tuned_on_dev": lm.tuned, "tuned_on_this_checkpoint": lm.tuned_on_this_model, "beam_size": beam}
     return make_decoder(kind, tok, beam_size=beam, lm=lm, **kw), info
 
 
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CER {res['cer']:.2%}", file=sys.stderr)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+            write_json_atomic(args.out, res)
     engine.shutdown()
     return 0
 

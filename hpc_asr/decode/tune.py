@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from hpc_asr.data.text import normalize
+from hpc_asr.decode.ctc import write_tuned
 
 __all__ = ["main", "tune"]
 
@@ -32,8 +32,9 @@ def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[fl
     from hpc_asr.dist.launch import World
 
     model, tok, cfg, data = load_model_and_data(ckpt, dev)
+    model.to(Engine(World()).device)  # this process's GPU when there is one; the batches follow the model
     with torch.no_grad():
-        outs = list(posteriors(model, data, tok, Engine(World()), cfg, list(range(len(data)))))
+        outs = list(posteriors(model, data, tok, cfg, list(range(len(data)))))
     refs = [normalize(data.texts[i]) for idx, *_ in outs for i in idx]
 
     def wer(decode) -> float:
@@ -69,8 +70,7 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    out = arpa.parent / "decode.json"
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = write_tuned(arpa, res, args.checkpoint)  # tied to this LM and this checkpoint by their SHA-256
     print(f"[lm] {out}: lm_weight {res['lm_weight']} word_score {res['word_score']} -> dev WER "
           f"{res['dev_wer']:.2%} (greedy {res['dev_wer_greedy']:.2%}, beam {res['dev_wer_beam']:.2%})",
           file=sys.stderr)

@@ -34,7 +34,8 @@ class Recognizer:
             raise ValueError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
         self.decoder = decoder
         self.beam = None if decoder == "greedy" else BeamDecoder(
-            self.tokenizer, lm=lm_files(lm or model_dir / "lm") if decoder == "beam+lm" else None)
+            self.tokenizer, lm=lm_files(lm or model_dir / "lm", model_sha256=meta.get("checkpoint_sha256"))
+            if decoder == "beam+lm" else None)
 
     def features_of(self, samples: np.ndarray) -> np.ndarray:
         return fbank(samples, self.features)

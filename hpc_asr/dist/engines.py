@@ -329,7 +329,8 @@ class TorchEngine(Engine):
     def wrap_model(self, model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)  # dist
+        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                  broadcast_buffers=False)  # dist: BatchNorm statistics stay each rank's own, as under Horovod
         if self.compression == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

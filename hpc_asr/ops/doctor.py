@@ -4,11 +4,14 @@
     srun --mpi=pmix python -m hpc_asr doctor --data ... --config my.yaml
 
 Runs under the same launcher as training. Every rank checks its own node (versions, GPUs against
-local ranks, NCCL variables, free disk); the ranks then run a real Horovod allreduce and time
-it. Rank 0 prints one line per check, ``PASS`` / ``WARN`` / ``FAIL`` with the fix, and every
-rank exits 1 when anything failed. The source article's troubleshooting list (slow gradient
-sync, out of memory, I/O bottleneck, unstable convergence) is turned into checks where the
-environment shows the cause, and advice otherwise.
+local ranks, NCCL variables, free disk); the ranks then run a real allreduce through the engine
+training will use (``--engine``, else ``--config``'s ``dist.engine``, else what the launcher
+implies) on the device training will use (the GPU when there is one, so NCCL is what gets
+checked), and time it. Rank 0 prints one line per check, ``PASS`` / ``WARN`` / ``FAIL`` with the
+fix, or ``SKIP`` with the reason for a check that does not apply (the Horovod build on a site that
+trains with the torch engine), and every rank exits 1 when anything failed. The source article's
+troubleshooting list (slow gradient sync, out of memory, I/O bottleneck, unstable convergence) is
+turned into checks where the environment shows the cause, and advice otherwise.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_asr.dist.launch import World, detect_world
+from hpc_asr.cli import load_config
+from hpc_asr.dist.launch import World, detect_launcher, detect_world, resolve_engine
 
-__all__ = ["Check", "allreduce_check", "horovod_build_checks", "main", "node_checks", "sync_check"]
+__all__ = ["Check", "allreduce_check", "doctor_engine", "horovod_build_checks", "main", "node_checks", "sync_check"]
 
 NETWORK_FS = ("lustre", "nfs", "nfs4", "gpfs", "beegfs", "cifs", "fuse.sshfs")
 
 
 @dataclass(frozen=True)
 class Check:
-    status: str  # pass | warn | fail
+    status: str  # pass | warn | fail | skip (does not apply here; detail says why)
     name: str
     detail: str
     fix: str = ""
@@ -97,8 +101,12 @@ def gpu_rank_checks(world: World) -> list[Check]:
     return [Check("pass", "gpus/local ranks", f"{gpus} GPUs, one per local rank")]
 
 
-def horovod_build_checks(flags: dict[str, bool] | None, gpus: int) -> list[Check]:
-    """``flags``: {'mpi','gloo','nccl'} from horovod.torch's *_built(); None = not importable."""
+def horovod_build_checks(flags: dict[str, bool] | None, gpus: int, engine: str = "horovod") -> list[Check]:
+    """``flags``: {'mpi','gloo','nccl'} from horovod.torch's *_built(); None = not importable.
+    Under ``engine`` torch Horovod is not used: one SKIP line saying so."""
+    if engine != "horovod":
+        state = "not installed" if flags is None else "installed"
+        return [Check("skip", "horovod", f"not used: training runs with dist.engine {engine} (Horovod {state})")]
     rebuild = "rebuild Horovod with env/setup-local.sh (HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1)"
     if flags is None:
         return [Check("fail", "horovod", "horovod.torch does not import", f"module load hpc_asr, or {rebuild}")]
@@ -217,19 +225,30 @@ def troubleshooting_checks(world: World, data: Path | None, gpus: int) -> list[C
     return out
 
 
-def node_checks(world: World, data: Path | None, expect_gpu: bool) -> tuple[list[Check], int]:
+def horovod_flags() -> dict[str, bool] | None:
+    """Which transports the installed Horovod was built with; None when it does not import."""
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        return None
+    return {"mpi": bool(hvd.mpi_built()), "gloo": bool(hvd.gloo_built()), "nccl": bool(hvd.nccl_built())}
+
+
+def doctor_engine(requested: str, flags: dict[str, bool] | None, launcher: str) -> str:
+    """The engine training would use here (horovod | torch): ``auto`` resolves as for a multi-rank
+    launch, with Horovod counted as present only when it imports, so one rank checks it too."""
+    if requested != "auto":
+        return requested
+    return resolve_engine("auto", launcher, World(0, 2), have_horovod=flags is not None)
+
+
+def node_checks(world: World, data: Path | None, expect_gpu: bool,
+                flags: dict[str, bool] | None, engine: str) -> tuple[list[Check], int]:
     import torch
 
     gpus = torch.cuda.device_count()
     local = Path(os.environ.get("TMPDIR") or "/tmp")
-    checks = version_checks(expect_gpu) + gpu_rank_checks(world)
-    try:
-        import horovod.torch as hvd
-
-        flags = {"mpi": bool(hvd.mpi_built()), "gloo": bool(hvd.gloo_built()), "nccl": bool(hvd.nccl_built())}
-    except ImportError:
-        flags = None
-    checks += horovod_build_checks(flags, gpus)
+    checks = version_checks(expect_gpu) + gpu_rank_checks(world) + horovod_build_checks(flags, gpus, engine)
     return checks + data_checks(data) + fs_checks(data) + disk_checks(data, local), gpus
 
 
@@ -245,26 +264,47 @@ def sync_check(busbw: float, gpus: int, nodes: int) -> Check:
                  "on CPU nodes hpc_asr sets OMPI_MCA_mpi_yield_when_idle=1 and HOROVOD_CYCLE_TIME=5")
 
 
-def allreduce_check(mb: float = 16.0, iters: int = 5) -> tuple[Check, float]:
-    """Sum a ``mb`` MB float32 tensor over all ranks with Horovod; verify and time it."""
-    import horovod.torch as hvd
+def allreduce_check(engine, mb: float = 16.0, iters: int = 5) -> tuple[Check, float]:
+    """Sum a ``mb`` MB float32 tensor over all ranks through ``engine`` on ``engine.device``: the
+    GPU when there is one (NCCL, what GPU training reduces over), else the CPU (MPI/Gloo); verify
+    and time it."""
     import torch
 
+    size, device = engine.world.size, engine.device
     n = int(mb * 1e6 / 4)
-    x = torch.full((n,), float(hvd.rank() + 1))
-    expect = hvd.size() * (hvd.size() + 1) / 2
-    hvd.allreduce(x[:1024], op=hvd.Sum, name="doctor.warmup")  # dist
+    x = torch.full((n,), float(engine.world.rank + 1), device=device)
+    expect = size * (size + 1) / 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    engine.allreduce_sum(x[:1024])  # dist: warm-up (connections, NCCL communicators)
+    sync()
     t0 = time.perf_counter()
-    for i in range(iters):
-        y = hvd.allreduce(x, op=hvd.Sum, name=f"doctor.{i}")  # dist
-    dt = (time.perf_counter() - t0) / iters
-    dt = float(hvd.allreduce(torch.tensor([dt]), op=hvd.Max, name="doctor.time")[0])  # dist: slowest rank
+    for _ in range(iters):
+        y = engine.allreduce_sum(x)  # dist
+    sync()
+    dt = max(engine.gather_object((time.perf_counter() - t0) / iters))  # dist: the slowest rank
     ok = bool(torch.all(y == expect))
-    busbw = 2 * (hvd.size() - 1) / hvd.size() * n * 4 / dt / 1e9 if hvd.size() > 1 else 0.0
-    detail = (f"{mb:.0f} MB over {hvd.size()} ranks: {dt * 1e3:.1f} ms, bus bandwidth {busbw:.2f} GB/s, "
-              f"sum {'correct' if ok else f'WRONG ({float(y[0])} != {expect})'}")
+    busbw = 2 * (size - 1) / size * n * 4 / dt / 1e9 if size > 1 else 0.0
+    detail = (f"{mb:.0f} MB over {size} ranks on {device} ({engine.name}): {dt * 1e3:.1f} ms, bus bandwidth "
+              f"{busbw:.2f} GB/s, sum {'correct' if ok else f'WRONG ({float(y[0])} != {expect})'}")
     return Check("pass" if ok else "fail", "allreduce", detail,
-                 "ranks disagree: check that all ranks run the same Horovod/MPI build"), busbw
+                 f"ranks disagree: check that all ranks run the same {engine.name} build"), busbw
+
+
+def _allreduce(engine_name: str, mb: float, checks: list[Check], world: World, gpus: int, nodes: int) -> list[Check]:
+    """The allreduce and sync checks, through the engine training will use, or why not."""
+    if engine_name == "horovod":
+        mpi_ok = any(c.name == "horovod MPI" and c.status == "pass" for c in checks)
+        if not (mpi_ok or (world.size == 1 and any(c.name == "horovod Gloo" for c in checks))):
+            return [Check("fail", "allreduce", "not run: Horovod cannot use this launcher's MPI",
+                          "fix the horovod checks above")]
+    from hpc_asr.dist.engines import make_engine
+
+    engine = make_engine(engine_name)  # dist: rendezvous (one rank too: it checks the same path)
+    try:
+        check, busbw = allreduce_check(engine, mb)
+    finally:
+        engine.shutdown()
+    return [check, sync_check(busbw, gpus, nodes)]
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -288,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="prepared feature directory training will read")
     p.add_argument("--expect-gpu", action="store_true", help="no GPU is a failure, not a warning")
     p.add_argument("--allreduce-mb", type=float, default=16.0)
+    p.add_argument("--config", help="training config: its dist.engine is the engine checked")
+    p.add_argument("--engine", choices=["auto", "horovod", "torch"], help="engine to check (wins over --config)")
     args = p.parse_args(argv)
     world = detect_world()
     comm = None
@@ -295,20 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         from hpc_asr.dist.launch import mpi_comm
 
         comm = mpi_comm()
-    checks, gpus = node_checks(world, args.data, args.expect_gpu)
+    requested = args.engine or (load_config(args.config).dist.engine if args.config else "auto")
+    flags = horovod_flags()
+    engine = doctor_engine(requested, flags, detect_launcher())
+    checks, gpus = node_checks(world, args.data, args.expect_gpu, flags, engine)
     nodes = len(set(comm.allgather(socket.gethostname()))) if comm else 1  # dist
     checks += nccl_checks(gpus, nodes)
-    mpi_ok = any(c.name == "horovod MPI" and c.status == "pass" for c in checks)
-    if mpi_ok or (world.size == 1 and any(c.name == "horovod Gloo" for c in checks)):
-        import horovod.torch as hvd
-
-        hvd.init()  # dist
-        check, busbw = allreduce_check(args.allreduce_mb)
-        checks += [check, sync_check(busbw, gpus, nodes)]
-        hvd.shutdown()
-    else:
-        checks.append(Check("fail", "allreduce", "not run: Horovod cannot use this launcher's MPI",
-                            "fix the horovod checks above"))
+    checks += _allreduce(engine, args.allreduce_mb, checks, world, gpus, nodes)
     checks += troubleshooting_checks(world, args.data, gpus)
     gathered = comm.gather(checks, root=0) if comm else [checks]  # dist
     hosts = comm.gather(socket.gethostname(), root=0) if comm else [socket.gethostname()]  # dist
@@ -318,9 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpc_asr doctor: {world.size} rank(s) on {nodes} node(s)")
         for c in merged:
             print(c.line())
-        counts = {s: sum(c.status == s for c in merged) for s in ("pass", "warn", "fail")}
+        counts = {s: sum(c.status == s for c in merged) for s in ("pass", "warn", "skip", "fail")}
         failed = counts["fail"] > 0
-        print(f"{counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail")
+        print(f"{counts['pass']} pass, {counts['warn']} warn, {counts['skip']} skip, {counts['fail']} fail")
         sys.stdout.flush()
     if comm:
         failed = comm.bcast(failed, root=0)  # dist: every rank exits with the same status

@@ -8,6 +8,7 @@
 - ``state``: the training position, what ``last.pt`` holds, the config comparison on resume.
 - ``preempt``: SIGUSR1/SIGTERM → checkpoint → exit status 3, and the test hooks.
 - ``log``: metrics.jsonl, TensorBoard and the rank-0 progress line.
+- ``lock``: one run per ``train.out_dir`` (``train.lock`` names its holder; stale ones are taken over).
 
 Nothing is imported here, so ``hpc_asr.train.preempt`` stays light (the job renderer reads its
 exit status without importing torch).

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from hpc_asr import checkpoint
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.cli import parse_cli
 from hpc_asr.config import Config, ConfigError
 from hpc_asr.data.loader import make_loader
@@ -58,9 +59,15 @@ def epoch_batches(run: Run, epoch: int, start: int) -> Iterator[tuple[int, Any]]
 
 # ---- one step ----------------------------------------------------------------------------
 
-def _forward_backward(run: Run, batch, gstep: int, boundary: bool) -> None:
-    # Seeds derived from (step, rank) make a resumed run draw the same dropout masks.
-    torch.manual_seed(run.cfg.train.seed * 100003 + gstep * 7919 + run.world.rank)
+def dropout_seed(seed: int, epoch: int, position: int, rank: int) -> int:
+    """The dropout seed of one micro-batch: a function of (seed, epoch, local batch position, rank)
+    only, never of other epochs' batch counts, so a run resumed in any epoch draws the same masks."""
+    key = f"dropout:{seed}:{epoch}:{position}:{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def _forward_backward(run: Run, batch, epoch: int, boundary: bool) -> None:
+    torch.manual_seed(dropout_seed(run.cfg.train.seed, epoch, batch.position, run.world.rank))
     frames = int(batch.feat_lens.sum())  # on the host: no device sync
     batch = batch.to(run.engine.device)
     dtype = run.cfg.train.autocast_dtype(run.engine.device.type)
@@ -164,10 +171,11 @@ def _evaluate(run: Run, epoch: int) -> None:
 def _train_epoch(run: Run, epoch: int, start: int) -> bool:
     """Returns True when training is over (max_steps reached). Raises Preempted."""
     cfg, p = run.cfg, run.pos
+    run.sampler.set_epoch(epoch)  # dist: this epoch's batches first; their count changes with the shuffle
     n_local = len(run.sampler)
     for bi, batch in epoch_batches(run, epoch, start):
-        boundary = (bi + 1) % cfg.train.accum_steps == 0 or bi + 1 == n_local
-        _forward_backward(run, batch, epoch * n_local + bi, boundary)
+        boundary = (bi + 1) % cfg.train.accum_steps == 0 or bi + 1 == n_local  # the last group steps too
+        _forward_backward(run, batch, epoch, boundary)
         if not boundary:
             continue
         run.win["lr_used"] = run.optimizer.param_groups[0]["lr"]
@@ -283,7 +291,7 @@ def _finish(run: Run) -> dict:
             if paths:
                 checkpoint.save(run.out / "avg.pt", checkpoint.average(paths))
                 run.log(f"avg.pt: mean of {[p.name for p in paths]}")
-        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json_atomic(run.out / "train_summary.json", summary)
         run.log(f"done in {summary['train_wall_s']:.0f}s; checkpoint {run.out / 'last.pt'}")
     return summary
 

@@ -23,6 +23,7 @@ from hpc_asr.data.loader import BucketBatchSampler, FeatureSet, SubsetView, chec
 from hpc_asr.dist.engines import Engine, make_engine
 from hpc_asr.dist.launch import compute_threads, log0
 from hpc_asr.model import ConformerCTC
+from hpc_asr.train.lock import hold as hold_out_dir
 from hpc_asr.train.log import MetricsWriter, Progress
 from hpc_asr.train.preempt import SignalFlag
 from hpc_asr.train.schedule import schedule, set_lr
@@ -113,6 +114,7 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out, world)
+    hold_out_dir(out, engine, log, collective=not cfg.dist.elastic)  # dist: one run per out_dir, all ranks agree
     train_set, dev_set, keep = _load_data(cfg, engine, log)
     tok = _make_tokenizer(cfg, train_set, engine, out)
     cfg.model.vocab_size = tok.vocab_size
