@@ -449,7 +449,9 @@ def test_resume_on_more_ranks_keeps_the_lr_schedule(tiny_features, tmp_path):
     lr1 = {h["step"]: h["lr"] for h in straight["history"]}
     out = tmp_path / "grown"
     cfg = _hvd_yaml(tmp_path, tiny_features, out, **warm)
-    train_mod.train(load_config(cfg, ["--dist.engine", "none", "--train.max_steps", "3"]))
+    # the 1-rank part in its own process: an in-process run keeps train.lock until the process exits
+    run([sys.executable, "-m", "hpc_asr", "train", "--config", str(cfg), "--dist.engine", "none",
+         "--train.max_steps", "3"], timeout=240)
     run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg)), timeout=240)
     two = json.loads((out / "train_summary.json").read_text())
     assert two["ranks"] == 2 and two["replicas_identical"], two["replicas"]
