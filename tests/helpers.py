@@ -18,7 +18,7 @@ from hpc_asr.config import FeatureConfig
 from hpc_asr.data.shards import ShardWriter, write_index
 from hpc_asr.data.tokenizer import DEFAULT_SYMBOLS, normalize
 
-__all__ = ["TEXTS", "char_patterns", "make_feature_dir", "tiny_features", "tiny_yaml"]
+__all__ = ["TEXTS", "char_patterns", "make_feature_dir", "rescored", "tiny_features", "tiny_yaml", "untrained_cer"]
 
 TEXTS = ["yes", "no", "stop", "go home", "play jazz", "call bob", "turn it up", "set a timer",
          "what time", "lights off", "open door", "quiet"]
@@ -94,3 +94,31 @@ def tiny_features(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_feats")
     return {"train": make_feature_dir(root / "train", 8, TEXTS, seed=0, shards=2),
             "dev": make_feature_dir(root / "dev", 4, TEXTS[4:], seed=1, shards=1)}
+
+
+def rescored(eval_json: Path) -> tuple[float, float]:
+    """(WER, CER) recomputed from the hypotheses an evaluation wrote, to check the figures it reports."""
+    from hpc_asr.decode.wer import error_counts, rates
+
+    pairs = json.loads(Path(eval_json).read_text())["hypotheses"].values()
+    return rates(error_counts([p["ref"] for p in pairs], [p["hyp"] for p in pairs]))
+
+
+def untrained_cer(ckpt: Path, data_dir: Path) -> float:
+    """Greedy CER on ``data_dir`` of a freshly initialised model with ``ckpt``'s configuration: the
+    baseline a trained model must beat."""
+    import torch
+
+    from hpc_asr import checkpoint
+    from hpc_asr.data.loader import FeatureSet
+    from hpc_asr.decode.evaluate import evaluate
+    from hpc_asr.dist.engines import Engine
+    from hpc_asr.dist.launch import World
+    from hpc_asr.model import ConformerCTC
+
+    _, tok, cfg = checkpoint.load_model(ckpt)
+    data = FeatureSet(data_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+    model.set_cmvn(data.cmvn_mean, data.cmvn_std)
+    return evaluate(model, data, tok, Engine(World()), cfg)["cer"]

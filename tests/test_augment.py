@@ -4,6 +4,7 @@ is off when disabled, and the prep step writes a manifest that data_prep.fbank r
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -119,7 +120,12 @@ def test_cli_writes_copies_that_keep_rate_format_and_lengths(corpus, tmp_path):
         assert (u.engine, u.voice) == (src[u.id.split("-aug")[0]].engine, src[u.id.split("-aug")[0]].voice)
         speed = applied[u.id]["speed"] if u.id in applied else 1.0
         assert info.frames == round(orig / speed)
+    written = [p for p in (tmp_path / "a").rglob("*") if p.is_file()]
+    for path in written:  # old mtimes, so a rewrite is visible even with coarse timestamps
+        os.utime(path, (1_000_000_000, 1_000_000_000))
     assert "up to date" in _cli(corpus, tmp_path / "a", "--augment.copies", "2").stderr
+    assert [p for p in written if p.stat().st_mtime != 1_000_000_000] == []  # the rerun rewrote nothing
+    assert sorted(p for p in (tmp_path / "a").rglob("*") if p.is_file()) == sorted(written)
 
 
 def test_cli_is_deterministic_and_rank_independent(corpus, tmp_path):

@@ -53,7 +53,7 @@ def test_bench_train_tiny_writes_json_and_plot(tmp_path):
                  "--steps", "2", "--warmup", "1", "--repeats", "1", "--no-torchaudio"]) == 0
     res = json.loads(out.read_text())
     for key in ("weak_scaling_efficiency_horovod", "weak_scaling_efficiency_torch"):
-        assert 0.05 < res[key] < 5
+        assert 0.05 < res[key] < 1.25  # 2 ranks cannot step faster than 1 (beyond noise): 1.5+ is a broken timer
     # Measured from Horovod's own timeline: every gradient went out as float16 with compression.
     fp16 = res["details"]["weak_scaling"]["fp16_bytes"]
     assert set(fp16["compressed"]) == {"float16"} and set(fp16["uncompressed"]) == {"float32"}

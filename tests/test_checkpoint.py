@@ -51,6 +51,20 @@ def test_step_checkpoints_keep_last_best_and_average(tiny_features, tmp_path):
     assert best["step"] == want["step"]  # best.pt holds the weights that scored best
 
 
+def test_best_stays_at_an_earlier_epoch_that_scored_better(tiny_features, tmp_path):
+    """Inside warmup the dev loss always falls, so "copy last.pt to best.pt" would look right: a
+    resume with a destructive lr makes the second epoch worse, and best.pt must stay behind."""
+    out = tmp_path / "run"
+    _train(tiny_features, out, "--train.epochs", "1")
+    summary = _train(tiny_features, out, "--train.lr", "30")
+    first, second = summary["dev"]
+    assert (second["wer"], second["loss"]) > (first["wer"], first["loss"]), summary["dev"]
+    assert summary["best"]["step"] == first["step"] == 4 and summary["steps"] == 8
+    best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "last.pt")
+    assert best["position"]["step"] == 4 and last["position"]["step"] == 8
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
 def test_average_cli(tiny_features, tmp_path):
     out = tmp_path / "run"
     _train(tiny_features, out, "--train.ckpt_every_steps", "3", "--train.keep_last", "5")
@@ -84,6 +98,71 @@ def test_tokenizer_travels_in_the_checkpoint(tiny_features, tmp_path, kind):
     if kind == "bpe":
         assert len(ids) < len(text)  # pieces longer than one character were learned
         assert isinstance(state["tokenizer"]["model_proto"], bytes)
+
+
+def test_average_refuses_different_models(tmp_path):
+    from hpc_asr.config import Config
+    from hpc_asr.data.tokenizer import CharTokenizer
+    from hpc_asr.model import ConformerCTC
+
+    def save(name: str, **model) -> str:
+        tok = CharTokenizer()
+        cfg = Config.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_mult": 2, "conv_kernel": 5,
+                                          "vocab_size": tok.vocab_size, **model}})
+        m = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+        checkpoint.save(tmp_path / name, {"config": cfg.to_dict(), "model": m.state_dict(),
+                                          "tokenizer": tok.state_dict()})
+        return str(tmp_path / name)
+
+    a, a2 = save("a.pt"), save("a2.pt")
+    assert checkpoint.average([a, a2])["averaged"] == [a, a2]  # the same architecture averages
+    wider, deeper = save("wide.pt", d_model=48), save("deep.pt", n_layers=2)
+    for other in (wider, deeper):  # different shapes, different keys
+        with pytest.raises(checkpoint.CheckpointError, match=r"a different model than .*cannot average"):
+            checkpoint.average([a, other])
+    bad = run([sys.executable, "-m", "hpc_asr", "checkpoint", "average", "--out", str(tmp_path / "x.pt"), a, deeper],
+              check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot average" in bad.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_resume_from_a_checkpoint_without_sched_step(tiny_features, tmp_path):
+    """A last.pt written before the schedule step existed resumes on the lr curve it was on."""
+    from test_train import _assert_same_run
+
+    warm = ("--train.warmup_steps", "100")  # the lr does not depend on max_steps (see test_resume_mid_epoch)
+    _train(tiny_features, tmp_path / "straight", *warm, "--train.max_steps", "4")
+    old = tmp_path / "old"
+    _train(tiny_features, old, *warm, "--train.max_steps", "2")
+    state = checkpoint.load(old / "last.pt")
+    assert state["position"]["sched_step"] == 2
+    for k in ("sched_step", "gbatch"):
+        del state["position"][k]
+    checkpoint.save(old / "last.pt", state)
+    _train(tiny_features, old, *warm, "--train.max_steps", "4")
+    _assert_same_run(tmp_path / "straight", old)
+
+
+def test_resume_reuses_the_checkpoints_bpe_tokenizer(tiny_features, tmp_path):
+    """A resumed run encodes with the BPE model in last.pt, not one retrained from the data (which
+    could differ, e.g. after a sentencepiece upgrade): here last.pt's is swapped for one trained on
+    other text, and the run must carry on with it."""
+    from helpers import TEXTS
+
+    from hpc_asr.data.tokenizer import train_bpe
+
+    out = tmp_path / "bpe"
+    bpe = ("--train.tokenizer", "bpe", "--train.bpe_vocab_size", "40")
+    _train(tiny_features, out, *bpe, "--train.max_steps", "2")
+    state = checkpoint.load(out / "last.pt")
+    other = train_bpe([" ".join(w[::-1] for w in t.split()) for t in TEXTS] * 3, 40).state_dict()
+    assert other["model_proto"] != state["tokenizer"]["model_proto"]
+    assert checkpoint.tokenizer_from_state(other).vocab_size == checkpoint.tokenizer_from_state(
+        state["tokenizer"]).vocab_size  # the same output layer: only the pieces differ
+    state["tokenizer"] = other
+    checkpoint.save(out / "last.pt", state)
+    _train(tiny_features, out, *bpe, "--train.max_steps", "4")
+    assert checkpoint.load(out / "last.pt")["tokenizer"]["model_proto"] == other["model_proto"]
 
 
 def test_tokenizer_json_sidecar_round_trip():

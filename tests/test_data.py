@@ -194,6 +194,15 @@ def test_feature_set_reads_what_was_written(tiny_features):
     all_frames = np.concatenate([data.feats(i) for i in range(len(data))])
     np.testing.assert_allclose(data.cmvn_mean, all_frames.mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(data.cmvn_std, all_frames.std(0), rtol=1e-3, atol=1e-3)
+    # id, text and features stay paired: replay the generator that wrote them (helpers.make_feature_dir)
+    rng, patterns = np.random.default_rng(0), helpers.char_patterns()
+    written = {f"utt0_{k:04d}": (TEXTS[k % len(TEXTS)], helpers._utterance(TEXTS[k % len(TEXTS)], rng, patterns))
+               for k in range(8)}
+    assert sorted(data.ids) == sorted(written)
+    for i, utt in enumerate(data.ids):
+        text, feats = written[utt]
+        assert data.texts[i] == text, utt
+        np.testing.assert_array_equal(data.feats(i), feats, err_msg=utt)
 
 
 def test_feature_set_rejects_missing_shard(tmp_path):

@@ -131,6 +131,61 @@ def test_bpe_tokenizer_decodes_with_and_without_lm(tmp_path):
     assert BeamDecoder(tok, 16, lm=LmFiles(tmp_path / "lm.arpa")).decode_one(lp) == "call mom"
 
 
+# ---- evaluate's decoder: the LM it picks, hotwords from the config, batches ------------------
+
+def _ckpt_beside_an_lm(root, texts) -> str:
+    """A checkpoint path (the file is only hashed) with ``lm/lm.arpa`` beside it, as training leaves it."""
+    (root / "run").mkdir(parents=True)
+    (root / "run" / "last.pt").write_bytes(b"")
+    build_arpa(texts, 2, root / "run" / "lm" / "lm.arpa")
+    return str(root / "run" / "last.pt")
+
+
+def test_evaluate_picks_the_lm_from_the_option_then_the_config_then_beside_the_checkpoint(tmp_path):
+    from hpc_asr.config import Config
+    from hpc_asr.decode.evaluate import build_decoder
+
+    ckpt = _ckpt_beside_an_lm(tmp_path, ["call mom"])
+    for name in ("cfg", "opt"):
+        build_arpa(["call bob"], 2, tmp_path / name / "lm.arpa")
+    cfg = Config()
+    assert build_decoder("beam+lm", TOK, cfg, None, ckpt)[1]["lm"] == str(tmp_path / "run" / "lm" / "lm.arpa")
+    cfg.decode.lm = str(tmp_path / "cfg")
+    assert build_decoder("beam+lm", TOK, cfg, None, ckpt)[1]["lm"] == str(tmp_path / "cfg" / "lm.arpa")
+    info = build_decoder("beam+lm", TOK, cfg, str(tmp_path / "opt" / "lm.arpa"), ckpt)[1]  # --lm wins
+    assert info["lm"] == str(tmp_path / "opt" / "lm.arpa") and info["decoder"] == "beam+lm"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_decoder("beam+lm", TOK, cfg, str(tmp_path / "nowhere"), ckpt)
+
+
+def test_evaluate_takes_hotwords_from_the_config(tmp_path):
+    """decode.hotwords reaches the beam search: the contact name only comes out when it is listed."""
+    from hpc_asr.config import Config
+    from hpc_asr.decode.evaluate import build_decoder
+
+    ckpt = _ckpt_beside_an_lm(tmp_path, ["call mom", "call bob now", "play some jazz"] * 3)
+    lp = posterior([*spell("call "), {"z": 0.5, "b": 0.5}, {"_": 0.9}, {"o": 0.9}, {"_": 0.9}, {"e": 0.5, "b": 0.5}])
+    cfg = Config()
+    plain, _ = build_decoder("beam+lm", TOK, cfg, None, ckpt)
+    cfg.decode.hotwords, cfg.decode.hotword_score = "alice, zoe", 8.0
+    biased, _ = build_decoder("beam+lm", TOK, cfg, None, ckpt)
+    n = np.array([len(lp)])
+    assert "zoe" not in plain(lp[None], n)[0] and biased(lp[None], n) == ["call zoe"]
+
+
+def test_batch_beam_decode_equals_one_by_one(lm_dir):
+    """A padded batch of posteriors of different lengths decodes as each one alone (padding unread)."""
+    texts = ["set a timer", "call mom", "play some jazz"]
+    one = [posterior(spell(t, confuse={1: {t[1]: 0.6, "x": 0.4}})) for t in texts]
+    longest = max(len(p) for p in one)
+    batch = np.stack([np.pad(p, ((0, longest - len(p)), (0, 0)), constant_values=np.log(1.0 / V)) for p in one])
+    lens = np.array([len(p) for p in one])
+    for kind, lm in (("beam", None), ("beam+lm", lm_files(lm_dir))):
+        dec = make_decoder(kind, TOK, beam_size=16, lm=lm)
+        assert dec(batch, lens) == [dec(p[None], np.array([len(p)]))[0] for p in one]
+    assert make_decoder("beam+lm", TOK, beam_size=16, lm=lm_files(lm_dir))(batch, lens) == texts
+
+
 def test_loading_the_arpa_lm_prints_nothing(lm_dir, capfd):
     """KenLM's "build a binary file" hint and progress ruler went to stderr on every evaluation."""
     capfd.readouterr()

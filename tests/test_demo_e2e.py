@@ -4,6 +4,7 @@ MPI FBANK → 2-rank Horovod training → evaluate → ONNX export with parity �
 import json
 import subprocess
 
+import helpers
 import pytest
 from conftest import ROOT, run_env
 
@@ -35,6 +36,8 @@ def test_make_demo_end_to_end(tmp_path):
     assert (run / "loss_curve.png").stat().st_size > 1000
     for key in ("wer", "wer_greedy", "wer_festival", "real_fixture_wer"):  # every split was scored
         assert isinstance(report[key], float), key
+    # the report's test figures are the ones the test hypotheses score
+    assert helpers.rescored(run / "eval.json") == pytest.approx((report["wer"], report["cer"]), abs=1e-4)
     index = json.loads((data / "fbank" / "train" / "index.json").read_text())
     assert index["ranks"] == 2 and len(index["shards"]) >= 1  # ranks claim work units: one may take all
     # Re-running is cheap: every stage sees its outputs are up to date.

@@ -187,6 +187,15 @@ def test_horovod_fp16_average_of_large_gradients_does_not_overflow(mpirun_auto):
         assert x["fp16_sum_first"]["w1"] == [float("-inf")] * 4  # summing first in fp16 overflows
 
 
+def test_torch_engine_fp16_comm_hook_sends_fp16(tmp_path):
+    """dist.compression fp16 under the torch engine: gradients are averaged in float16 (a value
+    float16 cannot hold comes back rounded), where a plain DDP keeps float32."""
+    run(mpirun_cmd(2, str(ROOT / "tests" / "mpi_scripts" / "ddp_fp16_probe.py"), str(tmp_path)), timeout=180)
+    for r in (0, 1):
+        grads = json.loads((tmp_path / f"fp16.{r}.json").read_text())
+        assert grads == {"engine": 1.0, "plain": 1.0 + 2.0**-12}, grads
+
+
 def test_horovod_timeline_knob_writes_the_timeline(mpirun_auto):
     assert probes(mpirun_auto)[0]["env"]["HOROVOD_TIMELINE"] == str(mpirun_auto / "timeline.json")
     text = (mpirun_auto / "timeline.json").read_text()
@@ -263,10 +272,15 @@ def test_horovod_elastic_2_to_1_to_2(tmp_path):
     shrink, grow = sizes.index(1), len(sizes) - sizes[::-1].index(1)
     assert all(s == 1 for s in sizes[shrink:grow]) and all(s == 2 for s in sizes[grow:])  # 2 → 1 → 2
     assert steps[-1] == 24 and steps[shrink] == steps[shrink - 1] + 1  # no step lost or repeated
-    # Every rank feeds the same input, so each committed step moves the weights by the same amount
-    # whatever the world size: a rank that restarted from scratch would break the line.
-    deltas = [b - a for a, b in itertools.pairwise(weights)]
-    assert max(deltas) - min(deltas) < 1e-4, deltas
+    # Rank r feeds inputs r + 1: a step moves the weight sum by -lr * 4 * (mean of r + 1 over the
+    # ranks of that step) * 2 rows = -0.4 * (size + 1); a rank that restarted from scratch, or a
+    # gradient not averaged over the current ranks, breaks the line.
+    deltas = [(b - a, n) for (a, b), n in zip(itertools.pairwise(weights), sizes[1:])]
+    assert all(abs(d + 0.4 * (n + 1)) < 1e-4 for d, n in deltas), deltas
+    # After the grow both ranks hold the same weights at every step (the new one got rank 0's)
+    mine = {r: {int(s): w for s, n, w in (ln.split() for ln in (tmp_path / f"log.{r}").read_text().splitlines())
+                if int(s) > steps[grow - 1]} for r in (0, 1)}
+    assert sorted(mine[0]) == sorted(mine[1]) == steps[grow:] and mine[0] == mine[1], mine
 
 
 def test_world_inside_sbatch_and_srun(slurm_cluster, tmp_path):

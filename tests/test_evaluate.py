@@ -74,6 +74,13 @@ def test_evaluate_scores_utterances_longer_than_the_checkpoints_max_frames(real_
     for k in ("substitutions", "deletions", "insertions", "frequent_errors"):
         assert k in res
     assert res["substitutions"] + res["deletions"] + res["insertions"] == res["word_errors"]
+    # scored whole, not cropped: the same as a run whose batches may hold anything
+    big = tmp_path / "big.json"
+    run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]), "--data",
+         str(real_fixture["data"]), "--data.max_frames", "1000000", "--out", str(big)], timeout=120)
+    whole = json.loads(big.read_text())
+    assert res["hypotheses"] == whole["hypotheses"] and res["chars"] == whole["chars"] > 0
+    assert res["loss"] == pytest.approx(whole["loss"], rel=1e-4)
 
 
 def test_evaluate_reads_through_the_training_loader_in_worker_processes(real_fixture, tmp_path):
@@ -103,18 +110,44 @@ def test_apply_overrides_sets_data_dist_decode_only():
     assert (cfg.data.max_frames, cfg.decode.decoder, cfg.dist.engine) == (99, "beam", "none")
 
 
-def test_evaluate_under_mpirun_two_ranks(real_fixture, tmp_path):
-    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr evaluate` died with a traceback."""
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory) -> dict:
+    """A tiny model overfitted on 6 synthetic utterances (as in test_train): distinct, non-empty,
+    mostly right hypotheses, so utterances mixed up between ranks show."""
+    import hpc_asr.train.loop as train_mod
+    from hpc_asr.cli import load_config
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_feature_dir(root / "six", 6, ["yes", "no", "stop", "go home", "play jazz", "call bob"], seed=3)
+    train_mod.train(load_config(None, [
+        "--data.train", str(data), "--data.dev", str(data), "--train.out_dir", str(root / "run"),
+        "--dist.engine", "none", "--train.threads", "1", "--data.max_utts", "6", "--specaug.enabled", "false",
+        "--model.d_model", "64", "--model.n_heads", "4", "--model.n_layers", "2", "--model.subsample_channels", "16",
+        "--model.conv_kernel", "7", "--model.dropout", "0", "--train.epochs", "40", "--train.lr", "5e-3",
+        "--train.warmup_steps", "10", "--train.weight_decay", "0", "--train.tensorboard", "false"]))
+    return {"data": data, "ckpt": root / "run" / "last.pt"}
+
+
+def test_evaluate_under_mpirun_two_ranks(trained_tiny, tmp_path):
+    """Defect 10 (evaluate part): `mpirun -np 2 python -m hpc_asr evaluate` died with a traceback.
+    A trained model's hypotheses differ per utterance, so ids and hypotheses crossed between
+    ranks (or a rank's share counted twice) would not match the one-process run."""
     out = tmp_path / "eval2.json"
-    proc = run(mpirun_cmd(2, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
-                          "--data", str(real_fixture["data"]), "--out", str(out)), timeout=180, check=False)
+    args = ["-m", "hpc_asr", "evaluate", "--checkpoint", str(trained_tiny["ckpt"]), "--data", str(trained_tiny["data"])]
+    proc = run(mpirun_cmd(2, *args, "--out", str(out)), timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr
     one = tmp_path / "eval1.json"
-    run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(real_fixture["ckpt"]),
-         "--data", str(real_fixture["data"]), "--out", str(one)], timeout=120)
+    run([sys.executable, *args, "--out", str(one)], timeout=120)
     two, single = json.loads(out.read_text()), json.loads(one.read_text())
-    assert two["utterances"] == real_fixture["n"]
-    assert two["hypotheses"] == single["hypotheses"] and two["word_errors"] == single["word_errors"]
+    assert two["utterances"] == 6 and two["words"] == 9
+    hyps = [h["hyp"] for h in single["hypotheses"].values()]
+    assert all(hyps) and len(set(hyps)) == 6, single["hypotheses"]  # distinct and non-empty
+    right = [i for i, h in single["hypotheses"].items() if h["hyp"] == h["ref"]]
+    assert len(right) >= 4, single["hypotheses"]  # each hypothesis sits with its own utterance
+    assert two["hypotheses"] == single["hypotheses"]
+    for k in ("word_errors", "words", "char_errors", "chars"):
+        assert two[k] == single[k], k
+    assert two["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
 def test_too_short_utterance_is_scored_as_empty(tmp_path):
@@ -131,6 +164,29 @@ def test_too_short_utterance_is_scored_as_empty(tmp_path):
     res = evaluate(model, data, tok, Engine(World()), cfg, keep_hyps=True)
     assert res["utterances"] == 3
     assert res["hypotheses"][data.ids[0]]["hyp"] == ""
+    short_ref = res["hypotheses"][data.ids[0]]["ref"]
+    assert short_ref == data.texts[0] and short_ref.split()
+    # its reference words count in the totals (yes + go home + stop) and are deleted
+    assert res["words"] == 4 and res["deletions"] >= len(short_ref.split())
+    assert res["chars"] == len("yes") + len("go home") + len("stop")
+
+
+def test_evaluate_refuses_features_the_model_was_not_trained_on(tmp_path):
+    """A split featurized with other settings would score plausibly but wrongly: one line, exit 2."""
+    from hpc_asr.decode.evaluate import load_model_and_data
+
+    data = make_feature_dir(tmp_path / "f", 2, ["yes", "stop"], shards=1)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    assert load_model_and_data(str(ckpt), str(data))[3].features == Config().features  # the same: accepted
+    state = checkpoint.load(ckpt)
+    state["config"]["features"]["low_freq"] = 60.0  # the model's mel filterbank starts elsewhere
+    checkpoint.save(tmp_path / "other.pt", state)
+    with pytest.raises(ValueError, match=r"differ from the model's"):
+        load_model_and_data(str(tmp_path / "other.pt"), str(data))
+    proc = run([sys.executable, "-m", "hpc_asr", "evaluate", "--checkpoint", str(tmp_path / "other.pt"),
+                "--data", str(data), "--out", str(tmp_path / "e.json")], timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(data) in proc.stderr and "low_freq" in proc.stderr and not (tmp_path / "e.json").exists()
 
 
 def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, tmp_path):
@@ -150,6 +206,22 @@ def test_latency_recognizer_decodes_with_the_lm_beside_the_export(real_fixture, 
     with pytest.raises(FileNotFoundError):
         Recognizer(out, decoder="beam+lm", lm=str(tmp_path / "none"))
 
+    # A known posterior in place of the network's: acoustics say "stap", the LM beside the export says "stop".
+    tok = rec.tokenizer
+    probs = np.full((8, tok.vocab_size), 1e-4)
+    for t, c in enumerate("stap"):
+        probs[2 * t, tok.encode(c)[0]], probs[2 * t + 1, tok.blank] = 0.9, 0.9
+    probs[4, tok.encode("o")[0]] = 0.4  # "a" 0.9 against "o" 0.4: greedy reads "stap"
+    lp = np.log(probs / probs.sum(1, keepdims=True)).astype(np.float32)
+
+    class KnownPosterior:
+        def run(self, outputs, feeds):
+            return [lp[None], np.array([len(lp)])]
+
+    greedy = Recognizer(out, threads=1, decoder="greedy")
+    greedy.session = rec.session = KnownPosterior()
+    feats = np.zeros((40, rec.features.num_mel_bins), np.float32)
+    assert greedy.decode_features(feats) == "stap" and rec.decode_features(feats) == "stop"
 
 @pytest.mark.parametrize("dist", [{"engine": "horovod", "elastic": True}, {"engine": "torch"}],
                          ids=["elastic", "torch"])

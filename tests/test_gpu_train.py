@@ -37,9 +37,12 @@ def test_amp_steps_on_cuda(tiny_features, tmp_path, precision):
 
 
 def test_fused_adamw_matches_the_reference_step():
+    from hpc_asr.config import Config
+    from hpc_asr.train.setup import _build_optimizer
+
     model = torch.nn.Linear(64, 64).cuda()
-    cfg = train_mod.Config()
-    fused = train_mod._build_optimizer(cfg, model, torch.device("cuda"))
+    cfg = Config()
+    fused = _build_optimizer(cfg, model, torch.device("cuda"))
     assert fused.defaults["fused"] is True
     ref_model = torch.nn.Linear(64, 64).cuda()
     ref_model.load_state_dict(model.state_dict())
@@ -52,8 +55,12 @@ def test_fused_adamw_matches_the_reference_step():
 
 
 def test_compiled_model_trains(tiny_features, tmp_path):
+    """torch.compile changes kernels, not the arithmetic: the losses follow an eager run's."""
     s = _one_gpu_run(tiny_features, tmp_path / "compiled", "--train.compile", "true", "--train.precision", "bf16")
     assert s["steps"] == 4 and all(r["finite"] for r in s["replicas"])
+    eager = _one_gpu_run(tiny_features, tmp_path / "eager", "--train.compile", "false", "--train.precision", "bf16")
+    losses = [h["loss"] for h in s["history"]]
+    assert losses == pytest.approx([h["loss"] for h in eager["history"]], rel=2e-2)  # bf16 rounding, fused kernels
 
 
 def test_horovod_gradscaler_order_and_inf_skip_on_gpus(tiny_features, tmp_path):
@@ -62,8 +69,10 @@ def test_horovod_gradscaler_order_and_inf_skip_on_gpus(tiny_features, tmp_path):
     on the last rank is skipped on every rank, the scale backs off, and the replicas stay identical.
     The demo's BatchNorm convolution module is on, so with 2 GPUs its statistics are averaged over
     NCCL at every checkpoint (the replicas would differ otherwise)."""
-    pytest.importorskip("horovod.torch")
-    n = min(2, torch.cuda.device_count())
+    import horovod.torch  # noqa: F401  (built by make setup-gpu: missing is a failure)
+    if torch.cuda.device_count() < 2:  # one rank: "every rank" and "replicas identical" hold by construction
+        pytest.skip(f"needs 2 GPUs ({torch.cuda.device_count()} here): one rank agrees with itself by construction")
+    n = 2
     out = tmp_path / "hvd"
     cfg = tiny_yaml(tmp_path / "hvd.yaml", tiny_features["train"], tiny_features["dev"], out,
                     train={"epochs": 2, "precision": "fp16", "tensorboard": False}, model={"conv_norm": "batch"})

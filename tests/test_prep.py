@@ -339,7 +339,7 @@ def test_error_on_one_rank_aborts_the_job_in_one_line(tmp_path, librispeech_dir)
 
 
 def test_cuda_fbank_matches_cpu(tmp_path, librispeech_dir):
-    torch = pytest.importorskip("torch")
+    import torch
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: `--device cuda` FBANK is checked on GPU nodes")
     x = load_audio(fixture_utts(librispeech_dir)[0].audio, CFG.sample_rate)
@@ -424,6 +424,50 @@ def test_missing_manifest_is_one_line_naming_it(tmp_path):
                 "--out", str(tmp_path / "out")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: manifest not found"
+
+
+def test_rerun_rebuilds_after_a_changed_manifest_feature_config_or_speed_list(tmp_path, librispeech_dir):
+    """The index fingerprint covers the manifest, the feature settings and the speed list: the same
+    inputs are a no-op that rewrites nothing, each change rebuilds what the new inputs say."""
+    utts = fixture_utts(librispeech_dir)[:2]
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "fbank"
+    write_manifest(manifest, utts[:1])
+    first = fbank_run(manifest, out, CFG, World(), None)
+    assert first["utterances"] == 1
+    files = [out / "index.json", *out.glob("gen-*/*.h5")]
+    for path in files:
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert fbank_run(manifest, out, CFG, World(), None)["fingerprint"] == first["fingerprint"]
+    assert all(p.stat().st_mtime == 1_000_000_000 for p in files)  # up to date: nothing rewritten
+
+    write_manifest(manifest, utts)  # one more utterance
+    assert fbank_run(manifest, out, CFG, World(), None)["utterances"] == 2
+    assert sorted(FeatureSet(out).ids) == sorted(u.id for u in utts)
+
+    fewer_bins = FeatureConfig(num_mel_bins=40)
+    fs = (fbank_run(manifest, out, fewer_bins, World(), None), FeatureSet(out))[1]
+    assert fs.features == fewer_bins and fs.feats(0).shape[1] == 40
+
+    index = fbank_run(manifest, out, fewer_bins, World(), None, fbank_mod.PrepOptions(speeds=(0.9, 1.0)))
+    assert index["utterances"] == 4 and sum(i.startswith("sp0.9-") for i in FeatureSet(out).ids) == 2
+    assert index["fingerprint"] != first["fingerprint"] and len(list(out.glob("gen-*"))) == 1  # old ones removed
+
+
+def test_dither_adds_noise_in_int16_units():
+    """dither > 0 (Kaldi's default is 1.0): fresh noise in every frame. Digital silence, at the log
+    floor without it, reads as noise of about one int16 step with it; speech barely moves."""
+    from hpc_asr.data.features import _FLOAT_EPS
+
+    silence = np.zeros(16000, np.float32)
+    assert np.allclose(fbank(silence, CFG), np.log(_FLOAT_EPS))
+    noisy = fbank(silence, FeatureConfig(dither=1.0))
+    assert np.isfinite(noisy).all() and noisy.mean() > np.log(_FLOAT_EPS) + 10
+    again = fbank(silence, FeatureConfig(dither=1.0))
+    assert not np.array_equal(noisy, again)  # drawn afresh, not a fixed pattern
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    plain, dithered = fbank(tone, CFG), fbank(tone, FeatureConfig(dither=1.0))
+    loud = plain > plain.max() - 5  # bins near the tone: 0.3 full scale is ~10^4 int16 steps
+    assert np.abs(plain - dithered)[loud].max() < 1e-2
 
 
 def test_librispeech_skips_truncated_flac(tmp_path, librispeech_dir, capsys):

@@ -88,6 +88,9 @@ def test_chain_prep_train_evaluate_export(slurm_cluster, tmp_path):
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     n_test = len((corpus / "test.jsonl").read_text().splitlines())
     assert ev["utterances"] == n_test and 0 <= ev["cer"] and len(ev["hypotheses"]) == n_test
+    # the figures are the ones its hypotheses score (2 ranks' counts reduced, not one rank's)
+    assert helpers.rescored(tmp_path / "run" / "eval.json") == pytest.approx((ev["wer"], ev["cer"]))
+    assert ev["chars"] == sum(len(h["ref"]) for h in ev["hypotheses"].values()) > 0
     assert (tmp_path / "run" / "export" / "model.onnx").is_file()
     assert "srun: error" not in logs and "Traceback" not in logs
 

@@ -203,8 +203,11 @@ class HorovodEngine(Engine):
         self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
     def broadcast_state(self, model, optimizer):
+        fresh = self.broadcast_object(not optimizer.state)  # dist: rank 0 holds no optimizer state yet
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # dist
         self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # dist
+        if fresh:  # the dummy step Horovod took to create state to broadcast is no training step
+            optimizer.state.clear()  # (AdamW's step count 1 would shrink the first real update by 1/4)
 
     def synchronize(self, optimizer):
         optimizer.synchronize()  # dist

@@ -4,7 +4,9 @@
 
 ``DIR/hosts`` is what DISCOVER prints. Rank 0 shrinks it to ``localhost:1`` after step 4 and grows
 it back to ``localhost:2`` after step 12; the state (``hvd.elastic.TorchState``: model, optimizer,
-step) survives both resets. Every committed step appends ``step size weight`` to ``DIR/log``.
+step) survives both resets. Rank r feeds inputs of r + 1, so the averaged gradient depends on the
+world size and an unsynchronised rank shows. Every committed step appends ``step size weight`` to
+``DIR/log`` (rank 0) and to ``DIR/log.<rank>`` (every rank, its own weights).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ def main() -> int:
     def train(state) -> None:
         while state.step < STEPS:
             opt.zero_grad()
-            model(torch.ones(2, 4)).sum().backward()  # dist: gradient averaged over the current ranks
+            model(torch.full((2, 4), engine.world.rank + 1.0)).sum().backward()  # dist: averaged over the ranks
             opt.step()
             state.step += 1
+            line = f"{state.step} {engine.world.size} {model.weight.detach().sum().item():.6f}\n"
+            with open(out / f"log.{engine.world.rank}", "a") as f:
+                f.write(line)
             if engine.world.rank == 0:
                 with open(out / "log", "a") as f:
-                    f.write(f"{state.step} {engine.world.size} {model.weight.detach().sum().item():.6f}\n")
+                    f.write(line)
                 if state.step == SHRINK_AT:
                     (out / "hosts").write_text("localhost:1\n")
                 elif state.step == GROW_AT:
