@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_asr.cli import load_config
-from hpc_asr.config import ConfigError, validate
 from hpc_asr.ops.site import JobError, Site
+from hpc_asr.validate import ConfigError, validate
 
 __all__ = ["CKPT", "STAGES", "Job", "Plan", "make_plan", "walltime_s"]
 
