@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.cli import load_config
 from hpc_asr.config import AugmentConfig, ConfigError
 from hpc_asr.data.features import AudioError, resample
@@ -203,7 +204,7 @@ def run(manifest: Path, out: Path, cfg: AugmentConfig, world, comm) -> dict:
     summary = {"fingerprint": fp, "manifest": str(manifest), "config": asdict(cfg), "originals": len(utts),
                "copies": len(copies), "failed": failed, "rirs": len(rirs), "wall_s": round(time.time() - t0, 1),
                "applied": [{"id": r["id"], **r["aug"]} for r in copies]}
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json_atomic(summary_path, summary)
     return summary
 
 

@@ -27,6 +27,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from hpc_asr.atomic import atomic_path, write_json_atomic
+
 __all__ = ["VARIANTS", "main", "plot", "table", "variant_commands"]
 
 # name -> config overrides (section.key=value) on top of --config; each variant sets augment.enabled.
@@ -142,7 +144,7 @@ def run_variant(name: str, args) -> dict:
         ev = json.loads((run / f"eval_{tag}.json").read_text())
         row.update({f"{tag}_wer": round(ev["wer"], 4), f"{tag}_cer": round(ev["cer"], 4),
                     f"{tag}_utterances": ev["utterances"]})
-    res_path.write_text(json.dumps(row, indent=1) + "\n")
+    write_json_atomic(res_path, row)
     return row
 
 
@@ -166,7 +168,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.2 * max(100 * max(r["dev_wer"], r["festival_wer"]) for r in rows))
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_hours": corpus["train"]["hours"], "dev_utterances": corpus["dev"]["utterances"],
                "festival_utterances": corpus["test_festival"]["utterances"], "steps": args.steps,
                "ranks": args.np, "config": args.config, "decoder": "greedy"}
-    (out / "ablation.json").write_text(json.dumps({"setting": setting, "variants": rows}, indent=1) + "\n")
+    write_json_atomic(out / "ablation.json", {"setting": setting, "variants": rows})
     plot(rows, out / "ablation.png")
     print(table(rows))
     print(f"[ablation] wrote {out / 'ablation.json'} and {out / 'ablation.png'}", file=sys.stderr)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.cli import load_config
 from hpc_asr.config import FeatureConfig, ModelConfig
 from hpc_asr.data.features import fbank
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 def save_result(out: str | Path, res: dict) -> None:
     """Every benchmark's JSON under runs/bench/, written and echoed the same way."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    write_json_atomic(out, res)
     print(json.dumps(res, indent=1))
 
 

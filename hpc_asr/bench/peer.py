@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_asr.atomic import write_json_atomic
 from hpc_asr.data.features import AudioError, load_audio
 from hpc_asr.data.manifest import ManifestError, read_manifest
 from hpc_asr.data.text import normalize
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if world.is_main:
         res = {**merge(parts, a.manifest), "limit": a.limit}
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_json_atomic(a.out, res)
         for s in res["skipped"]:
             print(f"skipped {s}", file=sys.stderr)
         print(f"peer {PEER}: WER {res['wer']:.2%} on {res['utterances']} utterances of {a.manifest}, "

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from hpc_asr.atomic import atomic_path, write_json_atomic
+
 __all__ = ["build_report", "plot_curves"]
 
 
@@ -121,7 +123,8 @@ def plot_curves(train_summary: dict, path: Path) -> None:
     fig.suptitle(f"{train_summary['engine']} x{train_summary['ranks']} ranks, "
                  f"{train_summary['train_hours']:.2f} h, {train_summary['train_wall_s']:.0f} s")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    (args.run / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json_atomic(args.run / "report.json", report)
     plot_curves(_read(args.run / "train_summary.json"), args.run / "loss_curve.png")
     r = report
     print(f"""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from hpc_asr.atomic import atomic_path
+
 __all__ = ["Cluster", "predict", "ring_allreduce_s", "step_flops"]
 
 ARTICLE = {8: 1.0, 16: 1.85, 32: 3.33}  # the source article's measured speed-ups (8 → 32 A100)
@@ -94,7 +96,8 @@ def plot(pred: dict, path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 

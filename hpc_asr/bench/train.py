@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from hpc_asr.atomic import write_json_atomic
+
 __all__ = ["main", "timeline_allreduce_bytes"]
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8, "uint8": 1, "int8": 1}
@@ -328,7 +330,7 @@ def orchestrate(a: argparse.Namespace) -> int:
                                     "repeats": a.repeats, "threads_per_rank": 1},
                     "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.time() - t0, 1)},
     }
-    out.write_text(json.dumps(res, indent=1))
+    write_json_atomic(out, res)
     _print_summary(res, pred, out)
     return 0
 
