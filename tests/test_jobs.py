@@ -119,6 +119,9 @@ WALL = "minutes and seconds must be < 60 (hours < 24 after a day count)"
     (["--walltime=soon"], "--walltime 'soon': expected [D-]HH:MM:SS"),
     (["--walltime=00:00:00"], "--walltime '00:00:00': must be longer than 0"),
     (["--prep-walltime=4h"], "--prep-walltime '4h': expected [D-]HH:MM:SS"),
+    (["--serve-port=0"], "--serve-port must be > 0, got 0"),
+    (["--serve-port=70000"], "--serve-port must be <= 65535, got 70000"),
+    (["--serve-walltime=99:99:99"], "--serve-walltime '99:99:99': " + WALL),
     (["--walltime=00:01:00"], "SITE: requeue_signal_s 120 leaves no training time in a train walltime of 00:01:00 "
                               "(60 s); lower it or raise --walltime"),
 ])
@@ -220,7 +223,7 @@ def test_checked_in_chains_are_what_render_makes(tmp_path):
 @pytest.mark.parametrize("d", REFERENCE)
 def test_checked_in_chains_say_how_they_were_made(d):
     scripts = sorted(p for p in (ROOT / "jobs" / d).iterdir() if p.suffix in (".sbatch", ".pbs"))
-    assert [p.stem for p in scripts] == sorted(["prep", "train", "evaluate", "export"])
+    assert [p.stem for p in scripts] == sorted(["prep", "train", "evaluate", "export", "serve"])
     command = json.loads((ROOT / "jobs" / d / "jobs.json").read_text())["command"]
     assert command.startswith("hpc-asr jobs render ") and f"--out jobs/{d}" in command
     regenerate = " ".join((ROOT / "jobs" / "regenerate.sh").read_text().split()).replace("\\ ", "")

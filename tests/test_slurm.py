@@ -311,3 +311,43 @@ def test_torch_engine_rendezvous_at_first_host(slurm_cluster, tiny_features, tmp
     summary = json.loads((out / "train_summary.json").read_text())
     assert (summary["ranks"], summary["engine"], summary["steps"]) == (2, "torch", 2)
     assert f"MASTER_ADDR={slurm_cluster.node}:" in log and "engine torch" in log
+
+
+@pytest.mark.slow
+def test_serve_job_serves_the_export_and_scancel_drains_it(slurm_cluster, tmp_path):
+    """The rendered serve job on a real SLURM node: the service comes up on the asked port, says
+    where, answers a real request with the offline Recognizer's transcript, and a scancel ends it
+    cleanly (the service drains and exits 0; the job does not requeue)."""
+    import httpx
+    import serve_model
+
+    from hpc_asr.data.features import load_audio
+    from hpc_asr.deploy.recognizer import Recognizer
+
+    model = serve_model.build(serve_model.cache_dir())
+    export = Path(model["export"])
+    wav, _ = next(iter(model["audio"].values()))
+    expected = Recognizer(export)(load_audio(wav, 16000))
+    port = sc._free_ports(1)[0]
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({"train": {"out_dir": str(export.parent)}}))  # the chain's run dir: RUN/export
+    proc = jobs_cli(slurm_cluster, "render", "--site", str(site(tmp_path, slurm_cluster)), "--gpus-per-node", "0",
+                    "--config", str(cfg), "--out", str(tmp_path / "jobs"), "--no-path-check",
+                    "--serve-port", str(port), "--serve-walltime", "00:10:00")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "jobs" / "serve.sbatch").read_text()
+    assert "--time=00:10:00" in text and f"PORT=${{SERVE_PORT:-{port}}}" in text
+    jid = slurm_cluster.run("sbatch", "--parsable", str(tmp_path / "jobs" / "serve.sbatch")).stdout.strip()
+    log = tmp_path / "jobs" / "logs" / f"hpc_asr-serve-{jid}.out"
+    _until("the service to be ready", lambda: log.is_file() and "[job] serving" in log.read_text(), 180,
+           slurm_cluster, jid)
+    assert f":{port} (POST /v1/recognize" in log.read_text()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/recognize", content=Path(wav).read_bytes(),
+                   headers={"Content-Type": "audio/wav"}, timeout=60)
+    assert r.status_code == 200 and r.json()["text"] == expected, r.text
+    slurm_cluster.run("scancel", jid)
+    _until("the job to end", lambda: slurm_cluster.job(jid).get("JobState") not in (
+        "RUNNING", "PENDING", "REQUEUED", "COMPLETING", "CONFIGURING"), 90, slurm_cluster, jid)
+    out = log.read_text()
+    assert "stop signal" in out and "serve ended with status 0" in out, out
+    assert slurm_cluster.job(jid)["Restarts"] == "0"

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--no-path-check", action="store_true",
                        help="render even if a manifest the chain reads is not here (scripts for another machine)")
         s.add_argument("--stage", action="store_true", help="copy train/dev shards to node-local disk first")
+        s.add_argument("--serve-port", type=int, default=8000, help="port of the serve job's service")
+        s.add_argument("--serve-walltime", help="serve job time limit (default: the train walltime)")
+        s.add_argument("--serve-partition", help="partition/queue of the inference nodes (default: --partition)")
         if name == "submit":
             s.add_argument("--dry-run", action="store_true", help="print scripts and commands, submit nothing")
             s.add_argument("--wait", action="store_true", help="wait for the chain, printing state changes (SLURM)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from hpc_asr.ops.plan import CKPT, Job, Plan, walltime_s
+from hpc_asr.ops.plan import CKPT, PORT, Job, Plan, walltime_s
 from hpc_asr.ops.site import JobError
 from hpc_asr.train.preempt import EXIT_PREEMPTED  # the trainer's status after a signal checkpoint
 
@@ -18,19 +18,19 @@ SUFFIX = {"slurm": "sbatch", "pbs": "pbs"}
 
 
 def _q(cmd: list[str]) -> str:
-    return " ".join(c if c == CKPT else shlex.quote(c) for c in cmd)
+    return " ".join(c if c in (CKPT, PORT) else shlex.quote(c) for c in cmd)
 
 
 def _directives(plan: Plan, job: Job, name: str) -> list[str]:
     site, cpt = plan.site, plan.cpus_per_task
-    account = site.account
+    account, partition = site.account, job.partition or site.partition
     if plan.scheduler == "slurm":
         d = [f"--job-name={name}", f"--nodes={job.nodes}", f"--ntasks-per-node={job.ranks_per_node}",
              f"--cpus-per-task={cpt}", f"--time={job.walltime}"]
         if job.gpus_per_node:
             d.append(f"--gpus-per-node={job.gpus_per_node}")
-        if site.partition:
-            d.append(f"--partition={site.partition}")
+        if partition:
+            d.append(f"--partition={partition}")
         if account:
             d.append(f"--account={account}")
         # append: a requeued job adds to its log instead of truncating the first run's
@@ -43,8 +43,8 @@ def _directives(plan: Plan, job: Job, name: str) -> list[str]:
         sel = sel.replace(":mpiprocs", f":ngpus={job.gpus_per_node}:mpiprocs")
     d = [f"-N {name}", f"-l {sel}", "-l place=scatter", f"-l walltime={job.walltime}", "-j oe",
          f"-o {plan.logdir}/", f"-r {'y' if job.stage == 'train' else 'n'}"]
-    if site.partition:
-        d.append(f"-q {site.partition}")
+    if partition:
+        d.append(f"-q {partition}")
     if account:
         d.append(f"-A {account}")
     return [f"#PBS {x}" for x in d]
@@ -187,6 +187,28 @@ def _train_body(plan: Plan, job: Job) -> list[str]:
     ]
 
 
+def _serve_body(job: Job) -> list[str]:
+    """The service on this (inference) node: start it, wait for /readyz, say where it listens, then
+    stay until the walltime or a scancel/qdel. TERM reaches the service itself (the scheduler
+    signals the job's processes): it refuses new requests, finishes the ones in flight and exits."""
+    return [f"PORT=${{SERVE_PORT:-{job.port}}}  # sbatch --export=ALL,SERVE_PORT=9000 ... to move it",
+            f"{_q(job.commands[0])} &",
+            "SERVER=$!",
+            "trap 'echo \"[job] stop signal: the service drains in-flight requests and exits\"' TERM INT",
+            "# health check: /readyz answers 200 once the model is loaded",
+            "for _ in $(seq 1 300); do",
+            "  python -c \"import sys, urllib.request as u; u.urlopen(f'http://127.0.0.1:{sys.argv[1]}/readyz', "
+            "timeout=2)\" \"$PORT\" 2>/dev/null && break",
+            '  kill -0 "$SERVER" 2>/dev/null || { echo "[job] the service exited before it was ready"; exit 1; }',
+            "  sleep 1",
+            "done",
+            'echo "[job] serving http://$(hostname -f):$PORT (POST /v1/recognize, WebSocket /v1/stream, /metrics)"',
+            'rc=0; wait "$SERVER" || rc=$?',
+            'while kill -0 "$SERVER" 2>/dev/null; do rc=0; wait "$SERVER" || rc=$?; done  # a signal ended wait',
+            'echo "[job] serve ended with status $rc"',
+            'exit "$rc"']
+
+
 def _checkpoint_lines(job: Job) -> list[str]:
     """evaluate/export read the best checkpoint the run has (avg.pt, else best.pt, else last.pt)."""
     first, *rest = job.checkpoints
@@ -215,6 +237,8 @@ def script(plan: Plan, job: Job) -> str:
             *_env_block(plan, job)]
     if job.stage == "train":
         body = _train_body(plan, job)
+    elif job.stage == "serve":
+        body = _serve_body(job)
     else:
         launch = _launcher(plan, job)
         body = _checkpoint_lines(job) if job.checkpoints else []

@@ -16,10 +16,11 @@ from hpc_asr.cli import load_config
 from hpc_asr.ops.site import JobError, Site
 from hpc_asr.validate import ConfigError, validate
 
-__all__ = ["CKPT", "STAGES", "Job", "Plan", "make_plan", "walltime_s"]
+__all__ = ["CKPT", "PORT", "STAGES", "Job", "Plan", "make_plan", "walltime_s"]
 
-STAGES = ("prep", "train", "evaluate", "export")
+STAGES = ("prep", "train", "evaluate", "export")  # the chain submit runs; serve is rendered, submitted by hand
 CKPT = '"$CKPT"'  # the checkpoint evaluate/export read: picked by the job script (see Job.checkpoints)
+PORT = '"$PORT"'  # the serve job's port: --serve-port, or SERVE_PORT in the job's environment
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Job:
     reads: list[str] = field(default_factory=list)
     writes: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+    port: int = 0  # serve: the port the service listens on
+    partition: str = ""  # another partition/queue than the site's (serve: the inference nodes)
 
 
 @dataclass
@@ -64,13 +67,17 @@ class _Counts:
     ranks_per_node: int
     cpus_per_task: int
     node_cpus: int
+    serve_port: int
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    counts = _Counts(args.nodes, args.gpus_per_node, args.ranks_per_node, args.cpus_per_task, args.node_cpus)
+    counts = _Counts(args.nodes, args.gpus_per_node, args.ranks_per_node, args.cpus_per_task, args.node_cpus,
+                     args.serve_port)
     try:
         validate(counts, "jobs", nodes=">=1", gpus_per_node=">=0", ranks_per_node=">=0", cpus_per_task=">=0",
-                 node_cpus=">=0")
+                 node_cpus=">=0", serve_port=">0")
+        if args.serve_port > 65535:
+            raise ConfigError(f"jobs.serve_port must be <= 65535, got {args.serve_port}")
     except ConfigError as e:  # jobs.ranks_per_node → the flag the user typed
         raise JobError(re.sub(r"jobs\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
@@ -173,6 +180,8 @@ def make_plan(args: argparse.Namespace, site: Site) -> Plan:
                  "--out", f"{run_dir}/eval.json"]]
     export = [["python", "-m", "hpc_asr", "export", "--checkpoint", CKPT, "--data", cfg.data.test,
                "--out-dir", f"{run_dir}/export"]]
+    serve = [["python", "-m", "hpc_asr", "serve", *cfg_args, "--model-dir", f"{run_dir}/export", "--host", "0.0.0.0",
+              "--port", PORT]]
     gpu1 = 1 if args.gpus_per_node else 0
     outputs = [f"{run_dir}/{n}" for n in ("last.pt", "best.pt", "avg.pt")]
     jobs = [Job("prep", args.nodes, ppn, 0, short, prep, reads=[m for m, _ in pairs], writes=[d for _, d in pairs]),
@@ -180,7 +189,12 @@ def make_plan(args: argparse.Namespace, site: Site) -> Plan:
                 reads=[cfg.data.train, *([cfg.data.dev] if cfg.data.dev else [])], writes=outputs),
             Job("evaluate", 1, 1, gpu1, short, evaluate, mpi=False, reads=[ckpts[-1], cfg.data.test],
                 checkpoints=ckpts),
-            Job("export", 1, 1, 0, short, export, mpi=False, reads=[ckpts[-1], cfg.data.test], checkpoints=ckpts)]
+            Job("export", 1, 1, 0, short, export, mpi=False, reads=[ckpts[-1], cfg.data.test],
+                writes=[f"{run_dir}/export"], checkpoints=ckpts),
+            Job("serve", 1, 1, gpu1, args.serve_walltime or long, serve, mpi=False, reads=[f"{run_dir}/export"],
+                port=args.serve_port, partition=args.serve_partition or "")]
+    if args.serve_walltime:
+        walltime_s(args.serve_walltime, "--serve-walltime")
     workdir = "" if portable and not args.workdir else _path(args.workdir or os.getcwd(), portable)
     logdir = _path(os.path.join(args.out, "logs"), portable)
     return Plan(scheduler, site, jobs, cpt, workdir, logdir, run_dir, args.stage,
