@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import helpers
@@ -64,6 +65,19 @@ def test_second_concurrent_run_refuses_naming_the_holder(tiny_features, tmp_path
     finally:
         if first.poll() is None:
             first.kill()
+
+
+def test_lock_is_released_when_train_returns(tiny_features, tmp_path):
+    """A run that ends frees its out_dir at once, not at process exit: a later run in another
+    process (an evaluation chain, a resume with more ranks) is not refused by a finished one."""
+    out = tmp_path / "run"
+    cfg = tiny_yaml(tmp_path / "c.yaml", tiny_features["train"], tiny_features["dev"], out,
+                    train={"epochs": 1, "max_steps": 1, "tensorboard": False})
+    train_mod.train(load_config(cfg, ["--dist.engine", "none"]))
+    assert not (out / LOCK_NAME).exists()
+    proc = run([sys.executable, "-m", "hpc_asr", "train", "--config", str(cfg), "--dist.engine", "none",
+                "--train.max_steps", "2"], timeout=180)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_lock_of_a_live_process_stands_a_dead_ones_is_taken_over(tiny_features, tmp_path):

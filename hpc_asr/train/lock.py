@@ -148,12 +148,13 @@ def acquire(out: Path) -> RunLock:
     raise OutDirLocked(f"{path}: could not be taken (it keeps changing): is another run starting?")
 
 
-def hold(out: Path, engine, log, collective: bool = True) -> None:
+def hold(out: Path, engine, log, collective: bool = True) -> RunLock | None:
     """Every rank calls it at set-up: rank 0 takes the lock (released when the process exits) and
     the outcome is broadcast, so every rank of a refused run stops with the same line. Under
     Horovod elastic (``collective=False``: no collective before the elastic loop) rank 0 alone
-    checks and stops."""
-    msg = {"error": None, "warning": ""}
+    checks and stops. Returns rank 0's lock (None elsewhere): ``train()`` releases it when the run
+    ends, the exit handler when the process dies first."""
+    msg, lock = {"error": None, "warning": ""}, None
     if engine.world.is_main:
         try:
             lock = acquire(out)
@@ -167,3 +168,4 @@ def hold(out: Path, engine, log, collective: bool = True) -> None:
         log(f"warning: {msg['warning']}")
     if msg["error"]:
         raise OutDirLocked(msg["error"])
+    return lock

@@ -324,6 +324,8 @@ def train(cfg: Config) -> dict:
         run.metrics.close()
         run.engine.shutdown()
         run.log.close()
+        if run.lock is not None:
+            run.lock.release()  # the next run in this out_dir, in this process or another, may start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,7 @@ class Run:
     t_start: float = 0.0
     wall0: float = 0.0
     commit: Callable[[], None] = lambda: None  # Horovod elastic: state.commit() at checkpoint boundaries
+    lock: Any = None  # rank 0's hold on out_dir (hpc_asr.train.lock), released when train() ends
 
     @property
     def world(self):
@@ -114,7 +115,7 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out, world)
-    hold_out_dir(out, engine, log, collective=not cfg.dist.elastic)  # dist: one run per out_dir, all ranks agree
+    lock = hold_out_dir(out, engine, log, collective=not cfg.dist.elastic)  # dist: one run per out_dir, all ranks agree
     train_set, dev_set, keep = _load_data(cfg, engine, log)
     tok = _make_tokenizer(cfg, train_set, engine, out)
     cfg.model.vocab_size = tok.vocab_size
@@ -131,7 +132,7 @@ def setup(cfg: Config) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype(device.type) == torch.float16)
     metrics = MetricsWriter(out, enabled=world.is_main, tensorboard=cfg.train.tensorboard)
     return Run(cfg, engine, tok, train_set, dev_set, keep, model, ddp, optimizer, scaler, sampler, log,
-                metrics, out, pos=new_position(world.size, cfg.train.accum_steps))
+                metrics, out, pos=new_position(world.size, cfg.train.accum_steps), lock=lock)
 
 
 def make_sampler(cfg: Config, train_set: FeatureSet, keep: np.ndarray, world) -> BucketBatchSampler:
