@@ -156,7 +156,7 @@ def test_failed_parity_leaves_no_final_files(tiny_features, tmp_path, capsys, ke
 def test_checkpoint_load_errors_name_the_path(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint\x00\x01")
-    with pytest.raises(checkpoint.CheckpointError, match="unreadable") as e:
+    with pytest.raises(checkpoint.CheckpointError, match="not an hpc_asr checkpoint") as e:
         checkpoint.load(garbage)
     assert str(garbage) in str(e.value)
     missing = tmp_path / "missing.pt"

@@ -27,7 +27,11 @@ def render(tmp_path: Path, *args: str, config: str = "demo.yaml", **site) -> dic
 
 def test_slurm_gpu_directives_and_launch(tmp_path):
     scripts = render(tmp_path, "--scheduler", "slurm", "--nodes", "4", "--gpus-per-node", "8")
-    assert sorted(scripts) == ["evaluate", "export", "prep", "train"]
+    assert sorted(scripts) == ["evaluate", "export", "prep", "serve", "train"]
+    serve = parse_directives(scripts["serve"])  # one node, one task, one GPU, never requeued
+    assert serve["nodes"] == ["1"] and serve["ntasks-per-node"] == ["1"] and serve["gpus-per-node"] == ["1"]
+    assert "requeue" not in serve and "signal" not in serve and serve["partition"] == ["gpu"]
+    assert "--model-dir runs/demo/export --host 0.0.0.0 --port \"$PORT\" &" in scripts["serve"]
     d = parse_directives(scripts["train"])
     assert d["nodes"] == ["4"] and d["ntasks-per-node"] == ["8"] and d["gpus-per-node"] == ["8"]
     assert d["cpus-per-task"] == ["8"] and d["time"] == ["12:00:00"] and d["partition"] == ["gpu"]

@@ -116,23 +116,29 @@ def setup(cfg: Config) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out, world)
     lock = hold_out_dir(out, engine, log, collective=not cfg.dist.elastic)  # dist: one run per out_dir, all ranks agree
-    train_set, dev_set, keep = _load_data(cfg, engine, log)
-    tok = _make_tokenizer(cfg, train_set, engine, out)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(cfg.train.seed)  # same init everywhere; broadcast below makes it exact
-    model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
-    model.set_cmvn(train_set.cmvn_mean, train_set.cmvn_std)
-    model.to(device)
-    sampler = make_sampler(cfg, train_set, keep, world)
-    ddp = engine.wrap_model(model)  # dist: DDP for the torch engine, unchanged for Horovod
-    if cfg.train.compile:
-        ddp = torch.compile(ddp)
-    optimizer = engine.wrap_optimizer(_build_optimizer(cfg, model, device), model,
-                                      cfg.train.accum_steps)  # dist: allreduce hooks
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype(device.type) == torch.float16)
-    metrics = MetricsWriter(out, enabled=world.is_main, tensorboard=cfg.train.tensorboard)
-    return Run(cfg, engine, tok, train_set, dev_set, keep, model, ddp, optimizer, scaler, sampler, log,
-                metrics, out, pos=new_position(world.size, cfg.train.accum_steps), lock=lock)
+    try:
+        train_set, dev_set, keep = _load_data(cfg, engine, log)
+        tok = _make_tokenizer(cfg, train_set, engine, out)
+        cfg.model.vocab_size = tok.vocab_size
+        torch.manual_seed(cfg.train.seed)  # same init everywhere; broadcast below makes it exact
+        model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
+        model.set_cmvn(train_set.cmvn_mean, train_set.cmvn_std)
+        model.to(device)
+        sampler = make_sampler(cfg, train_set, keep, world)
+        ddp = engine.wrap_model(model)  # dist: DDP for the torch engine, unchanged for Horovod
+        if cfg.train.compile:
+            ddp = torch.compile(ddp)
+        optimizer = engine.wrap_optimizer(_build_optimizer(cfg, model, device), model,
+                                          cfg.train.accum_steps)  # dist: allreduce hooks
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype(device.type) == torch.float16)
+        metrics = MetricsWriter(out, enabled=world.is_main, tensorboard=cfg.train.tensorboard)
+        return Run(cfg, engine, tok, train_set, dev_set, keep, model, ddp, optimizer, scaler, sampler, log,
+                    metrics, out, pos=new_position(world.size, cfg.train.accum_steps), lock=lock)
+    except BaseException:  # refused data or config: the out_dir is free again at once, not at process exit
+        if lock is not None:
+            lock.release()
+        log.close()
+        raise
 
 
 def make_sampler(cfg: Config, train_set: FeatureSet, keep: np.ndarray, world) -> BucketBatchSampler:
