@@ -45,7 +45,8 @@ pipq() {
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make espeak-ng libsndfile1 sox
           slurm-wlm slurm-wlm-basic-plugins libpmix-dev lmod tcl festival festvox-kallpc16k
           festvox-kdlpc16k festvox-rablpc16k festvox-us-slt-hts
-          mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 rhvoice rhvoice-english)
+          mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 rhvoice rhvoice-english
+          chromium)  # chromium: the service page's browser test (headless, fake microphone)
 NONFREE_PKGS=" mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 rhvoice rhvoice-english "
 NONFREE_SOURCES=/etc/apt/sources.list.d/hpc-asr-contrib-non-free.sources
 missing=()

@@ -18,19 +18,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import serve_model
 import soundfile as sf
+import websockets.exceptions as ws_exceptions
+import websockets.sync.client as ws_client
 from conftest import ROOT, run_env
 
 from hpc_asr.data.features import load_audio, resample
 from hpc_asr.decode.wer import error_counts, rates
 from hpc_asr.deploy.recognizer import Recognizer
-
-httpx = pytest.importorskip("httpx")
-ws_client = pytest.importorskip("websockets.sync.client")
-ws_exceptions = pytest.importorskip("websockets.exceptions")
 
 LIMITS = ["--serve.max_body_bytes", "400000", "--serve.max_audio_s", "8", "--serve.max_streams", "2",
           "--serve.idle_timeout_s", "1.5", "--serve.partial_interval_s", "0.3"]
@@ -378,7 +377,8 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_sherpa_onnx_loads_our_export_and_transcribes_like_the_service(server, model, tmp_path):
-    pytest.importorskip("sherpa_onnx")
+    import sherpa_onnx  # noqa: F401 (pinned: must be there)
+
     from hpc_asr.deploy import sherpa
 
     props = sherpa.export_sherpa(model["export"], tmp_path / "sherpa")
@@ -396,9 +396,8 @@ def test_sherpa_onnx_loads_our_export_and_transcribes_like_the_service(server, m
 
 def test_browser_page_streams_microphone_and_uploads(server, model, offline, tmp_path):
     chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    assert chromium is not None, "Debian's chromium is not installed: make setup installs it (apt-get install chromium)"
+    from playwright import sync_api
     uid = "s3v1"
     assert offline[uid] == model["audio"][uid][1]  # one the model gets right, so the page shows the real words
     x = load_audio(model["audio"][uid][0], 16000)
