@@ -16,19 +16,23 @@ FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run end-to-end tests marked slow")
+    parser.addoption("--rundemo", action="store_true",
+                     help="also run the full-size `make demo` test (~30-40 min on 2 cores; `make test-demo`)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test (minutes); run with --runslow")
+    config.addinivalue_line("markers", "demo: the full-size make demo (half an hour); run with --rundemo")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow end-to-end test; use --runslow")
+    slow = pytest.mark.skip(reason="slow end-to-end test; use --runslow")
+    demo = pytest.mark.skip(reason="the full-size make demo (~30-40 min); use --rundemo (make test-demo)")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "demo" in item.keywords and not config.getoption("--rundemo"):
+            item.add_marker(demo)
+        elif "slow" in item.keywords and not (config.getoption("--runslow") or config.getoption("--rundemo")):
+            item.add_marker(slow)
 
 
 def mpirun_cmd(np: int, *args: str) -> list[str]:

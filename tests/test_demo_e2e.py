@@ -66,7 +66,7 @@ def assert_demo_wer(report: dict) -> None:
                                   f"{readme_wer():.2%} + {README_MARGIN:.2%} margin")
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_make_demo_reaches_the_wer_the_readme_claims(tmp_path):
     """The real `make demo` (default size and config, ~30 min on 2 cores): the test WER it reports
     is the README's claim within the stated margin, and the Makefile's own bar is set to it too."""
