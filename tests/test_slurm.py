@@ -351,3 +351,59 @@ def test_serve_job_serves_the_export_and_scancel_drains_it(slurm_cluster, tmp_pa
     out = log.read_text()
     assert "stop signal" in out and "serve ended with status 0" in out, out
     assert slurm_cluster.job(jid)["Restarts"] == "0"
+
+
+@pytest.mark.slow
+def test_submit_cancels_the_submitted_jobs_when_a_later_submission_fails(slurm_cluster, tmp_path, monkeypatch):
+    """issue 19: sbatch refuses the evaluate script; prep and train, already queued, are cancelled
+    (not left to run a chain that cannot finish) and the error names the refused command."""
+    from hpc_asr.ops.jobs import _parser as jobs_parser
+    from hpc_asr.ops.jobs import load_site, make_plan, render, submit
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    feats = {s: tmp_path / "fbank" / s for s in ("train", "dev", "test")}
+    cfg = tiny_config(tmp_path / "tiny.yaml", feats, tmp_path / "run")
+    args = jobs_parser().parse_args(["submit", "--site", str(site(tmp_path, slurm_cluster)), "--gpus-per-node", "0",
+                                     "--config", str(cfg), "--out", str(tmp_path / "jobs")])
+    args.overrides = []
+    plan = make_plan(args, load_site(args.site))
+    paths = render(plan, tmp_path / "jobs")
+    text = paths["evaluate"].read_text().replace("#SBATCH --nodes=1", "#SBATCH --nodes=1\n#SBATCH --no-such-option=1")
+    paths["evaluate"].write_text(text)
+    before = set(slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split())
+    with pytest.raises(JobError, match=r"sbatch .*evaluate\.sbatch failed"):
+        submit(plan, paths)
+    deadline = time.time() + 30
+    while set(slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split()) - before:
+        assert time.time() < deadline, slurm_cluster.run("squeue").stdout  # prep and train were cancelled
+        time.sleep(0.5)
+
+
+def test_stage_refuses_train_and_dev_with_the_same_directory_name(tmp_path):
+    """issue 19: staged copies are named after the source directory: two sources called the same
+    would overwrite each other on the node, so render refuses them in one line."""
+    feats = {"train": tmp_path / "a" / "fbank", "dev": tmp_path / "b" / "fbank", "test": tmp_path / "b" / "fbank"}
+    cfg = tiny_config(tmp_path / "tiny.yaml", feats, tmp_path / "run")
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(json.dumps({"scheduler": "slurm", "walltime": "00:30:00", "prep_walltime": "00:10:00",
+                                     "env": {"modules": [], "venv": ""}, "local_scratch": str(tmp_path / "l")}))
+    proc = subprocess.run([sys.executable, "-m", "hpc_asr", "jobs", "render", "--site", str(site_yaml), "--stage",
+                           "--gpus-per-node", "0", "--config", str(cfg), "--out", str(tmp_path / "jobs"),
+                           "--no-path-check"], capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --stage: train and dev directories share the name 'fbank'"]
+
+
+@pytest.mark.slow
+def test_wait_gives_up_after_its_timeout_naming_the_jobs(slurm_cluster, tmp_path, monkeypatch):
+    """issue 19: wait(timeout_s) on a job that keeps running fails in one line with its state."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    jid = slurm_cluster.run("sbatch", "--parsable", "-o", "/dev/null", "-D", str(tmp_path),
+                            "--wrap", "sleep 60").stdout.strip()
+    try:
+        t0 = time.time()
+        with pytest.raises(JobError, match=rf"jobs {jid} still \{{'{jid}': '(PENDING|RUNNING)'\}} after 3s"):
+            wait([jid], poll_s=0.5, timeout_s=3)
+        assert time.time() - t0 < 20
+    finally:
+        slurm_cluster.run("scancel", jid)
