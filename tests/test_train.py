@@ -821,3 +821,26 @@ def test_elastic_needs_an_elastic_launcher(tiny_features, tmp_path):
     bad = run([sys.executable, "-m", "hpc_asr", "train", "--config", str(cfg), "--dist.engine", "torch"], check=False)
     assert bad.returncode != 0 and "dist.elastic needs dist.engine horovod" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_bpe_tokenizer_of_the_checkpoint_reaches_every_rank_on_resume(tiny_features, tmp_path):
+    """issue 19: on resume rank 0 takes the BPE model from last.pt and broadcasts it; a rank that
+    trained its own would encode the transcripts differently. The checkpoint's tokenizer is
+    replaced by one trained on other text (same size), so only a real broadcast gives every rank
+    the checkpoint's pieces."""
+    from hpc_asr.data.tokenizer import train_bpe
+    from hpc_asr.train.setup import tokenizer_sha256
+
+    out = tmp_path / "bpe"
+    cfg = _hvd_yaml(tmp_path, tiny_features, out, tokenizer="bpe", bpe_vocab_size=40, max_steps=2)
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg)), timeout=240)
+    state = checkpoint.load(out / "last.pt")
+    other = train_bpe(["zebra quartz jumps over vexing wolves"] * 50 + ["the quick brown fox"] * 50, 40)
+    assert other.vocab_size == 41 and tokenizer_sha256(other) != state["tokenizer"].get("sha", "")
+    state["tokenizer"] = other.state_dict()
+    checkpoint.save(out / "last.pt", state)
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg), "--train.max_steps", "3"), timeout=240)
+    want = tokenizer_sha256(other)[:16]
+    for r in (0, 1):
+        lines = [ln for ln in (out / f"train.rank{r}.log").read_text().splitlines() if "tokenizer bpe sha256" in ln]
+        assert len(lines) == 2 and lines[-1].endswith(want), (r, lines, want)

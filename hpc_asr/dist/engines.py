@@ -222,10 +222,12 @@ class HorovodEngine(Engine):
         return self.hvd.allreduce(src, op=self.hvd.Sum)  # dist
 
     def broadcast_object(self, obj):
-        return self.hvd.broadcast_object(obj, root_rank=0)  # dist
+        # One name on every rank: Horovod's default is the object's type name, so rank 0 sending a dict
+        # while the others pass None (the BPE tokenizer) named two different collectives and hung.
+        return self.hvd.broadcast_object(obj, root_rank=0, name="hpc_asr.broadcast_object")  # dist
 
     def gather_object(self, obj):
-        return self.hvd.allgather_object(obj)  # dist
+        return self.hvd.allgather_object(obj, name="hpc_asr.gather_object")  # dist
 
     def barrier(self):
         self.hvd.barrier()  # dist

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from hpc_asr.decode.evaluate import evaluate
 from hpc_asr.train.log import Progress
 from hpc_asr.train.preempt import EXIT_PREEMPTED, Preempted, SignalFlag, inf_hook, step_pause, wait_for_signal_hook
 from hpc_asr.train.schedule import schedule, set_lr
-from hpc_asr.train.setup import Run, make_sampler, resume, setup
+from hpc_asr.train.setup import Run, make_sampler, resume, setup, tokenizer_sha256
 from hpc_asr.train.state import ResumeError, save
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "main", "train"]
@@ -229,7 +228,7 @@ def _elastic_loop(run: Run) -> None:
     it is committed at every checkpoint boundary, where ranks may also leave or join. After a
     reset every rank takes the committed state and recomputes what depends on the world size:
     its share of the batches (sampler), the LR scaling and the schedule increment."""
-    tok_sha = hashlib.sha256(json.dumps(run.tok.json_state(), sort_keys=True).encode()).hexdigest()
+    tok_sha = tokenizer_sha256(run.tok)
     state = run.engine.elastic_state(run.model, run.optimizer, pos=copy.deepcopy(run.pos),
                                      scaler=run.scaler.state_dict(), tokenizer_sha=tok_sha)
 

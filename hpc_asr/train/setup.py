@@ -5,6 +5,8 @@ rank 0's state. ``Run`` holds what the loop needs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from hpc_asr.train.preempt import SignalFlag
 from hpc_asr.train.schedule import schedule, set_lr
 from hpc_asr.train.state import ResumeError, new_position, restore
 
-__all__ = ["Run", "make_sampler", "resume", "setup"]
+__all__ = ["Run", "make_sampler", "resume", "setup", "tokenizer_sha256"]
 
 
 @dataclass
@@ -119,6 +121,7 @@ def setup(cfg: Config) -> Run:
     try:
         train_set, dev_set, keep = _load_data(cfg, engine, log)
         tok = _make_tokenizer(cfg, train_set, engine, out)
+        log(f"tokenizer {cfg.train.tokenizer} sha256 {tokenizer_sha256(tok)[:16]}")  # every rank's log: one tokenizer
         cfg.model.vocab_size = tok.vocab_size
         torch.manual_seed(cfg.train.seed)  # same init everywhere; broadcast below makes it exact
         model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
@@ -139,6 +142,11 @@ def setup(cfg: Config) -> Run:
             lock.release()
         log.close()
         raise
+
+
+def tokenizer_sha256(tok) -> str:
+    """A fingerprint of a tokenizer's state: ranks (and a resume) that encode alike share it."""
+    return hashlib.sha256(json.dumps(tok.json_state(), sort_keys=True).encode()).hexdigest()
 
 
 def make_sampler(cfg: Config, train_set: FeatureSet, keep: np.ndarray, world) -> BucketBatchSampler:
