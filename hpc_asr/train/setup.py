@@ -84,6 +84,7 @@ def _open_log(out: Path, world) -> Callable[[str], None]:
     erase = "\r\x1b[K" if sys.stderr.isatty() else ""  # over a progress line, if one is shown
 
     log.close = log_file.close  # type: ignore[attr-defined]
+    log.file_only = lambda msg: log_file.write(f"{time.strftime('%H:%M:%S')} {world.tag} {msg}\n")  # type: ignore
     return log
 
 
@@ -121,7 +122,7 @@ def setup(cfg: Config) -> Run:
     try:
         train_set, dev_set, keep = _load_data(cfg, engine, log)
         tok = _make_tokenizer(cfg, train_set, engine, out)
-        log(f"tokenizer {cfg.train.tokenizer} sha256 {tokenizer_sha256(tok)[:16]}")  # every rank's log: one tokenizer
+        log.file_only(f"tokenizer {cfg.train.tokenizer} sha256 {tokenizer_sha256(tok)[:16]}")  # per-rank log only
         cfg.model.vocab_size = tok.vocab_size
         torch.manual_seed(cfg.train.seed)  # same init everywhere; broadcast below makes it exact
         model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
