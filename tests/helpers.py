@@ -9,6 +9,7 @@ with different seeds describe the same "language".
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,16 @@ def untrained_cer(ckpt: Path, data_dir: Path) -> float:
     model = ConformerCTC(cfg.model, cfg.features.num_mel_bins)
     model.set_cmvn(data.cmvn_mean, data.cmvn_std)
     return evaluate(model, data, tok, Engine(World()), cfg)["cer"]
+
+
+def wait_file(path: Path, proc, timeout: float = 180) -> str:
+    """The text of ``path`` once the subprocess ``proc`` has written it (a rank's pause marker);
+    fails with the process's output if it exits first, or after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while not path.is_file():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"exited {proc.returncode} before {path.name}\n{out}\n{err}")
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return path.read_text()

@@ -17,7 +17,7 @@ import helpers
 import pytest
 import slurm_cluster as sc
 from conftest import ROOT, mpirun_cmd, run, run_env
-from helpers import tiny_yaml
+from helpers import tiny_yaml, wait_file
 
 import hpc_asr.train.loop as train_mod
 from hpc_asr.cli import load_config
@@ -28,15 +28,6 @@ slurm_cluster = sc.slurm_cluster
 HOST = socket.gethostname()
 
 
-def _wait_file(path, proc, timeout: float = 180) -> str:
-    deadline = time.time() + timeout
-    while not path.is_file():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"exited {proc.returncode} before {path.name}\n{out}\n{err}")
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 def test_second_concurrent_run_refuses_naming_the_holder(tiny_features, tmp_path):
@@ -47,7 +38,7 @@ def test_second_concurrent_run_refuses_naming_the_holder(tiny_features, tmp_path
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                              env={**run_env(), "HPC_ASR_TEST_WAIT_SIGNAL": "2:0"})  # rank 0 pauses at step 2
     try:
-        pid0 = int(_wait_file(out / "waiting.rank0", first))
+        pid0 = int(wait_file(out / "waiting.rank0", first))
         metrics = (out / "metrics.jsonl").read_text()
         second = run(cmd, check=False, timeout=180)
         assert second.returncode == 2, second.stderr

@@ -7,27 +7,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import helpers
 import pytest
 from conftest import ROOT, mpirun_cmd, run_env
-from helpers import tiny_yaml
+from helpers import tiny_yaml, wait_file
 
 from hpc_asr import checkpoint
 
 tiny_features = helpers.tiny_features
 
 
-def _wait_file(path, proc, timeout: float = 180) -> str:
-    deadline = time.time() + timeout
-    while not path.is_file():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"exited {proc.returncode} before {path.name}\n{out}\n{err}")
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGUSR1, 3), (signal.SIGTERM, 1)])
@@ -39,7 +29,7 @@ def test_signal_to_mpirun_exits_as_documented(sig, status, tiny_features, tmp_pa
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**run_env(), "HPC_ASR_TEST_WAIT_SIGNAL": "2:0"})  # rank 0 waits at step 2
     try:
-        _wait_file(out / "waiting.rank0", proc)
+        wait_file(out / "waiting.rank0", proc)
         proc.send_signal(sig)  # to mpirun itself, as `kill -USR1 <mpirun pid>` does
         _, err = proc.communicate(timeout=180)
     finally:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, mpirun_cmd, run, run_env
-from helpers import TEXTS, make_feature_dir, tiny_yaml
+from helpers import TEXTS, make_feature_dir, tiny_yaml, wait_file
 
 import hpc_asr.train.loop as train_mod
 from hpc_asr import checkpoint
@@ -354,7 +354,7 @@ def test_two_ranks_uneven_epochs_accumulation_signal_in_epoch2_resumes_exactly(u
     run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(yaml_for(straight))), timeout=300)
     proc = _launch(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(yaml_for(split))),
                    HPC_ASR_TEST_WAIT_SIGNAL="5:1")
-    os.kill(int(_wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
+    os.kill(int(wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == train_mod.EXIT_PREEMPTED, err
     pos = checkpoint.load(split / "last.pt")["position"]
@@ -372,15 +372,6 @@ def _launch(cmd: list[str], **env: str):
                             env={**run_env(), **env}, cwd=ROOT)
 
 
-def _wait_file(path: Path, proc, timeout: float = 180) -> str:
-    deadline = time.time() + timeout
-    while not path.is_file():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"exited {proc.returncode} before {path.name}\n{out}\n{err}")
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 def _hvd_yaml(tmp_path: Path, tiny_features, out: Path, **train) -> Path:
@@ -400,7 +391,7 @@ def preempted(tiny_features, tmp_path_factory) -> dict[str, Path]:
         timeout=240)
     proc = _launch(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(_hvd_yaml(root, tiny_features, split))),
                    HPC_ASR_TEST_WAIT_SIGNAL="3:1")  # rank 1 pauses before the step-3 agreement
-    os.kill(int(_wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
+    os.kill(int(wait_file(split / "waiting.rank1", proc)), signal.SIGUSR1)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == train_mod.EXIT_PREEMPTED, err  # mpirun passes the ranks' status 3 on
     shutil.copytree(split, root / "split_copy")
