@@ -352,3 +352,20 @@ def test_one_normaliser_for_corpus_tokenizer_and_scoring():
 
     for s in ["  Set a Timer: 25-minutes!  It's OK ", "ÀB--c''d\tE\nf", "", "twenty-five"]:
         assert grammar.normalize_text(s) == text.normalize(s) == tokenizer.normalize(s)
+
+
+def test_engine_weights_share_the_training_utterances():
+    """``espeak:3,mbrola`` gives espeak-ng three training utterances for each MBROLA one; a bad
+    weight or a name given twice is one clear error."""
+    assert engines.parse_engines("espeak:3, mbrola") == {"espeak": 3, "mbrola": 1}
+    for bad, word in (("espeak:0", "weight"), ("espeak:x", "weight"), ("espeak,espeak", "twice"), ("", "no engine")):
+        with pytest.raises(ValueError, match=word):
+            engines.parse_engines(bad)
+    names = ["espeak", "mbrola"]
+    voices = {"espeak": {"train": ["en-us+m1"], "dev": ["en-us+m2"], "test": ["en-us+m3"]},
+              "mbrola": {"train": ["us1"], "dev": ["us2"], "test": ["us3"]}}
+    utts = plan.plan_corpus(voices, engines.prosody(names), 0.5, 2, 2, 0, weights={"espeak": 3, "mbrola": 1})
+    train = [u.engine for u in utts if u.split == "train"]
+    assert len(train) > 40 and abs(train.count("espeak") / len(train) - 0.75) < 0.03
+    even = plan.plan_corpus(voices, engines.prosody(names), 0.5, 2, 2, 0)
+    assert abs([u.engine for u in even if u.split == "train"].count("espeak") / len(even) - 0.5) < 0.05

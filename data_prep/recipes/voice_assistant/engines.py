@@ -23,16 +23,28 @@ TRAINING_ENGINES = tuple(_MODULES)
 DEFAULT_ENGINES = ("espeak",)   # what `make demo` uses until the ablation (docs/accuracy.md) says more
 
 
-def parse_engines(spec: str) -> list[str]:
-    """``"espeak,mbrola"`` → ["espeak", "mbrola"]; an unknown name or festival raises ValueError."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if "festival" in names:
-        raise ValueError("festival never speaks training audio (it is the cross-engine test); "
-                         f"choose from {','.join(TRAINING_ENGINES)}")
-    unknown = [n for n in names if n not in _MODULES]
-    if unknown or not names:
-        raise ValueError(f"unknown engine {','.join(unknown) or repr(spec)}: choose from {','.join(TRAINING_ENGINES)}")
-    return list(dict.fromkeys(names))
+def parse_engines(spec: str) -> dict[str, int]:
+    """``"espeak:2,mbrola"`` → {"espeak": 2, "mbrola": 1}: the training engines and their shares of
+    the training utterances (weight 1 when not given); an unknown name, festival or a bad weight
+    raises ValueError."""
+    weights: dict[str, int] = {}
+    for item in (n.strip() for n in spec.split(",")):
+        if not item:
+            continue
+        name, _, w = item.partition(":")
+        if name == "festival":
+            raise ValueError("festival never speaks training audio (it is the cross-engine test); "
+                             f"choose from {','.join(TRAINING_ENGINES)}")
+        if name not in _MODULES:
+            raise ValueError(f"unknown engine {name!r}: choose from {','.join(TRAINING_ENGINES)}")
+        if name in weights:
+            raise ValueError(f"engine {name} named twice")
+        if w and not (w.isdigit() and int(w) >= 1):
+            raise ValueError(f"{item!r}: the weight after ':' must be a whole number >= 1")
+        weights[name] = int(w) if w else 1
+    if not weights:
+        raise ValueError(f"no engine in {spec!r}: choose from {','.join(TRAINING_ENGINES)}")
+    return weights
 
 
 def find_voices(names: list[str], seed: int, festival_wanted: bool,

@@ -158,13 +158,15 @@ def _voice_cycle(voices: list[str], rng: random.Random):
 
 
 def plan_corpus(voices: dict[str, EngineVoices], prosody: dict[str, Prosody], hours: float, dev_utts: int,
-                test_utts: int, seed: int, festival_utts: int = 0, festival_dev_utts: int = 0) -> list[Utt]:
+                test_utts: int, seed: int, festival_utts: int = 0, festival_dev_utts: int = 0,
+                weights: dict[str, int] | None = None) -> list[Utt]:
     """Texts and voice settings for all utterances.
 
     ``voices`` maps each training engine (in order) to its `EngineVoices`, and ``"festival"`` (if
     present) to its test_festival/dev_festival voices.  dev and test get ``dev_utts`` and
     ``test_utts`` sentences per training engine; training engines take turns utterance by
-    utterance until the estimated audio reaches ``hours``.  No held-out text occurs in train.
+    utterance (an engine of weight w takes w turns in a row) until the estimated audio reaches
+    ``hours``.  No held-out text occurs in train.
     """
     text_rng = random.Random(f"text-{seed}")
     voice_rng = random.Random(f"voice-{seed}")
@@ -188,12 +190,13 @@ def plan_corpus(voices: dict[str, EngineVoices], prosody: dict[str, Prosody], ho
             utts.append(_make_utt(len(utts), split, numbers[split], text, engine, next(cycle), prosody[engine],
                                   voice_rng))
     cycles = {e: _voice_cycle(voices[e]["train"], voice_rng) for e in engines}
+    turns = [e for e in engines for _ in range((weights or {}).get(e, 1))]
     budget, n = hours * 3600.0, 0
-    while budget > 0 and engines:
+    while budget > 0 and turns:
         text = next(stream)
         if text in heldout_texts:   # only possible if the grammar ran out of new sentences
             continue
-        engine = engines[n % len(engines)]
+        engine = turns[n % len(turns)]
         n += 1
         utt = _make_utt(len(utts), "train", n, text, engine, next(cycles[engine]), prosody[engine], voice_rng)
         utts.append(utt)

@@ -187,7 +187,7 @@ def is_up_to_date(out: Path, key: dict) -> bool:
         summary = json.loads((out / "corpus.json").read_text())
     except (OSError, ValueError):
         return False
-    return (summary.get("args") == key and set(summary.get("voices", {})) >= set(key["engines"])
+    return (summary.get("args") == key and set(summary.get("voices", {})) >= {e.split(":")[0] for e in key["engines"]}
             and all((out / f"{s}.jsonl").is_file() for s in SPLITS))
 
 
@@ -224,8 +224,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="festival sentences for choosing settings only (split dev_festival; 0 = none, the "
                         "demo's default: nothing is tuned on it yet)")
     p.add_argument("--engines", default=",".join(engines.DEFAULT_ENGINES),
-                   help=f"training engines, comma-separated, from {','.join(engines.TRAINING_ENGINES)} "
-                        "(default: %(default)s); --dev-utts and --test-utts are per engine")
+                   help=f"training engines, comma-separated, from {','.join(engines.TRAINING_ENGINES)}, each "
+                        "with an optional :WEIGHT, its share of the training utterances (espeak:3,mbrola: three "
+                        "espeak-ng utterances for each MBROLA one; default: %(default)s); --dev-utts and "
+                        "--test-utts are per engine")
     p.add_argument("--require-engines", action="store_true",
                    help="a missing engine is an error (default: skipped with one line on stderr)")
     p.add_argument("--jobs", type=int, default=None,
@@ -237,7 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be >= 1")
     try:
-        args.engines = engines.parse_engines(args.engines)
+        args.weights = engines.parse_engines(args.engines)
+        args.engines = list(args.weights)
     except ValueError as exc:
         p.error(f"--engines: {exc}")
     return args
@@ -248,7 +251,7 @@ def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: C
     out: Path = args.out.resolve()
     key = {"hours": args.hours, "seed": args.seed, "dev_utts": args.dev_utts, "test_utts": args.test_utts,
            "festival_utts": args.festival_utts, "festival_dev_utts": args.festival_dev_utts,
-           "engines": args.engines, "format_version": FORMAT_VERSION}
+           "engines": [e if w == 1 else f"{e}:{w}" for e, w in args.weights.items()], "format_version": FORMAT_VERSION}
     if not args.force and is_up_to_date(out, key):
         if rank == 0:
             print("corpus up to date", file=sys.stderr)
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace, rank: int, size: int, local_size: int, comm: C
         for line in missing:
             print(f"[synth] {line}", file=sys.stderr)
     utts = plan_corpus(voices, engines.prosody(args.engines), args.hours, args.dev_utts, args.test_utts, args.seed,
-                       args.festival_utts, args.festival_dev_utts)
+                       args.festival_utts, args.festival_dev_utts, weights=args.weights)
     problem = None
     if rank == 0:
         try:
