@@ -16,7 +16,7 @@ SERVE_MANIFEST ?= $(DATA)/test.jsonl
 MPIRUN  := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1) \
            mpirun --oversubscribe --bind-to none -np $(NP)
 
-.PHONY: setup setup-gpu demo test test-demo bench bench-train bench-prep bench-serve bench-gpu gpu-check ablation lint clean-demo
+.PHONY: setup setup-gpu demo test test-demo bench bench-train bench-prep bench-serve bench-gpu gpu-check ablation ablation-voices lint clean-demo
 
 setup:
 	@bash env/setup-local.sh
@@ -73,6 +73,10 @@ bench-prep: setup
 # Augmentation ablation on a reduced corpus (docs/accuracy.md): espeak dev and festival per variant.
 ablation: setup
 	$(PY) -m hpc_asr bench ablation --config $(CONFIG) --out runs/ablation --data data/ablation $(ABLATION_ARGS)
+
+# Which synthesizers to train on (docs/accuracy.md): equal hours and steps per variant, festival held out.
+ablation-voices: setup
+	$(PY) -m hpc_asr bench voices --config $(CONFIG) --out runs/voices --data data/voices $(VOICES_ARGS)
 
 # GPU nodes, after `make setup-gpu` (docs/gpu.md): the seed step, torch.compile, torchaudio, FBANK.
 # The service under load (1/4/16 clients, hostile mix, streams) and sherpa-onnx on the same model.

@@ -41,6 +41,7 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "prep": ("hpc_asr.bench.prep", "prep throughput and scaling"),
         "gpu": ("hpc_asr.bench.gpu", "GPU step, torch.compile, FBANK backends"),
         "ablation": ("hpc_asr.bench.ablation", "the augmentation ablation on a reduced corpus"),
+        "voices": ("hpc_asr.bench.voices", "the training-engine ablation (festival held out) on a reduced corpus"),
         "peer": ("hpc_asr.bench.peer", "the PocketSphinx peer on a manifest"),
         "streaming": ("hpc_asr.bench.streaming", "offline vs streaming WER and stream latency of a checkpoint"),
         "serve": ("hpc_asr.bench.serve", "load-test the service (1/4/16 clients, hostile mix) vs sherpa-onnx"),

@@ -62,7 +62,7 @@ def test_variant_commands_are_the_demo_stages_with_the_variant_overrides(tmp_pat
 def test_lock_is_held_for_the_block_and_released(tmp_path):
     lock = tmp_path / "cpu.lock"
     probe = ["flock", "-n", str(lock), "true"]
-    with ablation._locked(str(lock)):
+    with ablation.locked(str(lock)):
         assert subprocess.run(probe).returncode == 1  # another job cannot take it
     assert subprocess.run(probe).returncode == 0
 

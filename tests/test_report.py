@@ -98,3 +98,36 @@ def test_report_without_peer_runs_has_no_peer_lines(tmp_path, capsys):
     assert report.main(["--run", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "report.json").read_text())["beats_peer_on"] is None
     assert "  peer  " not in capsys.readouterr().out
+
+
+def test_report_splits_the_test_by_engine_with_the_corpus(tmp_path, capsys):
+    """--data: wer_by_engine from each hypothesis and its manifest's engine; wer becomes the espeak-ng
+    part; train_engines from train.jsonl; the peer split the same way."""
+    run, data = tmp_path / "run", tmp_path / "va"
+    run.mkdir()
+    data.mkdir()
+    _stage_files(run)
+    rows = {"t1": ("espeak", "turn on the light", "turn on the light"),
+            "t2": ("espeak", "set an alarm", "set an alarm"),
+            "t3": ("mbrola", "play some jazz", "play sum jazz"),        # 1 of 3 words wrong
+            "t4": ("pico", "what time is it", "what is it")}            # 1 of 4 deleted
+    ev = json.loads((run / "eval.json").read_text())
+    ev["hypotheses"] = {i: {"ref": r, "hyp": h} for i, (_, r, h) in rows.items()}
+    (run / "eval.json").write_text(json.dumps(ev))
+    (run / "peer_test.json").write_text(json.dumps({"peer": "p", "wer": 0.5, "rtf": 0.2, "utterances": 4,
+                                                    "hypotheses": [{"id": i, "ref": r, "hyp": ""}
+                                                                   for i, (_, r, _h) in rows.items()]}))
+
+    def line(i, e, t):
+        return json.dumps({"id": i, "audio": f"{i}.wav", "duration": 1800.0, "text": t, "speaker": "s", "engine": e})
+
+    (data / "test.jsonl").write_text("\n".join(line(i, e, r) for i, (e, r, _) in rows.items()) + "\n")
+    (data / "train.jsonl").write_text("\n".join(line(f"a{i}", e, "x") for i, e in
+                                                enumerate(["espeak", "espeak", "rhvoice"])) + "\n")
+    assert report.main(["--run", str(run), "--data", str(data)]) == 0
+    r = json.loads((run / "report.json").read_text())
+    assert r["wer_by_engine"] == {"espeak": 0.0, "mbrola": round(1 / 3, 4), "pico": 0.25}
+    assert r["wer"] == 0.0 and r["wer_all_engines"] == 0.05
+    assert r["train_engines"] == ["espeak", "rhvoice"] and r["train_hours_by_engine"] == {"espeak": 1.0, "rhvoice": 0.5}
+    assert r["peer_wer_by_engine"] == {"espeak": 1.0, "mbrola": 1.0, "pico": 1.0} and r["peer_wer"] == 1.0
+    assert "mbrola 33.33%" in capsys.readouterr().out

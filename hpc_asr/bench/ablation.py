@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hpc_asr.atomic import atomic_path, write_json_atomic
 
-__all__ = ["VARIANTS", "main", "plot", "table", "variant_commands"]
+__all__ = ["VARIANTS", "StageError", "locked", "main", "mpirun_prefix", "plot", "run_logged", "table", "variant_commands"]
 
 # name -> config overrides (section.key=value) on top of --config; each variant sets augment.enabled.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -54,12 +54,12 @@ class StageError(RuntimeError):
     """A pipeline command failed; the message names it and its log."""
 
 
-def _mpirun(np_: int) -> list[str]:
+def mpirun_prefix(np_: int) -> list[str]:
     env = ["env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"] if os.getuid() == 0 else []
     return [*env, "mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def run_logged(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -70,7 +70,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 @contextmanager
-def _locked(path: str):
+def locked(path: str):
     """Exclusive flock(2) on ``path`` (what flock(1) takes), or nothing when ``path`` is empty."""
     if not path:
         yield
@@ -89,7 +89,7 @@ def corpus_commands(args) -> list[list[str]]:
     cmds = [[py, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(d), "--hours", str(args.hours), "--dev-utts",
              str(args.dev_utts), "--festival-utts", str(args.festival_utts), "--test-utts", "20"]]
     for split in ("dev", "test_festival"):
-        cmds.append([*_mpirun(args.np), py, "-m", "hpc_asr", "prep", "fbank", "--config", args.config, "--manifest",
+        cmds.append([*mpirun_prefix(args.np), py, "-m", "hpc_asr", "prep", "fbank", "--config", args.config, "--manifest",
                      str(d / f"{split}.jsonl"), "--out", str(d / "fbank" / split)])
     return cmds
 
@@ -99,7 +99,7 @@ def variant_commands(name: str, overrides: tuple[str, ...], args) -> list[list[s
     py, d, run = sys.executable, Path(args.data), Path(args.out) / name
     prep = [f"--{o}" for o in overrides if o.startswith(PREP_SECTIONS)]
     aug, feats = d / "variants" / name / "aug", d / "variants" / name / "fbank"
-    mpi = _mpirun(args.np)
+    mpi = mpirun_prefix(args.np)
     cmds = [
         [*mpi, py, "-m", "hpc_asr", "prep", "augment", "--config", args.config, "--manifest", str(d / "train.jsonl"),
          "--out", str(aug), *prep],
@@ -130,10 +130,10 @@ def run_variant(name: str, args) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(Path(args.data) / "variants" / name, ignore_errors=True)
     t0 = time.time()
-    with _locked(args.lock):
+    with locked(args.lock):
         t_locked = time.time()
         for cmd in variant_commands(name, overrides, args):
-            _run(cmd, run / "ablation.log")
+            run_logged(cmd, run / "ablation.log")
         wall = time.time() - t_locked
     row = {"variant": name, "overrides": list(overrides), "fingerprint": fp, "wall_s": round(wall, 1),
            "waited_for_lock_s": round(t_locked - t0, 1)}
@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with _locked(args.lock):
+        with locked(args.lock):
             for cmd in corpus_commands(args):
-                _run(cmd, out / "corpus.log")
+                run_logged(cmd, out / "corpus.log")
         rows = []
         for name in names:
             rows.append(run_variant(name, args))

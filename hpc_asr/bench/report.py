@@ -1,6 +1,6 @@
 """Collect a run's stage outputs into ``report.json``, a loss-curve PNG and a short summary.
 
-    python -m hpc_asr report --run runs/demo [--bar-wer 0.10]
+    python -m hpc_asr report --run runs/demo [--data data/va] [--bar-wer 0.10]
 
 Reads ``train_summary.json`` (train), ``eval.json`` (evaluate, the reported decoder),
 ``export/export.json`` (export) and ``latency.json`` (latency) from the run directory, and when
@@ -8,6 +8,12 @@ present the other evaluations: ``eval_greedy.json`` (same test split, greedy dec
 ``eval_festival.json`` (the festival cross-synthesizer split) and ``eval_real.json`` (the real
 LibriSpeech fixture utterances); a missing one is reported as ``null`` / "not run". The exit code
 is 1 when test WER is above ``--bar-wer`` or ONNX transcripts differ, so ``make demo`` fails loudly.
+
+With ``--data`` (the corpus directory: ``train.jsonl``, ``test.jsonl``) the report splits the test
+by the synthesizer that spoke each utterance (the manifests' ``engine``): ``wer_by_engine`` (and
+the peer's), ``train_engines``; when the test holds several engines ``wer``/``wer_greedy`` are the
+espeak-ng part (held-out espeak voices and sentences, as before the corpus had other engines) and
+``wer_all_engines`` is the whole split.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import sys
 from pathlib import Path
 
 from hpc_asr.atomic import atomic_path, write_json_atomic
+from hpc_asr.data.manifest import read_manifest
+from hpc_asr.decode.wer import error_counts, rates
 
 __all__ = ["build_report", "plot_curves"]
 
@@ -36,7 +44,49 @@ def _rate(ev: dict | None, key: str = "wer") -> float | None:
     return None if ev is None else round(ev[key], 4)
 
 
-def build_report(run: Path) -> dict:
+def by_engine(rows: list[tuple[str, str, str]], engine_of: dict[str, str]) -> dict[str, float]:
+    """WER per synthesizer of (utterance id, reference, hypothesis) rows."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for uid, ref, hyp in rows:
+        refs, hyps = groups.setdefault(engine_of.get(uid) or "recorded", ([], []))
+        refs.append(ref)
+        hyps.append(hyp)
+    return {e: round(rates(error_counts(r, h))[0], 4) for e, (r, h) in sorted(groups.items())}
+
+
+def _hyp_rows(ev: dict | None) -> list[tuple[str, str, str]]:
+    """(id, ref, hyp) of an evaluate or peer result (evaluate: a dict by id; peer: a list)."""
+    if ev is None or "hypotheses" not in ev:
+        return []
+    h = ev["hypotheses"]
+    if isinstance(h, dict):
+        return [(i, x["ref"], x["hyp"]) for i, x in h.items()]
+    return [(x["id"], x["ref"], x["hyp"]) for x in h]
+
+
+def _engines(run: Path, data: Path, report: dict) -> dict:
+    """The per-engine keys (see the module docstring)."""
+    train = read_manifest(data / "train.jsonl")
+    engine_of = {u.id: u.engine for u in read_manifest(data / "test.jsonl")}
+    hours: dict[str, float] = {}
+    for u in train:
+        hours[u.engine or "recorded"] = hours.get(u.engine or "recorded", 0.0) + u.duration / 3600
+    ev, greedy = _read(run / "eval.json"), _optional(run / "eval_greedy.json")
+    out = {"train_engines": sorted(hours), "train_hours_by_engine": {e: round(h, 3) for e, h in sorted(hours.items())},
+           "wer_by_engine": by_engine(_hyp_rows(ev), engine_of),
+           "wer_greedy_by_engine": by_engine(_hyp_rows(greedy), engine_of) if greedy else None,
+           "peer_wer_by_engine": by_engine(_hyp_rows(_optional(run / "peer_test.json")), engine_of) or None}
+    if len(out["wer_by_engine"]) > 1 and "espeak" in out["wer_by_engine"]:
+        out.update(wer_all_engines=report["wer"], wer=out["wer_by_engine"]["espeak"],
+                   test_scope="espeak-ng utterances of the test split (wer_by_engine: every engine)")
+        if out["wer_greedy_by_engine"]:
+            out["wer_greedy"] = out["wer_greedy_by_engine"]["espeak"]
+        if out["peer_wer_by_engine"]:
+            out["peer_wer"] = out["peer_wer_by_engine"].get("espeak")
+    return out
+
+
+def build_report(run: Path, data: Path | None = None) -> dict:
     train = _read(run / "train_summary.json")
     ev = _read(run / "eval.json")
     ex = _read(run / "export" / "export.json")
@@ -84,6 +134,8 @@ def build_report(run: Path) -> dict:
         **_peer(run),
         "dev_curve": [{k: d[k] for k in ("epoch", "step", "loss", "wer", "cer")} for d in train["dev"]],
     }
+    if data is not None:
+        report.update(_engines(run, data, report))
     report["beats_peer_on"] = beaten(report) if report["peer"] else None
     return report
 
@@ -138,6 +190,9 @@ def _wer_lines(r: dict) -> str:
     rows = [f"            WER {r['wer']:.2%}   CER {r['cer']:.2%}   {r['decoder']}{lm}"]
     if r["decoder"] != "greedy":
         rows.append(f"            WER {_pct(r['wer_greedy'])}   CER {_pct(r['cer_greedy'])}   greedy")
+    if r.get("wer_by_engine"):
+        rows.append("            by engine (" + r["decoder"] + "): " + ", ".join(
+            f"{e} {_pct(w)}" for e, w in r["wer_by_engine"].items()) + f"; trained on {', '.join(r['train_engines'])}")
     rows.append(f"  festival  WER {_pct(r['wer_festival'])}   {r['festival_utterances'] or 0} utterances of an "
                 f"engine never heard in training ({r['festival_decoder']})")
     rows.append(f"  real      WER {_pct(r['real_fixture_wer'])}   {r['real_fixture_utterances'] or 0} LibriSpeech "
@@ -160,12 +215,14 @@ def beaten(r: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--data", type=Path, default=None,
+                   help="the corpus directory (train.jsonl, test.jsonl): per-engine WER and training engines")
     p.add_argument("--bar-wer", type=float, default=0.10,
                    help="fail (exit 1) when test WER (the reported decoder) is above this fraction")
     args = p.parse_args(argv)
     try:
-        report = build_report(args.run)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        report = build_report(args.run, args.data)
+    except (FileNotFoundError, KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_json_atomic(args.run / "report.json", report)
