@@ -29,7 +29,8 @@ from pathlib import Path
 
 from hpc_asr.atomic import atomic_path, write_json_atomic
 
-__all__ = ["VARIANTS", "StageError", "locked", "main", "mpirun_prefix", "plot", "run_logged", "table", "variant_commands"]
+__all__ = ["VARIANTS", "StageError", "locked", "main", "mpirun_prefix", "plot", "run_logged", "table",
+           "variant_commands"]
 
 # name -> config overrides (section.key=value) on top of --config; each variant sets augment.enabled.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -89,7 +90,8 @@ def corpus_commands(args) -> list[list[str]]:
     cmds = [[py, "-m", "hpc_asr", "prep", "voice-assistant", "--out", str(d), "--hours", str(args.hours), "--dev-utts",
              str(args.dev_utts), "--festival-utts", str(args.festival_utts), "--test-utts", "20"]]
     for split in ("dev", "test_festival"):
-        cmds.append([*mpirun_prefix(args.np), py, "-m", "hpc_asr", "prep", "fbank", "--config", args.config, "--manifest",
+        cmds.append([*mpirun_prefix(args.np), py, "-m", "hpc_asr", "prep", "fbank", "--config", args.config,
+                     "--manifest",
                      str(d / f"{split}.jsonl"), "--out", str(d / "fbank" / split)])
     return cmds
 
