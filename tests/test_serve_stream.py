@@ -214,3 +214,45 @@ def test_export_without_streaming_graph_redecodes(smodel, tmp_path):
 def test_serve_streaming_is_validated():
     with pytest.raises(ConfigError, match=r"serve\.streaming"):
         ServeConfig(streaming="on")
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_chunk_session_log_probs_equal_whole_utterance(smodel, ref, rate):
+    """The session itself, without the server: PCM in uneven pieces, partials after one piece or
+    several chunks' worth -> the stream's log-probs are OnnxStream.utterance's of the whole audio's
+    FBANK (each frame computed once, windows overlapping as chunk_spans, caches carried)."""
+    import asyncio
+
+    from hpc_asr.deploy.serve.backend import Backend
+    from hpc_asr.deploy.serve.chunked import ChunkSession
+
+    b = Backend(smodel["export"], ServeConfig(), DecodeConfig())
+    x = load_audio(smodel["audio"]["s1v2"][0], 16000)
+    x = pcm_exact(x if rate == 16000 else resample(x, 16000, rate))
+    whole = x if rate == 16000 else resample(x, rate, 16000)
+    want = ref.log_probs(whole)
+
+    async def submit(job):
+        return b.run_items([job])[0]
+
+    async def offload(f, *args):
+        return f(*args)
+
+    async def run() -> tuple[ChunkSession, dict]:
+        s = ChunkSession(rate, b.features, b.stream.window, b.stream.shift, b.stream.new_state(), submit, offload, 60)
+        rng, i, texts = np.random.default_rng(0), 0, []
+        while i < len(x):
+            n = int(rng.integers(1, rate // 4))  # 0 .. 250 ms: sometimes under a frame, sometimes several chunks
+            s.accept(int16(x[i:i + n]).tobytes())
+            i += n
+            if s.partial_due() and rng.random() < 0.5:
+                texts.append((await s.partial())["text"])
+        assert any(texts)
+        return s, await s.final()
+
+    s, final = asyncio.run(run())
+    got = np.concatenate(s.log_probs)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert final["text"] == ref.greedy(want) == smodel["audio"]["s1v2"][1]
+    assert final["timings"]["chunks"] == len(chunk_spans(len(ref.rec.features_of(whole)), 4, 4))
