@@ -303,6 +303,8 @@ class ServeConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
+        if self.streaming is False or self.streaming == "False":  # YAML reads a bare `off` as false
+            self.streaming = "off"
         validate(self, "serve", port=">=0", intra_threads=">=0", inter_threads=">=0", feature_threads=">=1",
                  max_batch=">=1", max_batch_frames=">0", max_wait_ms=">=0", max_body_bytes=">0",
                  max_audio_s=">0", max_streams=">=1", max_queue=">=1", partial_interval_s=">0",

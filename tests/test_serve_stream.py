@@ -212,8 +212,12 @@ def test_export_without_streaming_graph_redecodes(smodel, tmp_path):
 
 
 def test_serve_streaming_is_validated():
+    from hpc_asr.cli import load_config
+
     with pytest.raises(ConfigError, match=r"serve\.streaming"):
         ServeConfig(streaming="on")
+    assert load_config(None, ["--serve.streaming", "off"]).serve.streaming == "off"  # YAML's `off` is false
+    assert load_config(None, ["--serve.streaming", "auto"]).serve.streaming == "auto"
 
 
 @pytest.mark.parametrize("rate", [16000, 44100])
