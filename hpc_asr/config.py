@@ -298,14 +298,18 @@ class ServeConfig:
     max_streams: int = 16  # concurrent WebSocket streams (429 / close 4429 above)
     max_queue: int = 256  # requests waiting for the model (503 above: shed load rather than time out)
     partial_interval_s: float = 0.5  # re-decode the stream's audio so far after this much new audio
+    streaming: str = "auto"  # auto: chunked streams where the export has streaming.onnx | off: always re-decode
     idle_timeout_s: float = 10.0  # a stream that sends nothing this long is closed (4408)
     drain_timeout_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
+        if self.streaming is False or self.streaming == "False":  # YAML reads a bare `off` as false
+            self.streaming = "off"
         validate(self, "serve", port=">=0", intra_threads=">=0", inter_threads=">=0", feature_threads=">=1",
                  max_batch=">=1", max_batch_frames=">0", max_wait_ms=">=0", max_body_bytes=">0",
                  max_audio_s=">0", max_streams=">=1", max_queue=">=1", partial_interval_s=">0",
-                 idle_timeout_s=">0", drain_timeout_s=">=0", provider=("auto", "cpu", "cuda"))
+                 idle_timeout_s=">0", drain_timeout_s=">=0", provider=("auto", "cpu", "cuda"),
+                 streaming=("auto", "off"))
         if self.port > 65535:
             raise ConfigError(f"serve.port must be <= 65535, got {self.port}")
 

@@ -3,8 +3,10 @@ prep computes it, a small Conformer-CTC overfitted on it in well under a minute,
 ``hpc-asr export`` (parity gate, model.json, the LM beside it). It recognises its own utterances,
 so a transcript through the service can be compared with the offline Recognizer's, and it is
 small enough to build once per test session (and for a first ``make bench-serve``).
+``build(root, streaming=True)`` trains the same model with ``model.streaming`` on (causal
+convolution, chunked attention), so the export also holds ``streaming.onnx``.
 
-    python tests/serve_model.py OUT_DIR     # OUT_DIR/export + OUT_DIR/audio/*.wav
+    python tests/serve_model.py OUT_DIR [--streaming]    # OUT_DIR/export + OUT_DIR/audio/*.wav
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ if str(ROOT) not in sys.path:
 from hpc_asr.config import FeatureConfig  # noqa: E402
 from hpc_asr.data.features import CmvnStats, fbank, load_audio  # noqa: E402
 
-__all__ = ["SENTENCES", "VOICES", "build", "cache_dir", "synth"]
+__all__ = ["SENTENCES", "STREAMING", "VOICES", "build", "cache_dir", "synth"]
 
 SENTENCES = ["turn on the lights", "set a timer for ten minutes", "play some jazz", "what is the weather today",
              "call mom", "stop the music"]
 VOICES = [("en-us", 160), ("en-gb", 175), ("en-us", 185)]
 NOISE_FLOOR = 3e-3  # a microphone's hiss: digital silence would make dithered front ends (sherpa) see noise only
 FEATURES = FeatureConfig(high_freq=-1000.0)  # mel banks to 7 kHz: a browser's 48 kHz path cuts the band above
+# The streaming variant: chunks of 4 output frames (160 ms of audio), 4 chunks of left context
+STREAMING = ["--model.streaming", "true", "--model.chunk_size", "4", "--model.left_chunks", "4",
+             "--model.max_train_chunk", "8"]
 
 
 def synth(text: str, voice: str, speed: int, out: Path, seed: int = 0) -> np.ndarray:
@@ -70,7 +75,7 @@ def _write_features(audio: list[tuple[str, np.ndarray, str]], out: Path, feature
                 manifest="espeak", ranks=1, wall_s=0.0)
 
 
-def _train(feat_dir: Path, ckpt: Path, steps: int, seed: int = 0) -> float:
+def _train(feat_dir: Path, ckpt: Path, steps: int, seed: int = 0, extra: tuple[str, ...] = ()) -> float:
     """Overfit a small Conformer-CTC on every utterance of ``feat_dir`` (one full batch per step);
     returns the last loss."""
     import torch
@@ -84,7 +89,7 @@ def _train(feat_dir: Path, ckpt: Path, steps: int, seed: int = 0) -> float:
     cfg = load_config(None, ["--model.d_model", "64", "--model.n_heads", "2", "--model.n_layers", "2",
                              "--model.ff_mult", "2", "--model.conv_kernel", "7", "--model.subsampling", "conv1d",
                              "--model.subsample_factor", "4", "--model.dropout", "0.0",
-                             "--features.high_freq", str(FEATURES.high_freq)])
+                             "--features.high_freq", str(FEATURES.high_freq), *extra])
     tok = CharTokenizer()
     cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(seed)
@@ -117,18 +122,19 @@ def _train(feat_dir: Path, ckpt: Path, steps: int, seed: int = 0) -> float:
     return float(loss)
 
 
-def cache_dir() -> Path:
-    """~/.cache/hpc_asr/serve-model-<hash of this file>: the build is deterministic, so it is kept."""
+def cache_dir(streaming: bool = False) -> Path:
+    """~/.cache/hpc_asr/serve-model[-streaming]-<hash of this file>: the build is deterministic, so it is kept."""
     import hashlib
 
     digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpc_asr" / f"serve-model-{digest}"
+    name = f"serve-model-streaming-{digest}" if streaming else f"serve-model-{digest}"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpc_asr" / name
 
 
-def build(root: Path, steps: int = 250) -> dict:
+def build(root: Path, steps: int = 250, streaming: bool = False) -> dict:
     """Audio under ``root/audio`` (and ``root/audio.jsonl``, a manifest for ``hpc-asr bench serve``),
-    the export under ``root/export``; returns {"export", "audio": {uid: (wav path, text)}, "loss",
-    "wall_s"}. Reused when ``root/build.json`` exists."""
+    the export under ``root/export`` (with ``streaming.onnx`` when ``streaming``); returns {"export",
+    "audio": {uid: (wav path, text)}, "loss", "wall_s"}. Reused when ``root/build.json`` exists."""
     root = Path(root)
     audio_dir, export_dir = root / "audio", root / "export"
     meta_path = root / "build.json"
@@ -150,7 +156,7 @@ def build(root: Path, steps: int = 250) -> dict:
     from hpc_asr.decode.ngram import build_arpa
 
     build_arpa(SENTENCES, 2, root / "ckpt" / "lm" / "lm.arpa")
-    loss = _train(root / "fbank", root / "ckpt" / "last.pt", steps)
+    loss = _train(root / "fbank", root / "ckpt" / "last.pt", steps, extra=tuple(STREAMING) * streaming)
     subprocess.run([sys.executable, "-m", "hpc_asr", "export", "--checkpoint", str(root / "ckpt" / "last.pt"),
                     "--data", str(root / "fbank"), "--out-dir", str(export_dir)], check=True, cwd=ROOT,
                    capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -166,4 +172,4 @@ def _absolute(meta: dict, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(build(Path(sys.argv[1])), indent=1))
+    print(json.dumps(build(Path(sys.argv[1]), streaming="--streaming" in sys.argv[2:]), indent=1))

@@ -154,6 +154,7 @@ def test_health_ready_metrics(server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["status"] == "ready" and ready["decoder"] == "greedy" and ready["providers"][0].endswith("Provider")
+    assert (ready["mode"], ready["chunk_ms"]) == ("redecode", None)  # an offline export: no streaming.onnx
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("hpc_asr_requests_total", "hpc_asr_errors_total", "hpc_asr_request_seconds_bucket",
                  "hpc_asr_rtf_bucket", "hpc_asr_active_streams", "hpc_asr_batch_size_bucket"):
@@ -258,6 +259,8 @@ def test_stream_partials_before_end_and_final_equals_offline(server, model, offl
         assert msgs[-1]["type"] == "final" and msgs[-1]["text"] == offline[uid], msgs[-1]
         assert " ".join(w["word"] for w in msgs[-1]["words"]) == offline[uid]
         assert any(p["text"] for p in partials) and partials[-1]["audio_s"] < len(x) / 16000 + 1e-6
+        t = msgs[-1]["timings"]
+        assert 0 < t["first_partial_ms"] < 1000 * len(x) / 16000 and 0 <= t["final_after_end_ms"] < 10_000
 
 
 def test_stream_at_another_rate(server, model, offline):

@@ -3,7 +3,8 @@
 Modules, in the order a request meets them: ``limits`` (the one-line 4xx reasons), ``audio``
 (request bytes -> samples at the model's rate), ``backend`` (Recognizer + ONNX provider + word
 times), ``batching`` (concurrent requests -> one padded ONNX run), ``stream`` (WebSocket sessions:
-partial and final transcripts), ``metrics`` (Prometheus), ``page`` (the browser page), ``app``
+partial and final transcripts; re-decoding), ``chunked`` (the streaming export's session: each chunk
+fed once, caches carried), ``metrics`` (Prometheus), ``page`` (the browser page), ``app``
 (routes), ``cli`` (``main``: config, uvicorn, graceful SIGTERM).
 """
 

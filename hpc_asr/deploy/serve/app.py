@@ -5,6 +5,12 @@ The model loads in the background after start-up: ``/healthz`` answers at once, 
 200 when the model is loaded and 503 again once SIGTERM starts the drain (``cli``). Every refusal
 is a ``limits.Rejected``: JSON ``{"error", "kind", "status"}`` with its 4xx (a WebSocket gets the
 same as an ``error`` message, then close code 4000 + status); the service keeps serving.
+
+A stream is a ``ChunkSession`` (hpc_asr.deploy.serve.chunked: chunks fed once through
+``streaming.onnx``) where the export has a streaming graph and ``serve.streaming`` is ``auto``, a
+``RedecodeSession`` otherwise; ``/readyz`` and the ``ready`` message say which (``mode``,
+``chunk_ms``). Every stream's final carries ``first_partial_ms`` (first audio byte to the first
+non-empty partial) and ``final_after_end_ms`` (the client's ``end`` to the final message).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from hpc_asr.config import Config
 from hpc_asr.deploy.serve.audio import MAX_RATE, decode_body
 from hpc_asr.deploy.serve.batching import Batcher
+from hpc_asr.deploy.serve.chunked import ChunkSession
 from hpc_asr.deploy.serve.limits import Rejected
 from hpc_asr.deploy.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from hpc_asr.deploy.serve.page import PAGE
@@ -63,12 +70,12 @@ class Service:
             print(f"[serve] error: cannot load {self.model_dir}: {self.load_error}", flush=True)
             return
         s = self.limits
-        self.batcher = Batcher(lambda feats: [backend.decode(lp) for lp in backend.run_batch(feats)],
-                               s.max_batch, s.max_batch_frames, s.max_wait_ms, s.max_queue,
+        self.batcher = Batcher(backend.run_items, s.max_batch, s.max_batch_frames, s.max_wait_ms, s.max_queue,
                                self.metrics.batch_size.observe)
         self.batcher.start()
         self.backend = backend
-        print(f"[serve] ready: {self.model_dir} ({self.cfg.decode.decoder}, {backend.providers[0]})", flush=True)
+        print(f"[serve] ready: {self.model_dir} ({self.cfg.decode.decoder}, {backend.providers[0]}, streams: "
+              f"{backend.mode})", flush=True)
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -145,7 +152,8 @@ def create_app(model_dir: str | Path, cfg: Config) -> FastAPI:
             return JSONResponse({"status": state, "error": svc.load_error}, status_code=503)
         b = svc.backend
         return JSONResponse({"status": "ready", "model_dir": str(svc.model_dir), "decoder": cfg.decode.decoder,
-                             "providers": b.providers, "sample_rate": b.sample_rate})
+                             "providers": b.providers, "sample_rate": b.sample_rate, "mode": b.mode,
+                             "chunk_ms": b.chunk_ms})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -203,8 +211,8 @@ def create_app(model_dir: str | Path, cfg: Config) -> FastAPI:
 
 
 def _start_message(text: str, svc: Service) -> StreamSession:
-    """The session for a stream's first message. Today's offline export re-decodes; a streaming
-    export would return its cache-carrying session here."""
+    """The session for a stream's first message: chunks through the streaming graph where the
+    backend has one, else re-decoding with the offline model."""
     try:
         msg = json.loads(text)
     except json.JSONDecodeError:
@@ -216,15 +224,21 @@ def _start_message(text: str, svc: Service) -> StreamSession:
     rate = msg.get("rate", msg.get("sample_rate"))
     if not isinstance(rate, int) or isinstance(rate, bool) or not 4000 <= rate <= MAX_RATE:
         raise Rejected(400, "bad_rate", f"start.rate must be an integer in [4000, {MAX_RATE}] Hz, got {rate!r}")
-    s = svc.limits
-    return RedecodeSession(rate, svc.backend.sample_rate, svc.recognize, s.partial_interval_s, s.max_audio_s)
+    s, b = svc.limits, svc.backend
+    if b.stream is not None:
+        loop = asyncio.get_running_loop()
+        return ChunkSession(rate, b.features, b.stream.window, b.stream.shift, b.stream.new_state(),
+                            svc.batcher.submit, lambda f, *a: loop.run_in_executor(svc.pool, f, *a), s.max_audio_s)
+    return RedecodeSession(rate, b.sample_rate, svc.recognize, s.partial_interval_s, s.max_audio_s)
 
 
-async def _send_partial(ws: WebSocket, session: StreamSession) -> None:
+async def _send_partial(ws: WebSocket, session: StreamSession, clock: dict) -> None:
     """Best effort: a busy queue, too little audio or a client gone skips this partial (the final
     still comes, or the loop sees the disconnect)."""
     try:
         out = await session.partial()
+        if out["text"] and clock["first_partial"] is None:
+            clock["first_partial"] = time.perf_counter()
         if ws.client_state == WebSocketState.CONNECTED:
             await ws.send_json({"type": "partial", **out})
     except (Rejected, WebSocketDisconnect, RuntimeError):
@@ -235,6 +249,7 @@ async def _run_stream(ws: WebSocket, svc: Service) -> int:
     """The session loop; returns the close code (1000 final sent, 4xxx refused, 1001 client left)."""
     session: StreamSession | None = None
     partial: asyncio.Task | None = None
+    clock: dict = {"first_audio": None, "first_partial": None}  # perf_counter() times
     idle = svc.limits.idle_timeout_s
     try:
         while True:
@@ -247,27 +262,35 @@ async def _run_stream(ws: WebSocket, svc: Service) -> int:
             if msg.get("bytes") is not None:
                 if session is None:
                     raise Rejected(400, "bad_message", "binary audio before the start message")
+                if clock["first_audio"] is None:
+                    clock["first_audio"] = time.perf_counter()
                 session.accept(msg["bytes"])
                 if session.partial_due() and (partial is None or partial.done()):
-                    partial = asyncio.create_task(_send_partial(ws, session))
+                    partial = asyncio.create_task(_send_partial(ws, session, clock))
                 continue
             text = msg.get("text") or ""
             if session is None:
                 session = _start_message(text, svc)
-                await ws.send_json({"type": "ready", "model_rate": svc.backend.sample_rate,
-                                    "partial_interval_s": svc.limits.partial_interval_s})
+                b = svc.backend
+                await ws.send_json({"type": "ready", "model_rate": b.sample_rate, "mode": b.mode,
+                                    "chunk_ms": b.chunk_ms, "partial_interval_s": (
+                                        svc.limits.partial_interval_s if b.chunk_ms is None else b.chunk_ms / 1000)})
                 continue
             if _type_of(text) != "end":
                 raise Rejected(400, "bad_message", f"expected binary audio or {{\"type\": \"end\"}}, got {text[:80]!r}")
+            t0 = time.perf_counter()  # the client's "end"
             if partial is not None:
                 await partial
-            t0 = time.perf_counter()
             try:
                 final = await session.final()
             except Rejected as e:
                 if e.kind != "bad_audio":
                     raise
                 final = {"text": "", "timings": {"note": e.reason}}  # under one FBANK window of audio
+            first, done = clock["first_partial"], time.perf_counter()
+            final["timings"]["first_partial_ms"] = None if first is None else round(
+                1000 * (first - clock["first_audio"]), 2)
+            final["timings"]["final_after_end_ms"] = round(1000 * (done - t0), 2)
             await ws.send_json({"type": "final", **final})
             svc.metrics.latency.labels("/v1/stream").observe(time.perf_counter() - t0)
             await ws.close(1000)

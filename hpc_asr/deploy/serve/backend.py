@@ -1,5 +1,8 @@
 """The model behind the service: the export's Recognizer (FBANK settings, tokenizer, decoder) on
-the ONNX Runtime provider the config asks for, run on padded batches, plus word times.
+the ONNX Runtime provider the config asks for, run on padded batches, plus word times; and, where
+the export has ``streaming.onnx`` (and ``serve.streaming`` is not ``off``), the streaming graph
+that the WebSocket streams feed chunk by chunk (``chunked``). ``run_items`` is the batcher's one
+run: offline feature matrices and streams' ``ChunkJob``s, each kind batched with its own kind.
 
 Word times come from the greedy path (the frame where each token is first emitted; a word ends
 one output frame after its last token); the beam decoders return words without frames, so their
@@ -14,7 +17,9 @@ import numpy as np
 
 from hpc_asr.config import DecodeConfig, ServeConfig
 from hpc_asr.data.features import AudioError
+from hpc_asr.decode.ctc import greedy_ids
 from hpc_asr.deploy.recognizer import Recognizer
+from hpc_asr.deploy.serve.chunked import ChunkJob, run_chunks
 from hpc_asr.deploy.serve.limits import Rejected
 
 __all__ = ["Backend", "greedy_words", "providers_for"]
@@ -46,6 +51,36 @@ class Backend:
         probe = 400  # input frames; the output length tells the subsampling (and warms the session up)
         (out,) = self.run_batch([np.zeros((probe, self.features.num_mel_bins), np.float32)])
         self.output_frame_s = probe / max(1, len(out)) * self.features.frame_shift_ms / 1000
+        self.stream = None  # OnnxStream over streaming.onnx: streams in chunks ("chunked"), else "redecode"
+        path = Path(model_dir) / "streaming.onnx"
+        if serve.streaming == "auto" and path.is_file():
+            from hpc_asr.deploy.streaming import OnnxStream
+
+            self.stream = OnnxStream(path, serve.intra_threads, providers_for(serve.provider))
+        self.mode = "chunked" if self.stream is not None else "redecode"
+        self.chunk_ms = None if self.stream is None else self.stream.shift * self.features.frame_shift_ms
+
+    def run_items(self, items: list) -> list:
+        """The batcher's run: feature matrices -> (text, words) by one padded offline run; ChunkJobs
+        -> (text, words) after feeding their windows (``run_chunks``): the configured decoder for
+        a final, greedy for a partial."""
+        out: list = [None] * len(items)
+        jobs = [i for i, x in enumerate(items) if isinstance(x, ChunkJob)]
+        feats = [i for i, x in enumerate(items) if not isinstance(x, ChunkJob)]
+        if feats:
+            for i, lp in zip(feats, self.run_batch([items[i] for i in feats])):
+                out[i] = self.decode(lp)
+        if jobs:
+            run_chunks(self.stream, [items[i] for i in jobs])
+            for i in jobs:
+                job = items[i]
+                lp = np.concatenate(job.log_probs) if job.log_probs else np.zeros((0, 1), np.float32)
+                out[i] = self.decode(lp) if job.final else (self.greedy_text(lp), None)
+        return out
+
+    def greedy_text(self, log_probs: np.ndarray) -> str:
+        tok = self.rec.tokenizer
+        return tok.decode(greedy_ids(log_probs, len(log_probs), tok.blank)) if len(log_probs) else ""
 
     def featurize(self, samples: np.ndarray) -> np.ndarray:
         """(N,) samples at the model's rate -> (T, bins) FBANK, as prep computes it."""

@@ -6,7 +6,9 @@ lone request never waits; ``max_wait_ms`` > 0 also holds the first item that lon
 items or when the next would push the padded size past ``max_batch_frames``. The run (model +
 decoding) happens on one worker thread, so the event loop keeps accepting and the decoders, which
 are not thread-safe, are only ever called from that thread. Offline requests and the streams'
-partial/final decodes share the queue, so they batch together. A full queue refuses (503).
+partial/final decodes share the queue, so they batch together. An item is anything with a length
+in input frames: a feature matrix, or a chunked stream's ``ChunkJob`` (its windows), which the run
+(``Backend.run_items``) sorts by kind. A full queue refuses (503).
 """
 
 from __future__ import annotations

@@ -3,18 +3,27 @@
 Protocol on ``/v1/stream`` (text frames are JSON):
 
     client: {"type": "start", "rate": 16000}           first message; rate of the PCM that follows
-    server: {"type": "ready", "model_rate": 16000, "partial_interval_s": 0.5}
+    server: {"type": "ready", "model_rate": 16000, "mode": "chunked"|"redecode", "chunk_ms": 160.0|null,
+             "partial_interval_s": 0.16}
     client: <binary: 16-bit little-endian mono PCM>     any number, any size
     server: {"type": "partial", "text": ..., "audio_s": ...}   while audio arrives
     client: {"type": "end"}
-    server: {"type": "final", "text": ..., "words": [...], "timings": {...}}, then close 1000
+    server: {"type": "final", "text": ..., "words": [...], "timings": {..., "first_partial_ms",
+             "final_after_end_ms"}}, then close 1000
     server: {"type": "error", "status": 4xx, "kind": ..., "error": ...}, then close 4000 + status
 
-Today's export is an offline model, so ``RedecodeSession`` re-decodes everything received so far
-each time ``partial_interval_s`` of new audio has arrived (cost grows with the utterance; it is
-bounded by ``serve.max_audio_s``), and the final transcript is exactly the offline one of the
-whole audio. A streaming export (attention/convolution caches in and out) plugs in as another
-``StreamSession`` that feeds each chunk once and carries the caches: the route does not change.
+Two sessions fill the ``StreamSession`` protocol; the route (app.py) picks one per service:
+
+- ``ChunkSession`` (chunked.py) where the export has ``streaming.onnx`` and ``serve.streaming`` is
+  ``auto``: each chunk of audio is resampled, featurized and fed to the streaming graph once, its
+  attention and convolution caches carried; a partial after every complete chunk, the final equal
+  to ``OnnxStream.utterance`` on the whole audio with the configured decoder.
+- ``RedecodeSession`` (here) for an offline export or ``serve.streaming: off``: re-decodes everything
+  received so far each time ``partial_interval_s`` of new audio has arrived (cost grows with the
+  utterance; it is bounded by ``serve.max_audio_s``), and the final transcript is exactly the
+  offline one of the whole audio.
+
+The route itself times ``first_partial_ms`` and ``final_after_end_ms`` for either.
 """
 
 from __future__ import annotations
