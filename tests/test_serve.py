@@ -150,8 +150,10 @@ def test_recognize_formats_and_rates(server, model, offline):
     assert r.status_code == 200 and r.json()["text"] == expected == offline[uid]
 
 
-def test_health_ready_metrics(server):
+def test_health_ready_metrics(server, model):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    # the labelled histograms show their buckets after a first request (this test may run first)
+    assert post(server.url, wav_bytes(model["audio"]["s1v0"][0])).status_code == 200
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["status"] == "ready" and ready["decoder"] == "greedy" and ready["providers"][0].endswith("Provider")
     assert (ready["mode"], ready["chunk_ms"]) == ("redecode", None)  # an offline export: no streaming.onnx
