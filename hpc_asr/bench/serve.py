@@ -177,7 +177,7 @@ async def _streams(url: str, waves: list[np.ndarray], refs: list[str], n: int, c
                                                     "client_first_partial_ms", "client_final_after_end_ms")
                for q in (50, 95)},
             "wer": round(rates(error_counts([r["ref"] for r in rows], [r["hyp"] for r in rows]))[0], 4),
-            "utts": sorted({r["utt"] for r in rows})}
+            "utts": [r["utt"] for r in rows]}  # per stream, for the offline WER over the same ones
 
 
 async def _post_each(url: str, bodies: list[tuple[bytes, float, str]], idx: list[int]) -> list[str | None]:
@@ -400,13 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                   for c, n in zip(levels_c, per_level)]
         stream = asyncio.run(_streams(url, waves, refs, n_streams, min(args.stream_concurrency, n_streams), rate,
                                       args.piece_ms))
-        post = asyncio.run(_post_each(url, bodies, stream["utts"]))  # the same utterances, offline
+        once = sorted(set(stream["utts"]))
+        post = dict(zip(once, asyncio.run(_post_each(url, bodies, once))))  # the same utterances, offline
     finally:
         proc.terminate()
         server_rc = proc.wait(120)
     stream_utts = stream.pop("utts")
     stream["offline_wer"] = round(rates(error_counts([refs[i] for i in stream_utts],
-                                                     [h or "" for h in post]))[0], 4)
+                                                     [post[i] or "" for i in stream_utts]))[0], 4)
     mode, chunk_ms = ready.get("mode", "redecode"), ready.get("chunk_ms")
     rows = [r for lv in levels for r in lv.pop("rows")]
     valid1 = [r for r in rows if r["kind"] == "valid" and r["status"] == 200]
