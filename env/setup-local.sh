@@ -6,7 +6,8 @@
 #   env/setup-local.sh --gpu      # GPU node (CUDA torch + matching torchaudio, Horovod with NCCL)
 #   env/setup-local.sh --venv DIR --no-editable --no-apt   # a self-contained install (env/provision.sh)
 #
-# Overrides (environment): TORCH_VERSION, HOROVOD_VERSION, VENV, HPC_ASR_CACHE, PYTHON.
+# Overrides (environment): TORCH_VERSION, HOROVOD_VERSION, VENV, HPC_ASR_CACHE, PYTHON,
+# TENSORRT_PACKAGE and TENSORRT_VERSION (--gpu only: the FP16 engine of hpc_asr.deploy.tensorrt).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +26,10 @@ done
 
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
+# TensorRT 10: hpc_asr.deploy.tensorrt uses its weakly typed BuilderFlag.FP16, which 11 may drop. The CUDA 12
+# build bundles its own CUDA 12 runtime (the driver runs it beside a CUDA 13 torch); tensorrt-cu13 also exists.
+TENSORRT_PACKAGE=${TENSORRT_PACKAGE:-tensorrt-cu12}
+TENSORRT_VERSION=${TENSORRT_VERSION:-10.16.1.11}
 VENV=${VENV:-$ROOT/.venv}
 CACHE=${HPC_ASR_CACHE:-$HOME/.cache/hpc_asr}
 PYTHON=${PYTHON:-python3}
@@ -101,6 +106,7 @@ FLAVOUR=$([ "$GPU" = 1 ] && echo cuda || echo cpu)
 
 REQ_HASH=$(cat "$ROOT/env/requirements.txt" "$ROOT/setup.py" | sha1sum | cut -c1-12)
 STAMP="$VENV/.hpc_asr-deps-$FLAVOUR-torch$TORCH_VERSION-$REQ_HASH"
+[ "$GPU" = 1 ] && STAMP="$STAMP-$TENSORRT_PACKAGE$TENSORRT_VERSION"
 if [ ! -f "$STAMP" ]; then
   say "installing Python packages (torch $TORCH_VERSION, $FLAVOUR)"
   pipq install -q --upgrade pip setuptools wheel
@@ -109,6 +115,7 @@ if [ ! -f "$STAMP" ]; then
     # the same torch (its minor version tracks torch's), so both are resolved in one install.
     TA_VERSION=${TORCHAUDIO_VERSION:-$(echo "$TORCH_VERSION" | awk -F. '{print $1"."$2".0"}')}
     pipq install -q "torch==$TORCH_VERSION" "torchaudio==$TA_VERSION"
+    pipq install -q "$TENSORRT_PACKAGE==$TENSORRT_VERSION"  # GPU only: the FP16 engine (hpc_asr.deploy.tensorrt)
   else
     pipq install -q "torch==$TORCH_VERSION" \
       || pipq install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu

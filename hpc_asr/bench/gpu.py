@@ -15,6 +15,10 @@ comparable):
   (``hpc_asr.bench.train.comparison_models``) on the GPU, at the bench size and the seed size.
 - ``fbank``: FBANK real-time factor of the torch backend on the GPU vs one CPU thread, and of
   ``torchaudio.compliance.kaldi`` where torchaudio imports, with the largest difference between them.
+- ``inference_3s``: p50 latency of one 3 s utterance (batch 1, 300 frames; numpy features in, log-probs
+  out, the copies included) through the TensorRT FP16 engine (hpc_asr.deploy.tensorrt), ONNX Runtime's
+  CUDA provider (when onnxruntime-gpu is installed), and the PyTorch model on the GPU, eager and traced
+  (TorchScript): the seed preset with random weights, or ``--export-dir``'s model.onnx (+ its checkpoint).
 - ``predicted_speedup``: ``hpc_asr.bench.scaling`` fed the measured bf16 seed step instead of an assumed
   utilisation (a different card than the A100s of the model: the note says so).
 """
@@ -22,6 +26,7 @@ comparable):
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -176,6 +181,62 @@ def fbank_rates() -> dict:
     return out
 
 
+def inference_3s(export_dir: str | None, steps: int, warmup: int) -> dict:
+    """p50 ms of one 3 s utterance per runtime; a runtime that is not here is null with its reason."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from hpc_asr import checkpoint
+    from hpc_asr.deploy import tensorrt
+    from hpc_asr.deploy.export import export_onnx
+
+    tmp = tempfile.TemporaryDirectory()
+    if export_dir is None:  # timing only: the parity gates belong to an export
+        cfg, _, model, *_ = _seed_setup()
+        d, label = Path(tmp.name), "seed preset, random weights"
+        export_onnx(model.cpu().eval(), d / "model.onnx", cfg.export.opset)
+    else:
+        d, label = Path(export_dir), str(export_dir)
+        ckpt = json.loads((d / "export.json").read_text()).get("checkpoint", "")
+        model = checkpoint.load_model(ckpt)[0] if ckpt and Path(ckpt).is_file() else None
+    frames = tensorrt.OPT_FRAMES  # 3 s
+    x = np.random.default_rng(0).standard_normal((1, frames, tensorrt.onnx_inputs(d / "model.onnx")["feats"][-1]))
+    x, lens = x.astype(np.float32), np.array([frames], np.int64)
+
+    def ms(step) -> float:
+        return round(1000 * _timed(step, steps, warmup), 3)
+
+    rows: dict = {"tensorrt_fp16": None, "onnxruntime_cuda": None, "eager_cuda": None, "torchscript_cuda": None}
+    why: dict = {}
+    if reason := tensorrt.unavailable():
+        why["tensorrt_fp16"] = reason
+    else:
+        shapes = tensorrt.profile_shapes(tensorrt.onnx_inputs(d / "model.onnx"), (1, 1, 1), (frames,) * 3)
+        engine = tensorrt.Engine(tensorrt.build_engine(d / "model.onnx", shapes))
+        rows["tensorrt_fp16"] = ms(lambda: engine(x, lens))
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CUDAExecutionProvider"])
+        rows["onnxruntime_cuda"] = ms(lambda: sess.run(None, {"feats": x, "feat_lens": lens}))
+    else:
+        why["onnxruntime_cuda"] = "no CUDAExecutionProvider (onnxruntime-gpu not installed)"
+    if model is None:
+        why["eager_cuda"] = why["torchscript_cuda"] = "no checkpoint beside the export (export.json)"
+    else:
+        model = model.cuda().eval()
+        traced = torch.jit.trace(model, (torch.from_numpy(x).cuda(), torch.from_numpy(lens).cuda()))
+        for name, net in (("eager_cuda", model), ("torchscript_cuda", traced)):
+            def step(net=net):
+                with torch.no_grad():
+                    return net(torch.from_numpy(x).cuda(), torch.from_numpy(lens).cuda())[0].cpu()
+            rows[name] = ms(step)
+    tmp.cleanup()
+    return {"model": label, "utterance_s": frames / 100, "batch": 1, "p50_ms": rows, "not_measured": why}
+
+
 def _utilisation(res: dict) -> None:
     peak = res.get("matmul_bf16_tflops")
     for case in res["seed"]["cases"].values():
@@ -203,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/bench/gpu.json")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--only", default="matmul,seed,torchaudio,fbank,compile",
-                    help="comma-separated parts to run, in this order (compile: the seed step under torch.compile)")
+    ap.add_argument("--only", default="matmul,seed,torchaudio,fbank,compile,tensorrt",
+                    help="comma-separated parts to run, in this order (compile: the seed step under torch.compile; "
+                         "tensorrt: inference_3s, TensorRT FP16 vs ONNX Runtime CUDA vs PyTorch)")
+    ap.add_argument("--export-dir", default=None,
+                    help="tensorrt part: time this export's model.onnx (default: the seed preset, random weights)")
     a = ap.parse_args(argv)
     import torch
 
@@ -242,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     if "compile" in parts:
         res.setdefault("seed", {"cases": {}})["cases"].update(seed_steps(a.steps, a.warmup, compile_only=True)["cases"])
         _utilisation(res)
+        save_result(a.out, res)
+    if "tensorrt" in parts:
+        res["inference_3s"] = inference_3s(a.export_dir, max(a.steps, 20), a.warmup)
     res["wall_s"] = round(time.time() - t0, 1)
     save_result(a.out, res)
     return 0

@@ -16,7 +16,9 @@ way: ONNX Runtime chunk by chunk against PyTorch's ``forward_chunk`` and chunk-m
 Variants (hpc_asr.deploy.variants): ``--int8`` adds ``model.int8.onnx`` (and ``streaming.int8.onnx``),
 compared with fp32 (reported: quantization moves the numbers on purpose; a frame agreement under
 ``INT8_MIN_FRAME_AGREEMENT`` means a broken graph and fails); ``--waveform`` adds ``model.wave.onnx``
-(FBANK inside the graph), gated like model.onnx against prep's FBANK + model.onnx.
+(FBANK inside the graph), gated like model.onnx against prep's FBANK + model.onnx; ``--tensorrt`` adds
+``model.fp16.plan`` (hpc_asr.deploy.tensorrt, greedy transcripts identical to model.onnx's), or, without
+CUDA or the ``tensorrt`` package, records in ``export.json`` the command that builds it on a GPU node.
 """
 
 from __future__ import annotations
@@ -195,6 +197,16 @@ def _variant_gates(args, model: ConformerCTC, tok, cfg, data: FeatureSet, onnx_t
         export_wave_onnx(model, cfg.features, extra["model.wave.onnx"].tmp, cfg.export.opset)
         wave = check_wave(extra["model.wave.onnx"].tmp, onnx_tmp, cfg.features, tok)
         out["waveform"] = {**wave, "parity_ok": wave["max_abs_diff"] <= cfg.export.atol and wave["transcripts_match"]}
+    if args.tensorrt:
+        from hpc_asr.deploy import tensorrt
+
+        reason = tensorrt.unavailable()
+        if reason:  # not a failure of the export: the engine is built where there is a GPU
+            cmd = tensorrt.build_command(args.out_dir, args.data, args.max_utts)
+            print(f"tensorrt: skipped ({reason}); on a GPU node run: {cmd}", file=sys.stderr)
+            out["tensorrt"] = {"skipped": reason, "command": cmd}
+        else:
+            out["tensorrt"] = tensorrt.build_gated(onnx_tmp.parent, data, tok, args.max_utts)
     return out
 
 
@@ -206,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-utts", type=int, default=1000, help="utterances compared (default: all up to 1000)")
     p.add_argument("--int8", action="store_true", help="also model.int8.onnx (+ streaming.int8.onnx): dynamic int8")
     p.add_argument("--waveform", action="store_true", help="also model.wave.onnx: FBANK inside the graph")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also model.fp16.plan: a TensorRT FP16 engine (needs CUDA and tensorrt; else the command)")
     args = p.parse_args(argv)
     try:
         model, tok, cfg, data = load_model_and_data(args.checkpoint, args.data)
@@ -232,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
               and res["torchscript_max_abs_diff"] <= cfg.export.atol and res["torchscript_transcripts_match"])
         variants = _variant_gates(args, model, tok, cfg, data, stage.tmp / "model.onnx", extra)  # each gated
         res.update(variants, wall_s=round(time.time() - t0, 2))
-        res["parity_ok"] = ok = ok and all(v["parity_ok"] for v in variants.values())
+        res["parity_ok"] = ok = ok and all(v["parity_ok"] for v in variants.values() if "skipped" not in v)
         if not ok:
             args.out_dir.mkdir(exist_ok=True)
             write_json_atomic(args.out_dir / "export.json", res)  # the report only; no model files
@@ -255,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         stage.commit()  # fsync, then one rename: an export directory is complete or absent, never half
     finally:
         stage.discard()  # nothing left after a commit; the failed or interrupted export's files
-    print(f"[export] {args.out_dir}: {', '.join(['model.onnx', 'model.ts', *names])}; {res['utterances']} utts, "
+    files = ["model.onnx", "model.ts", *names] + ["model.fp16.plan"] * (args.out_dir / "model.fp16.plan").is_file()
+    print(f"[export] {args.out_dir}: {', '.join(files)}; {res['utterances']} utts, "
           f"max |Δ| onnx {res['onnx_max_abs_diff']:.2e} ts {res['torchscript_max_abs_diff']:.2e}, transcripts "
           "identical", file=sys.stderr)
     return 0
