@@ -70,8 +70,8 @@ if has tests; then
 step "CUDA tests (no Horovod)"
 timeout $(($(left) - 200)) "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/junit-gpu.xml" \
   tests/test_gpu_train.py tests/test_gpu_dist.py tests/test_gpu_bench.py tests/test_features.py \
-  tests/test_prep.py::test_cuda_fbank_matches_cpu tests/test_data.py \
-  -k "cuda or gpu or torchaudio or amp or fused or compiled or nccl" --deselect \
+  tests/test_prep.py::test_cuda_fbank_matches_cpu tests/test_data.py tests/test_tensorrt.py \
+  -k "cuda or gpu or torchaudio or amp or fused or compiled or nccl or tensorrt" --deselect \
   tests/test_gpu_train.py::test_horovod_gradscaler_order_and_inf_skip_on_gpus 2>&1 | tee "$OUT/tests.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || failed=$((failed + 1))
 fi
