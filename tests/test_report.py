@@ -127,7 +127,7 @@ def test_report_splits_the_test_by_engine_with_the_corpus(tmp_path, capsys):
     assert report.main(["--run", str(run), "--data", str(data)]) == 0
     r = json.loads((run / "report.json").read_text())
     assert r["wer_by_engine"] == {"espeak": 0.0, "mbrola": round(1 / 3, 4), "pico": 0.25}
-    assert r["wer"] == 0.0 and r["wer_all_engines"] == 0.05
+    assert r["wer"] == 0.0 and r["wer_all_engines"] == 0.05 and r["cer"] == 0.0 and r["test_utterances"] == 2
     assert r["train_engines"] == ["espeak", "rhvoice"] and r["train_hours_by_engine"] == {"espeak": 1.0, "rhvoice": 0.5}
     assert r["peer_wer_by_engine"] == {"espeak": 1.0, "mbrola": 1.0, "pico": 1.0} and r["peer_wer"] == 1.0
     assert "mbrola 33.33%" in capsys.readouterr().out

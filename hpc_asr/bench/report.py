@@ -44,14 +44,14 @@ def _rate(ev: dict | None, key: str = "wer") -> float | None:
     return None if ev is None else round(ev[key], 4)
 
 
-def by_engine(rows: list[tuple[str, str, str]], engine_of: dict[str, str]) -> dict[str, float]:
-    """WER per synthesizer of (utterance id, reference, hypothesis) rows."""
+def by_engine(rows: list[tuple[str, str, str]], engine_of: dict[str, str], cer: bool = False) -> dict[str, float]:
+    """WER (or CER) per synthesizer of (utterance id, reference, hypothesis) rows."""
     groups: dict[str, tuple[list[str], list[str]]] = {}
     for uid, ref, hyp in rows:
         refs, hyps = groups.setdefault(engine_of.get(uid) or "recorded", ([], []))
         refs.append(ref)
         hyps.append(hyp)
-    return {e: round(rates(error_counts(r, h))[0], 4) for e, (r, h) in sorted(groups.items())}
+    return {e: round(rates(error_counts(r, h))[int(cer)], 4) for e, (r, h) in sorted(groups.items())}
 
 
 def _hyp_rows(ev: dict | None) -> list[tuple[str, str, str]]:
@@ -77,10 +77,13 @@ def _engines(run: Path, data: Path, report: dict) -> dict:
            "wer_greedy_by_engine": by_engine(_hyp_rows(greedy), engine_of) if greedy else None,
            "peer_wer_by_engine": by_engine(_hyp_rows(_optional(run / "peer_test.json")), engine_of) or None}
     if len(out["wer_by_engine"]) > 1 and "espeak" in out["wer_by_engine"]:
-        out.update(wer_all_engines=report["wer"], wer=out["wer_by_engine"]["espeak"],
+        espeak_cer = by_engine(_hyp_rows(ev), engine_of, cer=True)["espeak"]
+        out.update(wer_all_engines=report["wer"], cer_all_engines=report["cer"], wer=out["wer_by_engine"]["espeak"],
+                   cer=espeak_cer, test_utterances=sum(e == "espeak" for e in engine_of.values()),
                    test_scope="espeak-ng utterances of the test split (wer_by_engine: every engine)")
         if out["wer_greedy_by_engine"]:
             out["wer_greedy"] = out["wer_greedy_by_engine"]["espeak"]
+            out["cer_greedy"] = by_engine(_hyp_rows(greedy), engine_of, cer=True)["espeak"]
         if out["peer_wer_by_engine"]:
             out["peer_wer"] = out["peer_wer_by_engine"].get("espeak")
     return out
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 hpc_asr demo — {args.run}/report.json
   trained   {r['train_hours']:.2f} h of audio, {r['params'] / 1e6:.2f}M params, {r['train_steps']} steps,
             {r['train_wall_s']:.0f} s on {r['ranks']} ranks ({r['engine']}, {r['compression']} allreduce)
-  test      {r['test_utterances']} utterances, held-out voices and sentences:
+  test      {r['test_utterances']} {'espeak-ng ' if r.get('test_scope') else ''}utterances, held-out voices and sentences:
 {_wer_lines(r)}
   export    ONNX max |Δlog-prob| {r['onnx_max_abs_diff']:.1e}, transcripts identical: {r['onnx_transcripts_match']}
   latency   p50 {r['latency_ms_p50']} ms, p95 {r['latency_ms_p95']} ms, RTF {r['rtf']} \
