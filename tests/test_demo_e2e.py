@@ -51,7 +51,8 @@ def test_make_demo_end_to_end(tmp_path):
     assert "up to date" in again.stderr
 
 
-README_MARGIN = 0.0285  # the README's runs scored 4.15 %, 5.37 % and 5.44 %: the claim + 2.85 points = 7 %
+README_MARGIN = 0.0285  # espeak-only runs scored 4.15 %, 5.37 % and 5.44 %: a run-to-run spread of ~1.3 points
+FESTIVAL_MARGIN = 0.03  # espeak-only runs: festival 69.5-72.7 % (docs/accuracy.md)
 
 
 def readme_wer() -> float:
@@ -61,6 +62,15 @@ def readme_wer() -> float:
     text = (ROOT / "README.md").read_text()
     found = re.findall(r"WER (\d+(?:\.\d+)?)%\s+CER \d+(?:\.\d+)?%\s+beam\+lm", text)
     assert len(found) == 1, f"README.md: expected one 'WER x%  CER y%  beam+lm' line in the demo summary, got {found}"
+    return float(found[0]) / 100
+
+
+def readme_festival_wer() -> float:
+    """The festival WER (beam+LM) the README's demo summary claims."""
+    import re
+
+    found = re.findall(r"festival  WER (\d+(?:\.\d+)?)%", (ROOT / "README.md").read_text())
+    assert len(found) == 1, f"README.md: expected one 'festival  WER x%' line in the demo summary, got {found}"
     return float(found[0]) / 100
 
 
@@ -80,5 +90,9 @@ def test_make_demo_reaches_the_wer_the_readme_claims(tmp_path):
                           capture_output=True, text=True, timeout=3 * 3600, env=run_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
-    assert report["test_utterances"] >= 200 and report["onnx_transcripts_match"] is True
+    assert report["test_utterances"] >= 100 and report["onnx_transcripts_match"] is True
     assert_demo_wer(report)
+    # issue 16: four engines trained on, festival never; festival at the README's claim
+    assert report["train_engines"] == ["espeak", "mbrola", "pico", "rhvoice"]
+    assert report["wer_festival"] <= readme_festival_wer() + FESTIVAL_MARGIN, report["wer_festival"]
+    assert max(report["wer_by_engine"].values()) <= 0.45, report["wer_by_engine"]  # README: 8-39 % per engine
