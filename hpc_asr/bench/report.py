@@ -231,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.run / "report.json", report)
     plot_curves(_read(args.run / "train_summary.json"), args.run / "loss_curve.png")
     r = report
+    scope = "espeak-ng " if r.get("test_scope") else ""
     print(f"""
 hpc_asr demo — {args.run}/report.json
   trained   {r['train_hours']:.2f} h of audio, {r['params'] / 1e6:.2f}M params, {r['train_steps']} steps,
             {r['train_wall_s']:.0f} s on {r['ranks']} ranks ({r['engine']}, {r['compression']} allreduce)
-  test      {r['test_utterances']} {'espeak-ng ' if r.get('test_scope') else ''}utterances, held-out voices and sentences:
+  test      {r['test_utterances']} {scope}utterances, held-out voices and sentences:
 {_wer_lines(r)}
   export    ONNX max |Δlog-prob| {r['onnx_max_abs_diff']:.1e}, transcripts identical: {r['onnx_transcripts_match']}
   latency   p50 {r['latency_ms_p50']} ms, p95 {r['latency_ms_p95']} ms, RTF {r['rtf']} \

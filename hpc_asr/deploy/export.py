@@ -40,6 +40,7 @@ from hpc_asr.atomic import AtomicFile, write_json_atomic
 from hpc_asr.data.loader import FeatureSet
 from hpc_asr.decode.ctc import file_sha256, greedy_batch
 from hpc_asr.decode.evaluate import load_model_and_data
+from hpc_asr.deploy.graph_io import INPUTS, OUTPUTS, pad_batch
 from hpc_asr.deploy.streaming import OnnxStream, export_streaming_onnx, torch_stream
 from hpc_asr.deploy.variants import WAVE_INPUTS, check_wave, export_wave_onnx, int8_agreement, quantize_int8
 from hpc_asr.dist.launch import compute_threads
@@ -47,7 +48,6 @@ from hpc_asr.model import ConformerCTC
 
 __all__ = ["check_parity", "check_streaming_parity", "export_onnx", "export_torchscript"]
 
-INPUTS, OUTPUTS = ["feats", "feat_lens"], ["log_probs", "out_lens"]
 INT8_MIN_FRAME_AGREEMENT = 0.5  # below this the int8 graph is broken, not merely quantized
 
 
@@ -80,14 +80,6 @@ def export_torchscript(model: ConformerCTC, path: Path) -> None:
     traced.save(str(path))
 
 
-def _pad(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lens = np.array([f.shape[0] for f in feats], np.int64)
-    out = np.zeros((len(feats), lens.max(), feats[0].shape[1]), np.float32)
-    for i, f in enumerate(feats):
-        out[i, : len(f)] = f
-    return out, lens
-
-
 def check_parity(model: ConformerCTC, tok, onnx_path: Path, ts_path: Path, data: FeatureSet,
                  max_utts: int, batch: int = 8) -> dict:
     """Compare PyTorch, ONNX Runtime and TorchScript on ``max_utts`` utterances of ``data``."""
@@ -100,7 +92,7 @@ def check_parity(model: ConformerCTC, tok, onnx_path: Path, ts_path: Path, data:
     mismatches = {"onnx": [], "torchscript": []}
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
-        x, lens = _pad([data.feats(i) for i in idx])
+        x, lens = pad_batch([data.feats(i) for i in idx])
         with torch.no_grad():
             ref_lp, ref_len = model(torch.from_numpy(x), torch.from_numpy(lens))
             ts_lp, ts_len = ts(torch.from_numpy(x), torch.from_numpy(lens))

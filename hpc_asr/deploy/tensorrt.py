@@ -33,7 +33,7 @@ import numpy as np
 from hpc_asr.atomic import atomic_path, write_json_atomic
 from hpc_asr.data.loader import FeatureSet
 from hpc_asr.data.tokenizer import from_state_dict as tokenizer_from_state
-from hpc_asr.deploy.export import OUTPUTS, _pad
+from hpc_asr.deploy.graph_io import OUTPUTS, pad_batch
 from hpc_asr.deploy.variants import int8_agreement
 
 __all__ = ["PLAN", "Engine", "build_command", "build_engine", "build_gated", "check_engine", "onnx_inputs",
@@ -169,7 +169,7 @@ def check_engine(run, onnx_path: Path, data: FeatureSet, tok, max_utts: int, bat
     n, pairs, diff = min(max_utts, len(data)), [], 0.0
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
-        x, lens = _pad([data.feats(i) for i in idx])
+        x, lens = pad_batch([data.feats(i) for i in idx])
         ref, ref_len = sess.run(OUTPUTS, {"feats": x, "feat_lens": lens})
         try:
             lp, out_len = run(x, lens)
