@@ -41,7 +41,8 @@ def test_make_demo_end_to_end(tmp_path):
     assert set(report["wer_by_engine"]) == set(report["train_engines"])
     assert report["wer"] == report["wer_by_engine"]["espeak"] and isinstance(report["wer_all_engines"], float)
     # the report's test figures are the ones the test hypotheses score
-    assert helpers.rescored(run / "eval.json") == pytest.approx((report["wer_all_engines"], report["cer"]), abs=1e-4)
+    assert helpers.rescored(run / "eval.json") == pytest.approx((report["wer_all_engines"], report["cer_all_engines"]),
+                                                                abs=1e-4)
     index = json.loads((data / "fbank" / "train" / "index.json").read_text())
     assert index["ranks"] == 2 and len(index["shards"]) >= 1  # ranks claim work units: one may take all
     # Re-running is cheap: every stage sees its outputs are up to date.
