@@ -29,8 +29,19 @@ from pathlib import Path
 
 from hpc_asr.atomic import atomic_path, write_json_atomic
 
-__all__ = ["VARIANTS", "StageError", "locked", "main", "mpirun_prefix", "plot", "run_logged", "table",
-           "variant_commands"]
+__all__ = [
+    "VARIANTS",
+    "StageError",
+    "locked",
+    "main",
+    "mpirun_prefix",
+    "plot",
+    "run_logged",
+    "save_figure",
+    "table",
+    "variant_commands",
+    "write_results",
+]
 
 # name -> config overrides (section.key=value) on top of --config; each variant sets augment.enabled.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -170,9 +181,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.2 * max(100 * max(r["dev_wer"], r["festival_wer"]) for r in rows))
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(rows: list[dict]) -> str:
@@ -187,6 +196,23 @@ def table(rows: list[dict]) -> str:
                    f"{100 * r['dev_cer']:.1f}{d[1]} | {100 * r['festival_wer']:.1f}{d[2]} | "
                    f"{100 * r['festival_cer']:.1f}{d[3]} | {r['train_hours']:.2f} |")
     return "\n".join(out)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_results(out: Path, stem: str, setting: dict, rows: list[dict], plot_fn, table_fn) -> None:
+    """OUT/STEM.json ({"setting", "variants"}), OUT/STEM.png, and the markdown table on stdout."""
+    write_json_atomic(out / f"{stem}.json", {"setting": setting, "variants": rows})
+    plot_fn(rows, out / f"{stem}.png")
+    print(table_fn(rows))
+    print(f"[{stem}] wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_hours": corpus["train"]["hours"], "dev_utterances": corpus["dev"]["utterances"],
                "festival_utterances": corpus["test_festival"]["utterances"], "steps": args.steps,
                "ranks": args.np, "config": args.config, "decoder": "greedy"}
-    write_json_atomic(out / "ablation.json", {"setting": setting, "variants": rows})
-    plot(rows, out / "ablation.png")
-    print(table(rows))
-    print(f"[ablation] wrote {out / 'ablation.json'} and {out / 'ablation.png'}", file=sys.stderr)
+    write_results(out, "ablation", setting, rows, plot, table)
     return 0
 
 

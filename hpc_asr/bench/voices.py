@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from hpc_asr.atomic import atomic_path, write_json_atomic
-from hpc_asr.bench.ablation import StageError, locked, mpirun_prefix, run_logged
+from hpc_asr.atomic import write_json_atomic
+from hpc_asr.bench.ablation import StageError, locked, mpirun_prefix, run_logged, save_figure, write_results
 from hpc_asr.bench.report import by_engine
 from hpc_asr.data.manifest import read_manifest, write_manifest
 
@@ -162,9 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Training engines (equal hours and steps per variant)")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = {"pool_hours": args.hours, "variant_hours": args.hours / len(ENGINES), "steps": args.steps,
                "ranks": args.np, "config": args.config, "decoder": "greedy",
                "dev_utterances_per_engine": args.dev_utts, "festival_dev_utterances": args.festival_utts}
-    write_json_atomic(out / "voices.json", {"setting": setting, "variants": rows})
-    plot(rows, out / "voices.png")
-    print(table(rows))
-    print(f"[voices] wrote {out / 'voices.json'} and {out / 'voices.png'}", file=sys.stderr)
+    write_results(out, "voices", setting, rows, plot, table)
     return 0
 
 

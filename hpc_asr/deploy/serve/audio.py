@@ -23,7 +23,7 @@ import numpy as np
 from hpc_asr.data.features import MIN_SOURCE_RATE, AudioError, load_audio, resample
 from hpc_asr.deploy.serve.limits import Rejected, too_long
 
-__all__ = ["MAX_RATE", "decode_body", "parse_content_type", "pcm16", "to_rate"]
+__all__ = ["MAX_RATE", "decode_body", "parse_content_type", "pcm16", "stream_pcm", "to_rate"]
 
 WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
 FLAC_TYPES = ("audio/flac", "audio/x-flac")
@@ -125,3 +125,12 @@ def decode_body(body: bytes, content_type: str | None, rate_param: str | None, t
         return _decode_file(body, sniffed, target, max_audio_s)
     raise Rejected(415, "unsupported_media", f"content type {mime or '(none)'!r} not accepted: use audio/wav, "
                    "audio/flac, audio/l16;rate=R, or audio/pcm with ?rate=R")
+
+
+def stream_pcm(pcm: bytes, samples_so_far: int, rate: int, limit: float) -> np.ndarray:
+    """A stream's next 16-bit PCM message as samples, refused (413) when it takes the stream past
+    ``serve.max_audio_s``."""
+    x = pcm16(pcm)
+    if (samples_so_far + len(x)) / rate > limit:
+        raise too_long((samples_so_far + len(x)) / rate, limit)
+    return x

@@ -30,8 +30,7 @@ import numpy as np
 
 from hpc_asr.config import FeatureConfig
 from hpc_asr.data.features import fbank, num_frames
-from hpc_asr.deploy.serve.audio import pcm16
-from hpc_asr.deploy.serve.limits import too_long
+from hpc_asr.deploy.serve.audio import stream_pcm
 from hpc_asr.model import RECEPTIVE_FIELD
 
 __all__ = ["ChunkJob", "ChunkSession", "run_chunks"]
@@ -95,9 +94,7 @@ class ChunkSession:
         self.last_audio_t = time.perf_counter()
 
     def accept(self, pcm: bytes) -> None:
-        x = pcm16(pcm)
-        if (self.samples + len(x)) / self.rate > self.max_audio_s:
-            raise too_long((self.samples + len(x)) / self.rate, self.max_audio_s)
+        x = stream_pcm(pcm, self.samples, self.rate, self.max_audio_s)
         self.pending.append(x)
         self.samples += len(x)
         self.last_audio_t = time.perf_counter()

@@ -34,8 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from hpc_asr.deploy.serve.audio import pcm16, to_rate
-from hpc_asr.deploy.serve.limits import too_long
+from hpc_asr.deploy.serve.audio import stream_pcm, to_rate
 
 __all__ = ["RedecodeSession", "StreamSession"]
 
@@ -71,9 +70,7 @@ class RedecodeSession:
         self.last_audio_t = time.perf_counter()
 
     def accept(self, pcm: bytes) -> None:
-        x = pcm16(pcm)
-        if (self.samples + len(x)) / self.rate > self.max_audio_s:
-            raise too_long((self.samples + len(x)) / self.rate, self.max_audio_s)
+        x = stream_pcm(pcm, self.samples, self.rate, self.max_audio_s)
         self.chunks.append(x)
         self.samples += len(x)
         self.last_audio_t = time.perf_counter()
