@@ -152,15 +152,16 @@ def plot(rows: list[dict], path: Path) -> None:
     x = range(len(rows))
     series = (("festival dev (never trained on)", [100 * r["festival_wer"] for r in rows]),
               ("espeak-ng dev", [100 * r["dev_wer_by_engine"].get("espeak", float("nan")) for r in rows]),
-              ("left-out engine's dev", [100 * r["dev_wer_by_engine"][r["left_out"]] if r["left_out"] else 0
+              ("left-out engine's dev", [100 * r["dev_wer_by_engine"][r["left_out"]] if r["left_out"] else float("nan")
                                          for r in rows]))
     for k, (label, vals) in enumerate(series):
         bars = ax.bar([i + (k - 1) * 0.27 for i in x], vals, width=0.27, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, labels=["" if v != v else f"{v:.0f}" for v in vals], fontsize=7)  # v != v: NaN
     ax.set_xticks(list(x), [r["variant"] for r in rows], rotation=20)
     ax.set_ylabel("WER % (greedy)")
     ax.set_title("Training engines (equal hours and steps per variant)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, 115)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
