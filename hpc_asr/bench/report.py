@@ -64,14 +64,13 @@ def _hyp_rows(ev: dict | None) -> list[tuple[str, str, str]]:
     return [(x["id"], x["ref"], x["hyp"]) for x in h]
 
 
-def _engines(run: Path, data: Path, report: dict) -> dict:
-    """The per-engine keys (see the module docstring)."""
+def _engines(run: Path, data: Path, report: dict, ev: dict, greedy: dict | None) -> dict:
+    """The per-engine keys (see the module docstring); ``ev``/``greedy``: the test evaluations."""
     train = read_manifest(data / "train.jsonl")
     engine_of = {u.id: u.engine for u in read_manifest(data / "test.jsonl")}
     hours: dict[str, float] = {}
     for u in train:
         hours[u.engine or "recorded"] = hours.get(u.engine or "recorded", 0.0) + u.duration / 3600
-    ev, greedy = _read(run / "eval.json"), _optional(run / "eval_greedy.json")
     out = {"train_engines": sorted(hours), "train_hours_by_engine": {e: round(h, 3) for e, h in sorted(hours.items())},
            "wer_by_engine": by_engine(_hyp_rows(ev), engine_of),
            "wer_greedy_by_engine": by_engine(_hyp_rows(greedy), engine_of) if greedy else None,
@@ -138,7 +137,7 @@ def build_report(run: Path, data: Path | None = None) -> dict:
         "dev_curve": [{k: d[k] for k in ("epoch", "step", "loss", "wer", "cer")} for d in train["dev"]],
     }
     if data is not None:
-        report.update(_engines(run, data, report))
+        report.update(_engines(run, data, report, ev, greedy))
     report["beats_peer_on"] = beaten(report) if report["peer"] else None
     return report
 
