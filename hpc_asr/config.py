@@ -146,6 +146,10 @@ class TrainConfig:
     log_every: int = 20
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
     max_steps: int = 0  # stop after N optimizer steps (0 = run all epochs); for smoke tests
+    # stop after this much training wall time (0 = off), all ranks at one optimizer step; the LR's
+    # cosine then runs over time, not steps (hpc_asr.train.schedule). `make demo` derives it from
+    # its 30-minute deadline, so a slower machine trains fewer steps and still finishes in time.
+    time_budget_s: float = 0.0
     resume: bool = True  # continue from out_dir/last.pt when it exists
     ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = at epoch ends only)
     keep_last: int = 3  # step checkpoints kept (step-NNNNNNNN.pt); older ones are deleted
@@ -160,8 +164,8 @@ class TrainConfig:
         validate(self, "train", epochs=">=1", lr=">0", lr_scaling=("none", "linear", "sqrt"),
                  ref_batch_frames=">0", warmup_steps=">=0", weight_decay=">=0", grad_clip=">0",
                  accum_steps=">=1", precision=("fp32", "fp16", "bf16"), seed=">=0", log_every=">=1",
-                 threads=">=0", max_steps=">=0", ckpt_every_steps=">=0", keep_last=">=1", average_last=">=0",
-                 tokenizer=("char", "bpe"), bpe_vocab_size=">=1")
+                 threads=">=0", max_steps=">=0", time_budget_s=">=0", ckpt_every_steps=">=0", keep_last=">=1",
+                 average_last=">=0", tokenizer=("char", "bpe"), bpe_vocab_size=">=1")
         if self.out_dir == "":
             raise ConfigError("train.out_dir must not be empty")
         if self.average_last > self.keep_last:
@@ -229,6 +233,7 @@ class DecodeConfig:
 
     decoder: str = "greedy"  # greedy | beam (prefix beam search) | beam+lm (word n-gram LM, lexicon)
     beam_size: int = 32  # hypotheses kept per frame
+    token_beam: int = 0  # tokens tried per hypothesis and frame, the best first (0 = all)
     lm: str = ""  # ARPA file or directory holding lm.arpa (+ decode.json); "" = <checkpoint dir>/lm
     hotwords: str = ""  # comma-separated words (contact names) to favour in beam+lm
     hotword_score: float = 0.0  # extra log-score per hotword occurrence
@@ -238,6 +243,8 @@ class DecodeConfig:
             raise ConfigError(f"decode.decoder must be greedy|beam|beam+lm, got {self.decoder!r}")
         if self.beam_size < 1:
             raise ConfigError(f"decode.beam_size must be >= 1, got {self.beam_size}")
+        if self.token_beam < 0:
+            raise ConfigError(f"decode.token_beam must be >= 0 (0 = every token), got {self.token_beam}")
 
 
 @dataclass

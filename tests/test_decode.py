@@ -92,6 +92,19 @@ def test_hotword_biasing_recognises_a_contact_name(lm_dir):
     assert biased == "call zoe"
 
 
+def test_token_beam_tries_only_each_frames_best_tokens(lm_dir):
+    """'set a timer' where the frame of the 'e' ranks it third (after 'a' and 'o'): with every
+    token tried (0) or the best three the lexicon recovers the sentence; with the best two the
+    'e' is never tried, so the output differs."""
+    text = "set a timer"
+    lp = posterior(spell(text, confuse={9: {"a": 0.5, "o": 0.3, "e": 0.2}}))
+    lm = LmFiles(lm_dir / "lm.arpa", lm_weight=0.5)
+    assert BeamDecoder(TOK, 16, lm=lm).decode_one(lp) == text
+    assert BeamDecoder(TOK, 16, lm=lm, token_beam=3).decode_one(lp) == text
+    assert BeamDecoder(TOK, 16, lm=lm, token_beam=2).decode_one(lp) != text
+    assert BeamDecoder(TOK, 16, lm=lm, token_beam=10 * V).token_beam == V  # capped at the vocabulary
+
+
 def test_tuned_weights_are_read_from_decode_json(lm_dir):
     assert not lm_files(lm_dir).tuned
     (lm_dir / "decode.json").write_text('{"lm_weight": 0.7, "word_score": 1.5}')

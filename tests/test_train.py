@@ -131,6 +131,33 @@ def test_horovod_cli(tiny_features, tmp_path):
     assert not list(out.glob(".*.tmp*"))
 
 
+def test_time_budget_ends_every_rank_at_one_step_with_the_lr_decayed(tiny_features, tmp_path, monkeypatch):
+    """train.time_budget_s: 2 Horovod ranks, steps slowed to >= 0.5 s, 1000 epochs allowed. The run
+    ends when the ranks' mean share of the budget reaches 1: both ranks log the same step, the
+    replicas are identical, the cosine has reached its floor (5 % of the peak) over time, not
+    over the 1000 epochs' steps, and the dev set was scored. A relaunch finds the budget spent."""
+    out = tmp_path / "budget"
+    cfg = tiny_yaml(tmp_path / "b.yaml", tiny_features["train"], tiny_features["dev"], out,
+                    train={"epochs": 1000, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "threads": 1,
+                           "time_budget_s": 4, "tensorboard": False})
+    monkeypatch.setenv("HPC_ASR_TEST_STEP_SLEEP", "0.5")
+    run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg)), timeout=240)
+    summary = json.loads((out / "train_summary.json").read_text())
+    steps = summary["steps"]
+    assert 2 <= steps < 2 * 1000 and summary["replicas_identical"]
+    assert summary["train_wall_s"] >= 0.9 * 4
+    for r in (0, 1):
+        assert f"time budget of 4s spent at step {steps}" in (out / f"train.rank{r}.log").read_text()
+    assert [rep["lr"] for rep in summary["replicas"]] == [pytest.approx(1e-3 * 0.05, rel=1e-9)] * 2
+    lrs = [h["lr"] for h in summary["history"]]
+    assert lrs[1] > lrs[-1] and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # decays over time
+    assert summary["dev"] and summary["dev"][-1]["step"] == steps
+    assert f"step {steps} (" in (out / "train.rank0.log").read_text()  # the log shows the budget spent
+    again = run(mpirun_cmd(2, "-m", "hpc_asr", "train", "--config", str(cfg)), timeout=240)
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == steps
+    assert "time budget of 4s already spent" in (out / "train.rank0.log").read_text(), again.stderr
+
+
 def test_torch_engine_cli(tiny_features, tmp_path):
     out = tmp_path / "ddp"
     cfg = tiny_yaml(tmp_path / "tiny.yaml", tiny_features["train"], tiny_features["dev"], out)

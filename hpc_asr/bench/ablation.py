@@ -120,7 +120,8 @@ def variant_commands(name: str, overrides: tuple[str, ...], args) -> list[list[s
          "--out", str(feats)],
         [*mpi, py, "-m", "hpc_asr", "train", "--config", args.config, "--train.out_dir", str(run),
          "--data.train", str(feats), "--data.dev", str(d / "fbank" / "dev"), "--train.epochs", "1000",
-         "--train.max_steps", str(args.steps), "--train.tensorboard", "false", *(f"--{o}" for o in overrides)],
+         "--train.max_steps", str(args.steps), "--train.time_budget_s", "0",
+         "--train.tensorboard", "false", *(f"--{o}" for o in overrides)],
     ]
     for split, tag in (("dev", "dev"), ("test_festival", "festival")):
         cmds.append([*mpi, py, "-m", "hpc_asr", "evaluate", "--checkpoint", str(run / "last.pt"), "--data",

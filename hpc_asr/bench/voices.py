@@ -85,7 +85,8 @@ def variant_commands(name: str, args) -> list[list[str]]:
          str(v / "aug" / "train.jsonl"), "--out", str(v / "fbank")],
         [*mpi, py, "-m", "hpc_asr", "train", "--config", args.config, "--train.out_dir", str(run),
          "--data.train", str(v / "fbank"), "--data.dev", str(d / "fbank" / "dev"), "--train.epochs", "1000",
-         "--train.max_steps", str(args.steps), "--train.tensorboard", "false", f"--augment.enabled={str(aug).lower()}"],
+         "--train.max_steps", str(args.steps), "--train.time_budget_s", "0",
+         "--train.tensorboard", "false", f"--augment.enabled={str(aug).lower()}"],
     ]
     for split, tag in (("dev", "dev"), ("dev_festival", "festival")):
         cmds.append([*mpi, py, "-m", "hpc_asr", "evaluate", "--checkpoint", str(run / "last.pt"), "--data",

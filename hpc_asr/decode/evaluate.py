@@ -162,13 +162,14 @@ def build_decoder(kind: str, tok, cfg: Config, lm_arg: str | None, ckpt: str):
     dc = cfg.decode
     beam = dc.beam_size
     if kind != "beam+lm":
-        return make_decoder(kind, tok, beam_size=beam), {"decoder": kind}
+        return make_decoder(kind, tok, beam_size=beam, token_beam=dc.token_beam), {"decoder": kind}
     lm = lm_files(lm_arg or dc.lm or Path(ckpt).resolve().parent / "lm", model_sha256=file_sha256(ckpt))
     kw = {"hotwords": tuple(w.strip() for w in dc.hotwords.split(",") if w.strip()),
           "hotword_score": dc.hotword_score}
     info = {"decoder": kind, "lm": str(lm.arpa), "lm_weight": lm.lm_weight, "word_score": lm.word_score,
-            "tuned_on_dev": lm.tuned, "tuned_on_this_checkpoint": lm.tuned_on_this_model, "beam_size": beam}
-    return make_decoder(kind, tok, beam_size=beam, lm=lm, **kw), info
+            "tuned_on_dev": lm.tuned, "tuned_on_this_checkpoint": lm.tuned_on_this_model, "beam_size": beam,
+            "token_beam": dc.token_beam}
+    return make_decoder(kind, tok, beam_size=beam, lm=lm, token_beam=dc.token_beam, **kw), info
 
 
 def main(argv: list[str] | None = None) -> int:

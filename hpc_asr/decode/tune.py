@@ -1,7 +1,12 @@
 """Tune the beam decoder's LM weight and word bonus on dev (grid search; posteriors computed once).
 
-    hpc-asr lm tune --checkpoint runs/demo/last.pt --data data/va/fbank/dev --lm runs/demo/lm/lm.arpa
-        # writes runs/demo/lm/decode.json
+    [mpirun -np N] hpc-asr lm tune --checkpoint runs/demo/last.pt --data data/va/fbank/dev \
+        --lm runs/demo/lm/lm.arpa      # writes runs/demo/lm/decode.json
+
+Under mpirun each rank decodes every N-th grid point and rank 0 picks the best. A wide beam
+costs time per grid point: tune at a narrower one (``--beam-size``/``--token-beam``) than you
+decode with; the demo tunes at 1024/8 and decodes at 4096/12 (the best weights stayed the same
+from beam 512 to 2048 on the demo model, docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
 
-def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[float], beam: int) -> dict:
+def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[float], beam: int,
+         token_beam: int = 0, rank: int = 0, size: int = 1) -> dict | None:
     """Grid search of (lm_weight, word_score) for the lowest dev WER; posteriors are computed
-    once. Only dev is read: the test split never influences the weights."""
+    once. Only dev is read: the test split never influences the weights. With ``size`` > 1 this
+    rank scores every ``size``-th grid point; rank 0 gets the result, the others None."""
     import torch
 
     from hpc_asr.decode.ctc import BeamDecoder, LmFiles, greedy_batch
@@ -41,16 +48,24 @@ def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[fl
         hyps = [h for _, lp, ln, _ in outs for h in (decode(lp, ln) if lp.shape[1] else [""] * len(ln))]
         return round(rates(error_counts(refs, hyps))[0], 5)
 
-    dec = BeamDecoder(tok, beam, lm=LmFiles(arpa))
+    dec = BeamDecoder(tok, beam, lm=LmFiles(arpa), token_beam=token_beam)
+    points = [(w, b) for w in weights for b in bonuses]
     grid = []
-    for w in weights:
-        for b in bonuses:
-            dec.set_weights(w, b)
-            grid.append({"lm_weight": w, "word_score": b, "dev_wer": wer(dec.decode_batch)})
+    for w, b in points[rank::size]:
+        dec.set_weights(w, b)
+        grid.append({"lm_weight": w, "word_score": b, "dev_wer": wer(dec.decode_batch)})
+    if size > 1:
+        from hpc_asr.dist.launch import mpi_comm
+
+        parts = mpi_comm().gather(grid, root=0)  # dist: rank 0 collects every rank's grid points
+        if rank != 0:
+            return None
+        grid = sorted((g for p in parts for g in p), key=lambda g: points.index((g["lm_weight"], g["word_score"])))
     best = min(grid, key=lambda g: (g["dev_wer"], g["lm_weight"], abs(g["word_score"])))
-    return {**best, "beam_size": beam, "dev": dev, "checkpoint": ckpt, "dev_utterances": len(refs),
-            "dev_wer_greedy": wer(lambda lp, ln: greedy_batch(lp, ln, tok)),
-            "dev_wer_beam": wer(BeamDecoder(tok, beam).decode_batch), "grid": grid}
+    return {**best, "beam_size": beam, "token_beam": token_beam, "dev": dev, "checkpoint": ckpt,
+            "dev_utterances": len(refs), "dev_wer_greedy": wer(lambda lp, ln: greedy_batch(lp, ln, tok)),
+            "dev_wer_beam": wer(BeamDecoder(tok, beam, token_beam=token_beam).decode_batch), "ranks": size,
+            "grid": grid}
 
 
 def main(argv: list[str]) -> int:
@@ -62,14 +77,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lm-weights", default="0,0.25,0.5,0.75,1,1.5,2")
     p.add_argument("--word-scores", default="-2,-1,0,1,2,3")
     p.add_argument("--beam-size", type=int, default=32)
+    p.add_argument("--token-beam", type=int, default=0, help="tokens tried per hypothesis and frame (0: all)")
     args = p.parse_args(argv)
+    for opt in ("beam_size", "token_beam"):
+        if getattr(args, opt) < (1 if opt == "beam_size" else 0):
+            p.error(f"--{opt.replace('_', '-')}: must be >= {1 if opt == 'beam_size' else 0}")
     arpa = args.lm / "lm.arpa" if args.lm.is_dir() else args.lm
+    from hpc_asr.dist.launch import detect_world
+
+    world = detect_world()
     try:
         res = tune(args.checkpoint, args.data, arpa, _floats(args.lm_weights), _floats(args.word_scores),
-                   args.beam_size)
+                   args.beam_size, args.token_beam, world.rank, world.size)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    if res is None:  # not rank 0
+        return 0
     out = write_tuned(arpa, res, args.checkpoint)  # tied to this LM and this checkpoint by their SHA-256
     print(f"[lm] {out}: lm_weight {res['lm_weight']} word_score {res['word_score']} -> dev WER "
           f"{res['dev_wer']:.2%} (greedy {res['dev_wer_greedy']:.2%}, beam {res['dev_wer_beam']:.2%})",

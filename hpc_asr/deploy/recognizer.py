@@ -21,7 +21,8 @@ class Recognizer:
 
     def __init__(self, model_dir: str | Path, threads: int = 1, decoder: str = "greedy", lm: str | None = None,
                  providers: list[str] | None = None, inter_threads: int = 1, beam_size: int = 32,
-                 hotwords: tuple[str, ...] = (), hotword_score: float = 0.0, model_file: str = "model.onnx"):
+                 hotwords: tuple[str, ...] = (), hotword_score: float = 0.0, model_file: str = "model.onnx",
+                 token_beam: int = 0):
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -37,7 +38,7 @@ class Recognizer:
             raise ValueError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
         self.decoder = decoder
         self.beam = None if decoder == "greedy" else BeamDecoder(
-            self.tokenizer, beam_size,
+            self.tokenizer, beam_size, token_beam=token_beam,
             lm=lm_files(lm or model_dir / "lm", model_sha256=meta.get("checkpoint_sha256"))
             if decoder == "beam+lm" else None,
             **({"hotwords": hotwords, "hotword_score": hotword_score} if decoder == "beam+lm" else {}))

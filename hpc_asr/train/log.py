@@ -45,18 +45,23 @@ class Progress:
     """One self-overwriting status line on stderr, on rank 0 of an interactive run only (a batch
     job's log gets the periodic log lines, not carriage returns)."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int, budget_s: float = 0.0):
         self.enabled = enabled and sys.stderr.isatty()
         self.total, self.t0, self.last = total, time.time(), ""
+        self.budget_s = budget_s  # a time-budgeted run: the ETA is the budget left, not the steps left
 
     def update(self, step: int, epoch: int, loss: float | None = None) -> None:
         if not self.enabled:
             return
         if loss is not None:
             self.last = f" loss {loss:.3f}"
-        rate = step / max(time.time() - self.t0, 1e-9)
+        elapsed = time.time() - self.t0
+        rate = step / max(elapsed, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        sys.stderr.write(f"\r[train] epoch {epoch} step {step}/{self.total}{self.last} "
+        of = f"/{self.total}"
+        if self.budget_s:
+            eta, of = max(self.budget_s - elapsed, 0.0), ""
+        sys.stderr.write(f"\r[train] epoch {epoch} step {step}{of}{self.last} "
                          f"{rate:.2f} steps/s eta {eta:.0f}s\x1b[K")
         sys.stderr.flush()
 

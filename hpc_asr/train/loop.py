@@ -10,6 +10,9 @@ Preemption: SIGUSR1 or SIGTERM (the scheduler's warning) sets a flag; at the nex
 step every rank learns whether any rank got it, rank 0 writes ``last.pt`` at that exact
 position, and all ranks exit with status ``EXIT_PREEMPTED`` (3). Relaunching the same command
 resumes bitwise where it stopped. With ``dist.elastic`` the loop runs inside ``hvd.elastic.run``.
+A time budget (``train.time_budget_s``) is agreed the same way: each step the ranks sum their
+share of it, and the run ends, checkpointed and evaluated, at the first step where the mean
+reaches the budget.
 
 Beside it in ``hpc_asr.train``: ``setup`` (engine, data, tokenizer, model, optimizer, resume),
 ``schedule`` (the LR curve), ``preempt`` (signals, exit status, test hooks), ``state`` (position,
@@ -82,16 +85,21 @@ def _forward_backward(run: Run, batch, epoch: int, boundary: bool) -> None:
 
 
 def _optimizer_step(run: Run) -> bool:
-    """Reduce, unscale, clip, agree on (non-finite gradient, preemption), then step or skip.
-    Returns True when some rank was signalled."""
+    """Reduce, unscale, clip, agree on (non-finite gradient, preemption, time spent), then step
+    or skip. Returns True when some rank was signalled."""
     opt, model = run.optimizer, run.model
     run.engine.synchronize(opt)  # dist: finish allreduce before unscale/clip
     run.scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), run.cfg.train.grad_clip)
     wait_for_signal_hook(run.flag, run.world, run.pos["step"] + 1, run.out)
+    budget = run.cfg.train.time_budget_s
     local = torch.stack([torch.tensor(float(bool(run.flag.raised)), device=grad_norm.device),
-                         (~torch.isfinite(grad_norm)).to(torch.float32)]).to(torch.float64)
-    signalled, nonfinite = (run.engine.allreduce_sum(local) > 0).tolist()  # dist: any rank
+                         (~torch.isfinite(grad_norm)).to(torch.float32),
+                         torch.tensor(run.wall() / budget if budget else 0.0, device=grad_norm.device)
+                         ]).to(torch.float64)
+    signalled, nonfinite, spent = run.engine.allreduce_sum(local).tolist()  # dist: any rank; mean time
+    signalled, nonfinite = signalled > 0, nonfinite > 0
+    run.time_progress = spent / run.world.size
     if nonfinite:  # skip on every rank alike: the weights stay finite and equal
         run.pos["skipped_steps"] += 1
         run.log(f"step {run.pos['step'] + 1}: non-finite gradient norm, step skipped "
@@ -135,8 +143,10 @@ def _log_step(run: Run, epoch: int) -> None:
            "skipped_steps": p["skipped_steps"], "ranks": run.world.size}
     p["history"].append(rec)
     run.metrics.write("train", rec)
+    budget = run.cfg.train.time_budget_s
     total = run.cfg.train.max_steps or run.steps_per_epoch * run.cfg.train.epochs
-    run.log(f"epoch {epoch} step {p['step']}/{total} loss {rec['loss']:.3f} "
+    where = f"{p['step']} ({run.time_progress:.0%} of {budget:.0f}s)" if budget else f"{p['step']}/{total}"
+    run.log(f"epoch {epoch} step {where} loss {rec['loss']:.3f} "
             f"lr {rec['lr']:.2e} |g| {rec['grad_norm']:.2f} {rec['audio_s_per_s']:.0f}x realtime")
     _reset_window(run)
 
@@ -168,7 +178,7 @@ def _evaluate(run: Run, epoch: int) -> None:
 # ---- the loop ----------------------------------------------------------------------------
 
 def _train_epoch(run: Run, epoch: int, start: int) -> bool:
-    """Returns True when training is over (max_steps reached). Raises Preempted."""
+    """Returns True when training is over (max_steps or the time budget reached). Raises Preempted."""
     cfg, p = run.cfg, run.pos
     run.sampler.set_epoch(epoch)  # dist: this epoch's batches first; their count changes with the shuffle
     n_local = len(run.sampler)
@@ -180,7 +190,8 @@ def _train_epoch(run: Run, epoch: int, start: int) -> bool:
         run.win["lr_used"] = run.optimizer.param_groups[0]["lr"]
         signalled = _optimizer_step(run)
         _advance(run, epoch, bi)
-        done = bool(cfg.train.max_steps) and p["step"] >= cfg.train.max_steps
+        done = (bool(cfg.train.max_steps) and p["step"] >= cfg.train.max_steps) or (
+            bool(cfg.train.time_budget_s) and run.time_progress >= 1.0)
         logged = p["step"] % cfg.train.log_every == 0 or done or signalled
         if logged:
             _log_step(run, epoch)
@@ -191,6 +202,8 @@ def _train_epoch(run: Run, epoch: int, start: int) -> bool:
                     f"exiting with status {EXIT_PREEMPTED}")
             raise Preempted
         if done:
+            if cfg.train.time_budget_s and run.time_progress >= 1.0:
+                run.log(f"time budget of {cfg.train.time_budget_s:.0f}s spent at step {p['step']}")
             _checkpoint(run)
             return True
         if cfg.train.ckpt_every_steps and p["step"] % cfg.train.ckpt_every_steps == 0:
@@ -210,6 +223,9 @@ def _start_batch(run: Run, epoch: int) -> int:
 def _loop(run: Run) -> None:
     cfg = run.cfg
     if cfg.train.max_steps and run.pos["step"] >= cfg.train.max_steps:
+        return
+    if cfg.train.time_budget_s and run.pos["wall_s"] >= cfg.train.time_budget_s:
+        run.log(f"time budget of {cfg.train.time_budget_s:.0f}s already spent ({run.pos['wall_s']:.0f}s)")
         return
     for epoch in range(run.pos["epoch"], cfg.train.epochs):
         done = _train_epoch(run, epoch, _start_batch(run, epoch))
@@ -307,7 +323,8 @@ def train(cfg: Config) -> dict:
                 f"device {run.engine.device}, peak lr {run.peak_lr:.3e} (lr_scaling {cfg.train.lr_scaling})")
         run.t_start, run.wall0 = time.time(), run.pos["wall_s"]
         run.progress = Progress(run.world.is_main and cfg.train.progress,
-                                cfg.train.max_steps or run.steps_per_epoch * cfg.train.epochs)
+                                cfg.train.max_steps or run.steps_per_epoch * cfg.train.epochs,
+                                budget_s=cfg.train.time_budget_s - run.wall0 if cfg.train.time_budget_s else 0.0)
         _reset_window(run)
         _elastic_loop(run) if cfg.dist.elastic else _loop(run)
         summary = _finish(run)

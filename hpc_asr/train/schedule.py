@@ -1,6 +1,11 @@
 """The learning-rate schedule: linear warmup then cosine decay, the peak scaled to the global batch,
 counted in schedule steps so that a run resumed on another world size continues the same curve;
-and the model's forward FLOPs per audio second (what a step costs)."""
+and the model's forward FLOPs per audio second (what a step costs).
+
+With ``train.time_budget_s`` the cosine runs over training wall time instead of steps: the
+progress is the ranks' mean of (wall time / budget), agreed at each optimizer step
+(``hpc_asr.train.loop``), so every rank sets the same LR and the curve ends where the budget
+does on a fast machine and a slow one alike. Such a run is not reproducible step for step."""
 
 from __future__ import annotations
 
@@ -13,11 +18,14 @@ from hpc_asr.model import ConformerCTC
 __all__ = ["flops_per_audio_second", "lr_lambda", "lr_scale", "schedule", "set_lr"]
 
 
-def lr_lambda(step: float, warmup: float, total: float) -> float:
-    """Linear warmup to the peak, then cosine decay to 5% of it by the last step."""
+def lr_lambda(step: float, warmup: float, total: float, progress: float | None = None) -> float:
+    """Linear warmup to the peak, then cosine decay to 5% of it by the last step (or, when
+    ``progress`` in [0, 1] is given, by the end of the time budget)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if progress is None:
+        progress = (step - warmup) / max(total - warmup, 1)
+    progress = min(max(progress, 0.0), 1.0)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -56,6 +64,7 @@ def schedule(run) -> tuple[float, float]:
 
 
 def set_lr(run) -> None:
-    lr = run.peak_lr * lr_lambda(run.pos["sched_step"], run.cfg.train.warmup_steps, run.total_steps)
+    progress = run.time_progress if run.cfg.train.time_budget_s else None
+    lr = run.peak_lr * lr_lambda(run.pos["sched_step"], run.cfg.train.warmup_steps, run.total_steps, progress)
     for g in run.optimizer.param_groups:
         g["lr"] = lr

@@ -61,6 +61,7 @@ class Run:
     steps_per_epoch: int = 0
     t_start: float = 0.0
     wall0: float = 0.0
+    time_progress: float = 0.0  # ranks' mean training wall time / train.time_budget_s, agreed each step
     commit: Callable[[], None] = lambda: None  # Horovod elastic: state.commit() at checkpoint boundaries
     lock: Any = None  # rank 0's hold on out_dir (hpc_asr.train.lock), released when train() ends
 

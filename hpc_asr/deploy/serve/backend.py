@@ -44,7 +44,8 @@ class Backend:
         hot = tuple(w.strip() for w in decode.hotwords.split(",") if w.strip())
         self.rec = Recognizer(model_dir, threads=serve.intra_threads, decoder=decode.decoder, lm=decode.lm or None,
                               providers=providers_for(serve.provider), inter_threads=serve.inter_threads,
-                              beam_size=decode.beam_size, hotwords=hot, hotword_score=decode.hotword_score)
+                              beam_size=decode.beam_size, token_beam=decode.token_beam,
+                              hotwords=hot, hotword_score=decode.hotword_score)
         self.features = self.rec.features
         self.sample_rate = self.features.sample_rate
         self.providers = self.rec.session.get_providers()
