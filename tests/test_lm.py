@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import mpirun_cmd, run
 from helpers import make_feature_dir, tiny_yaml
 
 import hpc_asr.train.loop as train_mod
@@ -178,3 +178,24 @@ def test_tune_cli_ties_decode_json_and_evaluate_refuses_another_lm(tmp_path):
     bad = run(args, timeout=120, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "decode.json: tuned for another LM" in bad.stderr
+
+
+def test_tune_under_mpirun_splits_the_grid_and_agrees_with_one_process(tmp_path):
+    """`mpirun -np 2 hpc-asr lm tune`: each rank scores half of the grid points and rank 0 writes
+    the whole grid, point for point what one process finds, in the grid's order; the token beam
+    is recorded."""
+    ckpt, dev, arpa = _tiny_tuning_setup(tmp_path)
+    args = ["-m", "hpc_asr", "lm", "tune", "--checkpoint", ckpt, "--data", str(dev), "--lm", str(arpa.parent),
+            "--lm-weights", "0,0.5,1", "--word-scores", "-1,0,1", "--beam-size", "8", "--token-beam", "6"]
+    run([sys.executable, *args], timeout=120)
+    one = json.loads((arpa.parent / "decode.json").read_text())
+    run(mpirun_cmd(2, *args), timeout=240)
+    two = json.loads((arpa.parent / "decode.json").read_text())
+    assert (one["ranks"], two["ranks"], two["token_beam"]) == (1, 2, 6)
+    assert two["grid"] == one["grid"] and len(two["grid"]) == 9
+    assert [(g["lm_weight"], g["word_score"]) for g in two["grid"]][:4] == [(0, -1), (0, 0), (0, 1), (0.5, -1)]
+    assert (two["lm_weight"], two["word_score"], two["dev_wer"]) == (one["lm_weight"], one["word_score"],
+                                                                      one["dev_wer"])
+    bad = run([sys.executable, *args[:-2], "--token-beam", "-1"], timeout=60, check=False)
+    assert bad.returncode == 2 and "--token-beam: must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+
