@@ -68,6 +68,18 @@ def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[fl
             "grid": grid}
 
 
+def _glue_lists(argv: list[str]) -> list[str]:
+    """``--word-scores -1,0,1`` → ``--word-scores=-1,0,1``: argparse reads a value that starts
+    with '-' (and is not one plain number) as an option."""
+    out = []
+    for a in argv:
+        if out and out[-1] in ("--word-scores", "--lm-weights") and a.startswith("-"):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hpc-asr lm tune",
                                 description="tune LM weight and word bonus on dev; writes decode.json beside the LM")
@@ -78,7 +90,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--word-scores", default="-2,-1,0,1,2,3")
     p.add_argument("--beam-size", type=int, default=32)
     p.add_argument("--token-beam", type=int, default=0, help="tokens tried per hypothesis and frame (0: all)")
-    args = p.parse_args(argv)
+    args = p.parse_args(_glue_lists(list(argv)))
     for opt in ("beam_size", "token_beam"):
         if getattr(args, opt) < (1 if opt == "beam_size" else 0):
             p.error(f"--{opt.replace('_', '-')}: must be >= {1 if opt == 'beam_size' else 0}")
