@@ -53,7 +53,9 @@ def test_make_demo_end_to_end(tmp_path):
 
 
 README_MARGIN = 0.0285  # espeak-only runs scored 4.15 %, 5.37 % and 5.44 %: a run-to-run spread of ~1.3 points
-FESTIVAL_MARGIN = 0.03  # espeak-only runs: festival 69.5-72.7 % (docs/accuracy.md)
+FESTIVAL_MARGIN = 0.03  # espeak-only runs: festival 69.5-72.7 %; time-budgeted runs 28.2 and 31.9 % (docs/accuracy.md)
+ISSUE16_ESPEAK = 0.05  # issue 16's espeak target, met by both time-budgeted runs (2.96 %, 4.59 %)
+ENGINE_BOUND = 0.35  # README: 9-28 % per training engine's held-out voice (issue 16's 10 % is not reached)
 
 
 def readme_wer() -> float:
@@ -83,8 +85,10 @@ def assert_demo_wer(report: dict) -> None:
 
 @pytest.mark.demo
 def test_make_demo_reaches_the_wer_the_readme_claims(tmp_path):
-    """The real `make demo` (default size and config, ~30 min on 2 cores): the test WER it reports
-    is the README's claim within the stated margin, and the Makefile's own bar is set to it too."""
+    """The real `make demo` (default size and config, 30 min on 2 cores by construction): the test
+    WER it reports is the README's claim within the stated margin and issue 16's 5 %, and the
+    Makefile's own bar is set to it too. On a slower machine training gets less time (README):
+    run it where the README's numbers were measured, or with DEMO_MINUTES raised."""
     data, run = tmp_path / "va", tmp_path / "run"
     bar = readme_wer() + README_MARGIN
     proc = subprocess.run(["make", "-C", str(ROOT), "demo", f"DATA={data}", f"RUN={run}", f"BAR_WER={bar:.4f}"],
@@ -96,4 +100,6 @@ def test_make_demo_reaches_the_wer_the_readme_claims(tmp_path):
     # issue 16: four engines trained on, festival never; festival at the README's claim
     assert report["train_engines"] == ["espeak", "mbrola", "pico", "rhvoice"]
     assert report["wer_festival"] <= readme_festival_wer() + FESTIVAL_MARGIN, report["wer_festival"]
-    assert max(report["wer_by_engine"].values()) <= 0.45, report["wer_by_engine"]  # README: 8-39 % per engine
+    assert report["wer"] <= ISSUE16_ESPEAK, report["wer"]
+    assert max(report["wer_by_engine"].values()) <= ENGINE_BOUND, report["wer_by_engine"]
+    assert report["train_wall_s"] >= 300, "training got under 5 minutes: the machine is far slower than the README's"
