@@ -17,7 +17,7 @@ FIXTURES = ROOT.parent / "shared" / "fixtures"
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run end-to-end tests marked slow")
     parser.addoption("--rundemo", action="store_true",
-                     help="also run the full-size `make demo` test (~30-40 min on 2 cores; `make test-demo`)")
+                     help="also run the full-size `make demo` test (30 min by its deadline; `make test-demo`)")
 
 
 def pytest_configure(config):
@@ -27,7 +27,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     slow = pytest.mark.skip(reason="slow end-to-end test; use --runslow")
-    demo = pytest.mark.skip(reason="the full-size make demo (~30-40 min); use --rundemo (make test-demo)")
+    demo = pytest.mark.skip(reason="the full-size make demo (30 min); use --rundemo (make test-demo)")
     for item in items:
         if "demo" in item.keywords and not config.getoption("--rundemo"):
             item.add_marker(demo)
