@@ -5,8 +5,8 @@
 
 Under mpirun each rank decodes every N-th grid point and rank 0 picks the best. A wide beam
 costs time per grid point: tune at a narrower one (``--beam-size``/``--token-beam``) than you
-decode with; the demo tunes at 1024/8 and decodes at 4096/12 (the best weights stayed the same
-from beam 512 to 2048 on the demo model, docs/accuracy.md).
+decode with; the demo tunes at 512/8 and decodes at 4096/12 (the best weights stayed the same
+from beam 512 to 4096 on the demo model, docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def tune(ckpt: str, dev: str, arpa: Path, weights: list[float], bonuses: list[fl
         parts = mpi_comm().gather(grid, root=0)  # dist: rank 0 collects every rank's grid points
         if rank != 0:
             return None
-        grid = sorted((g for p in parts for g in p), key=lambda g: points.index((g["lm_weight"], g["word_score"])))
+        order = {pt: i for i, pt in enumerate(points)}
+        grid = sorted((g for p in parts for g in p), key=lambda g: order[g["lm_weight"], g["word_score"]])
     best = min(grid, key=lambda g: (g["dev_wer"], g["lm_weight"], abs(g["word_score"])))
     return {**best, "beam_size": beam, "token_beam": token_beam, "dev": dev, "checkpoint": ckpt,
             "dev_utterances": len(refs), "dev_wer_greedy": wer(lambda lp, ln: greedy_batch(lp, ln, tok)),
@@ -91,9 +92,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--beam-size", type=int, default=32)
     p.add_argument("--token-beam", type=int, default=0, help="tokens tried per hypothesis and frame (0: all)")
     args = p.parse_args(_glue_lists(list(argv)))
-    for opt in ("beam_size", "token_beam"):
-        if getattr(args, opt) < (1 if opt == "beam_size" else 0):
-            p.error(f"--{opt.replace('_', '-')}: must be >= {1 if opt == 'beam_size' else 0}")
+    if args.beam_size < 1:
+        p.error("--beam-size: must be >= 1")
+    if args.token_beam < 0:
+        p.error("--token-beam: must be >= 0")
     arpa = args.lm / "lm.arpa" if args.lm.is_dir() else args.lm
     from hpc_asr.dist.launch import detect_world
 

@@ -190,8 +190,8 @@ def _train_epoch(run: Run, epoch: int, start: int) -> bool:
         run.win["lr_used"] = run.optimizer.param_groups[0]["lr"]
         signalled = _optimizer_step(run)
         _advance(run, epoch, bi)
-        done = (bool(cfg.train.max_steps) and p["step"] >= cfg.train.max_steps) or (
-            bool(cfg.train.time_budget_s) and run.time_progress >= 1.0)
+        out_of_time = bool(cfg.train.time_budget_s) and run.time_progress >= 1.0
+        done = out_of_time or (bool(cfg.train.max_steps) and p["step"] >= cfg.train.max_steps)
         logged = p["step"] % cfg.train.log_every == 0 or done or signalled
         if logged:
             _log_step(run, epoch)
@@ -202,7 +202,7 @@ def _train_epoch(run: Run, epoch: int, start: int) -> bool:
                     f"exiting with status {EXIT_PREEMPTED}")
             raise Preempted
         if done:
-            if cfg.train.time_budget_s and run.time_progress >= 1.0:
+            if out_of_time:
                 run.log(f"time budget of {cfg.train.time_budget_s:.0f}s spent at step {p['step']}")
             _checkpoint(run)
             return True
