@@ -17,6 +17,34 @@ dist: {engine: horovod, compression: fp16}
 """
 
 
+def _budget_recipe(run) -> str:
+    """The Makefile's own lines that set the demo's training budget (`make -n` prints them)."""
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), "demo", f"RUN={run}"], capture_output=True, text=True,
+                         check=True, env=run_env()).stdout
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "train_budget_s ]" in line)
+    end = next(i for i in range(start, len(lines)) if "training for" in lines[i])
+    return "\n".join(lines[start:end + 1])
+
+
+@pytest.mark.parametrize("before, expected", [(758, 1800 - 758 - 227),   # this machine: 30 % of 758 s kept after
+                                              (400, 1800 - 400 - 180),   # at least AFTER_TRAIN_S (180 s)
+                                              (1198, 1800 - 1198 - 359),  # 1.58x slower: it keeps 359 s, not 270
+                                              (1750, 120)])              # past the deadline: MIN_TRAIN_S
+def test_demo_training_budget_keeps_time_for_the_stages_after_it(tmp_path, before, expected):
+    import time
+
+    (tmp_path / "demo.t0").write_text(f"{int(time.time()) - before}\n")
+    recipe = _budget_recipe(tmp_path)
+    out = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, check=True).stdout
+    got = int((tmp_path / "train_budget_s").read_text())
+    assert abs(got - expected) <= 1, out    # a second may tick between writing demo.t0 and the recipe
+    assert f"training for {got}s of the 30 minutes" in out
+    (tmp_path / "demo.t0").write_text(f"{int(time.time()) - 5}\n")   # a re-run keeps the budget it was given
+    again = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, check=True).stdout
+    assert int((tmp_path / "train_budget_s").read_text()) == got and "spent before training" not in again
+
+
 @pytest.mark.slow
 def test_make_demo_end_to_end(tmp_path):
     cfg = tmp_path / "tiny.yaml"
