@@ -17,7 +17,7 @@ SYNTH_ARGS ?=
 # (docs/accuracy.md, "The demo's time budget"); MIN_TRAIN_S is the floor when they leave less.
 DEMO_MINUTES ?= 30
 # The stages after training (LM, tune, evaluations, export, latency, report) take about a quarter of
-# the time the stages before it took on the same machine (170-189 s after 700-760 s here): AFTER_TRAIN_PCT
+# the time the stages before it took on the same machine (114-189 s after 592-760 s here): AFTER_TRAIN_PCT
 # of that time is kept for them, so a slower machine keeps more (AFTER_TRAIN_S at least).
 AFTER_TRAIN_PCT ?= 30
 AFTER_TRAIN_S ?= 180
