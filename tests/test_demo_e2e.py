@@ -3,6 +3,7 @@ MPI FBANK → 2-rank Horovod training → evaluate → ONNX export with parity �
 
 import json
 import subprocess
+import time
 
 import helpers
 import pytest
@@ -32,8 +33,6 @@ def _budget_recipe(run) -> str:
                                               (1198, 1800 - 1198 - 359),  # 1.58x slower: it keeps 359 s, not 270
                                               (1750, 120)])              # past the deadline: MIN_TRAIN_S
 def test_demo_training_budget_keeps_time_for_the_stages_after_it(tmp_path, before, expected):
-    import time
-
     (tmp_path / "demo.t0").write_text(f"{int(time.time()) - before}\n")
     recipe = _budget_recipe(tmp_path)
     out = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, check=True).stdout
